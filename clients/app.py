@@ -1,0 +1,109 @@
+"""Flower ClientApp: one local round of (DP-)training per train message.
+
+The same app runs in simulation (a virtual SuperNode per client, ``partition-id`` in the node
+config) and in deployment (a real SuperNode per site). The run's resolved fedllm config
+arrives with every train message, so nothing depends on files shared with the server.
+
+Reply: ``arrays`` = adapter delta (new - global); ``metrics`` = loss and the parameters of the
+example-level DP mechanism that ran; ``client`` = the client's id.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import secrets
+from collections import OrderedDict
+
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedllm import models, protocol
+from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences, to_yaml
+from fedllm.data.federated import FederatedData, build_federated_data
+from fedllm.privacy.accounting import calibrate_noise
+from fedllm.train import example_sample_rate, local_round
+
+log = logging.getLogger(__name__)
+
+app = ClientApp()
+
+
+@functools.lru_cache(maxsize=4)
+def _config(text: str) -> FedLLMConfig:
+    return from_yaml(text)
+
+
+def _runtime_key(cfg: FedLLMConfig) -> str:
+    """What the loaded model and data depend on (not rounds, lr, privacy...)."""
+    return to_yaml(cfg.model) + to_yaml(cfg.data) + f"{cfg.train.seq_len}|{cfg.run.seed}|" \
+        f"{min_client_sequences(cfg)}|{cfg.federation.num_clients}"
+
+
+@functools.lru_cache(maxsize=1)
+def _runtime(key: str, cfg_text: str) -> tuple[models.LoadedModel, FederatedData]:
+    cfg = _config(cfg_text)
+    loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
+    data = build_federated_data(
+        cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
+        min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
+        seed=cfg.run.seed)
+    return loaded, data
+
+
+@functools.lru_cache(maxsize=4096)
+def planned_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
+                             planned_steps: int, accountant: str) -> float:
+    """Noise so that this client's epsilon stays <= target even if sampled every round."""
+    return calibrate_noise(target_epsilon, delta, steps=planned_steps, sample_rate=sample_rate,
+                           accountant=accountant)
+
+
+def noise_multiplier_for(cfg: FedLLMConfig, num_sequences: int) -> float:
+    ex = cfg.privacy.example
+    if not ex.enabled:
+        return 0.0
+    if ex.noise_multiplier is not None:
+        return float(ex.noise_multiplier)
+    q = example_sample_rate(cfg.train.batch_size, num_sequences)
+    steps = cfg.federation.rounds * cfg.train.local_steps
+    return planned_noise_multiplier(ex.target_epsilon, cfg.privacy.delta, q, steps,
+                                    cfg.privacy.accountant)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
+    cfg = _config(cfg_text)
+    loaded, data = _runtime(_runtime_key(cfg), cfg_text)
+    index = int(context.node_config["partition-id"])
+    if index >= len(data.clients):
+        raise ValueError(f"partition-id {index} but only {len(data.clients)} clients exist")
+    client = data.clients[index]
+
+    global_adapter = OrderedDict(
+        (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
+    z = noise_multiplier_for(cfg, len(client.train))
+    # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
+    result = local_round(loaded, global_adapter, client.train, cfg, noise_multiplier=z,
+                         seed=secrets.randbits(62))
+
+    metrics = MetricRecord({
+        "train_loss": result.train_loss,
+        "steps": result.steps,
+        "num-examples": 1,  # unweighted FedAvg: client sizes are neither sent nor used
+        "sample_rate": result.sample_rate,
+        "noise_multiplier": result.noise_multiplier,
+        "max_grad_norm": result.max_grad_norm if cfg.privacy.example.enabled else 0.0,
+        "dp": int(result.event is not None),
+    })
+    content = RecordDict({
+        protocol.ARRAYS_RECORD: _array_record(result.delta),
+        protocol.METRICS_RECORD: metrics,
+        protocol.CLIENT_RECORD: ConfigRecord({"client_id": client.client_id}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def _array_record(arrays: "dict") -> ArrayRecord:
+    return ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in arrays.items()))

@@ -1,0 +1,235 @@
+"""The ``fedllm`` console script.
+
+  fedllm simulate [hydra overrides...]   federated DP fine-tuning in Flower's simulation runtime
+  fedllm accountant --sample-rate Q --noise-multiplier Z --steps T --delta D [...]
+
+Bad input ends with one readable line on stderr and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+EXIT_USAGE = 2
+
+
+class CliError(Exception):
+    """A user error to report in one line."""
+
+
+def _console():
+    from rich.console import Console
+
+    return Console(stderr=False, highlight=False)
+
+
+def _setup_logging(verbose: bool) -> None:
+    from rich.logging import RichHandler
+
+    handler = RichHandler(show_path=False, show_level=verbose, markup=False,
+                          log_time_format="[%X]")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
+    for noisy in ("httpx", "urllib3", "filelock", "absl", "datasets", "ray"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not verbose:
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+
+
+# --------------------------------------------------------------------------- simulate
+
+def _prepare_run(overrides: list[str]):
+    """Compose + validate the config, check data/model/privacy before any training."""
+    from fedllm import config as fcfg
+    from fedllm import models
+    from fedllm.data.federated import build_federated_data
+    from fedllm.data.sources import DataError
+    from fedllm.privacy.accounting import AccountingError, calibrate_noise
+    from fedllm.train import example_sample_rate
+
+    cfg = fcfg.compose(overrides)
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    models.offline_env()
+    try:
+        tokenizer = models.load_tokenizer(cfg.model)
+        models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
+        data = build_federated_data(
+            cfg.data, tokenizer, seq_len=cfg.train.seq_len,
+            min_sequences=fcfg.min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
+            seed=cfg.run.seed)
+    except (DataError, models.ModelError, OSError) as exc:
+        raise fcfg.ConfigError(str(exc)) from None
+    if cfg.federation.clients_per_round > len(data.clients):
+        raise fcfg.ConfigError(
+            f"federation.clients_per_round ({cfg.federation.clients_per_round}) exceeds the "
+            f"{len(data.clients)} eligible clients")
+    ex = cfg.privacy.example
+    if ex.enabled and ex.noise_multiplier is None:
+        smallest = min(len(c.train) for c in data.clients)
+        q = example_sample_rate(cfg.train.batch_size, smallest)
+        steps = cfg.federation.rounds * cfg.train.local_steps
+        try:
+            z = calibrate_noise(ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
+                                accountant=cfg.privacy.accountant)
+        except AccountingError as exc:
+            raise fcfg.ConfigError(f"privacy.example.target_epsilon: {exc}") from None
+        logging.getLogger("fedllm").info(
+            "Noise calibrated per client for ε ≤ %g over %d planned steps (smallest client: "
+            "q=%.3f, z=%.3f)", ex.target_epsilon, steps, q, z)
+    return cfg, data
+
+
+def cmd_simulate(args) -> int:
+    from fedllm import config as fcfg
+
+    _setup_logging(args.verbose)
+    console = _console()
+    cfg, data = _prepare_run(args.overrides)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_text = fcfg.to_yaml(cfg)
+    (run_dir / "config.yaml").write_text(cfg_text)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    console.print(f"[bold]fedllm simulate[/bold]: {len(data.clients)} clients "
+                  f"({len(data.skipped)} too small, skipped), {cfg.federation.rounds} rounds × "
+                  f"{cfg.federation.clients_per_round} clients, model {cfg.model.name}, "
+                  f"example-level DP {'on' if cfg.privacy.example.enabled else 'OFF'} → {run_dir}")
+    simulation = importlib.import_module("server.simulation")
+    simulation.set_offline_env(str(run_dir / ".flwr"))
+    started = time.time()
+    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
+                        verbose=args.verbose)
+    summary_path = run_dir / "summary.json"
+    if not summary_path.exists():
+        raise CliError(f"the simulation ended without a result; see the log above ({run_dir})")
+    summary = json.loads(summary_path.read_text())
+    _print_summary(console, summary, time.time() - started)
+    return 0
+
+
+def _use_gpu(cfg) -> bool:
+    import torch
+
+    return cfg.model.device != "cpu" and torch.cuda.is_available()
+
+
+def _print_summary(console, s: dict, seconds: float) -> None:
+    from rich.table import Table
+
+    table = Table(title="fedllm run summary", show_header=False)
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    table.add_row("held-out perplexity",
+                  f"{fmt(s['base_perplexity'], '.2f')} (base) → {fmt(s['final_perplexity'], '.2f')}"
+                  f" (after {s['rounds']} rounds)")
+    table.add_row("held-out loss", f"{fmt(s['base_eval_loss'], '.4f')} → "
+                  f"{fmt(s['final_eval_loss'], '.4f')}")
+    if s["epsilon_example_max"] is not None:
+        table.add_row("per-client ε (example level)",
+                      f"max {s['epsilon_example_max']:.3f}, median "
+                      f"{s['epsilon_example_median']:.3f} at δ={s['delta']:g} "
+                      f"({s['clients_trained']} clients trained)")
+    else:
+        table.add_row("privacy", "none (privacy.example.enabled=false)")
+    table.add_row("wall time", f"{seconds:.0f} s")
+    table.add_row("run directory", s["run_dir"])
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- accountant
+
+def cmd_accountant(args) -> int:
+    from fedllm.privacy.accounting import AccountingError, PrivacyEvent, calibrate_noise, epsilon
+
+    try:
+        if args.sampling == "fixed":
+            if args.population is None:
+                raise CliError("--sampling fixed needs --population N (and --sample-rate = k/N)")
+            size = round(args.sample_rate * args.population)
+            common = dict(sampling="fixed", sample_size=size, population=args.population)
+        else:
+            common = dict(sampling="poisson", sample_rate=args.sample_rate)
+        if (args.noise_multiplier is None) == (args.target_epsilon is None):
+            raise CliError("give exactly one of --noise-multiplier and --target-epsilon")
+        if args.target_epsilon is not None:
+            z = calibrate_noise(args.target_epsilon, args.delta, steps=args.steps,
+                                accountant=args.accountant, **common)
+            eps = epsilon([PrivacyEvent(noise_multiplier=z, steps=args.steps, **common)],
+                          args.delta, args.accountant)
+            out = {"noise_multiplier": z, "epsilon": eps}
+        else:
+            eps = epsilon([PrivacyEvent(noise_multiplier=args.noise_multiplier, steps=args.steps,
+                                        **common)], args.delta, args.accountant)
+            out = {"epsilon": eps, "noise_multiplier": args.noise_multiplier}
+    except AccountingError as exc:
+        raise CliError(str(exc)) from None
+    out.update(delta=args.delta, steps=args.steps, sampling=args.sampling,
+               accountant="rdp" if args.sampling == "fixed" else args.accountant,
+               sample_rate=args.sample_rate)
+    if args.json:
+        print(json.dumps(out))
+    elif args.target_epsilon is not None:
+        print(f"noise multiplier {out['noise_multiplier']:.4f} (epsilon {out['epsilon']:.4f} "
+              f"at delta {args.delta:g})")
+    else:
+        print(f"epsilon {_fmt_eps(out['epsilon'])} at delta {args.delta:g} "
+              f"({out['accountant']}, {args.sampling} sampling)")
+    return 0
+
+
+def _fmt_eps(eps: float) -> str:
+    return "inf" if math.isinf(eps) else f"{eps:.4f}"
+
+
+# --------------------------------------------------------------------------- main
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedllm", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    sim = sub.add_parser("simulate", help="federated DP fine-tuning in Flower's simulation runtime")
+    sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny federation.rounds=2")
+    sim.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
+    sim.set_defaults(func=cmd_simulate)
+
+    acc = sub.add_parser("accountant", help="epsilon of a DP-SGD plan, or the noise for a target")
+    acc.add_argument("--sample-rate", type=float, required=True, help="q (poisson) or k/N (fixed)")
+    acc.add_argument("--noise-multiplier", type=float)
+    acc.add_argument("--target-epsilon", type=float)
+    acc.add_argument("--steps", type=int, required=True)
+    acc.add_argument("--delta", type=float, required=True)
+    acc.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
+    acc.add_argument("--sampling", choices=("poisson", "fixed"), default="poisson")
+    acc.add_argument("--population", type=int)
+    acc.add_argument("--json", action="store_true")
+    acc.set_defaults(func=cmd_accountant)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fedllm.config import ConfigError
+
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, CliError) as exc:
+        print(f"fedllm: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("fedllm: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Partition units into clients, split each client's units into train and held-out, tokenize,
+and pack into fixed-length sequences.
+
+Clients are ordered by size (largest first, ties by id), so ``federation.num_clients=N`` takes
+the N largest eligible clients and every process (server, simulated or real nodes) agrees on
+which client index is which.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import zlib
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import torch
+
+from fedllm.data.sources import DataError, Unit, load_units
+
+log = logging.getLogger(__name__)
+
+UNIT_SEPARATOR = "\n\n"
+
+
+@dataclass
+class ClientData:
+    client_id: str
+    train: torch.Tensor   # [n, seq_len] token ids
+    eval: torch.Tensor    # [m, seq_len] held-out token ids
+
+
+@dataclass
+class FederatedData:
+    clients: list[ClientData]
+    skipped: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def client_ids(self) -> list[str]:
+        return [c.client_id for c in self.clients]
+
+    def eval_sequences(self, max_sequences: int) -> torch.Tensor:
+        """Held-out sequences pooled round-robin over clients (deterministic)."""
+        pools = [c.eval for c in self.clients if len(c.eval)]
+        if not pools:
+            raise DataError("no client has enough held-out text for one evaluation sequence")
+        out, i = [], 0
+        while len(out) < max_sequences and any(i < len(p) for p in pools):
+            out.extend(p[i] for p in pools if i < len(p))
+            i += 1
+        return torch.stack(out[:max_sequences])
+
+
+def group_units(units: list[Unit], partitioning: str, num_partitions: int | None,
+                seed: int) -> "OrderedDict[str, list[Unit]]":
+    """Natural grouping by owner, or IID re-partitioning with flwr-datasets."""
+    if partitioning == "natural":
+        groups: OrderedDict[str, list[Unit]] = OrderedDict()
+        for u in units:
+            groups.setdefault(u.client_id, []).append(u)
+        return groups
+    from datasets import Dataset
+    from flwr_datasets.partitioner import IidPartitioner
+
+    n = num_partitions or len({u.client_id for u in units})
+    if n > len(units):
+        raise DataError(f"cannot split {len(units)} units into {n} IID partitions")
+    partitioner = IidPartitioner(num_partitions=n)
+    partitioner.dataset = Dataset.from_dict({"index": list(range(len(units)))})
+    groups = OrderedDict()
+    for pid in range(n):
+        idx = partitioner.load_partition(pid)["index"]
+        groups[f"iid-{pid:05d}"] = [units[i] for i in idx]
+    # IidPartitioner shuffles with its own fixed seed; re-shuffle units per our run seed.
+    rng = random.Random(seed)
+    for members in groups.values():
+        rng.shuffle(members)
+    return groups
+
+
+def render(unit: Unit, tokenizer) -> str:
+    if unit.text is not None:
+        return unit.text
+    messages = [{"role": "user", "content": unit.prompt},
+                {"role": "assistant", "content": unit.response}]
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(messages, tokenize=False)
+    return f"{unit.prompt}\n{unit.response}"
+
+
+def split_units(client_id: str, members: list[Unit], eval_fraction: float, seed: int
+                ) -> tuple[list[Unit], list[Unit]]:
+    """Held-out share of a client's units, chosen by a seeded shuffle stable per client."""
+    order = list(range(len(members)))
+    random.Random(seed * 1_000_003 + zlib.crc32(client_id.encode())).shuffle(order)
+    n_eval = round(eval_fraction * len(members)) if len(members) > 1 else 0
+    n_eval = max(n_eval, 1) if len(members) > 1 else 0
+    held = set(order[:n_eval])
+    train = [u for i, u in enumerate(members) if i not in held]
+    evals = [u for i, u in enumerate(members) if i in held]
+    return train, evals
+
+
+def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
+    flat = [t for tokens in token_lists for t in tokens]
+    n = len(flat) // seq_len
+    if n == 0:
+        return torch.empty((0, seq_len), dtype=torch.long)
+    return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
+
+
+def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: int,
+                         num_clients: int | None, seed: int) -> FederatedData:
+    units = load_units(data_cfg)
+    if not units:
+        raise DataError(f"data source {data_cfg.name!r} yielded no text")
+    groups = group_units(units, data_cfg.partitioning,
+                         num_clients if data_cfg.partitioning == "iid" else None, seed)
+    ids, train_texts, eval_texts = [], [], []
+    for cid, members in groups.items():
+        train, evals = split_units(cid, members, data_cfg.eval_fraction, seed)
+        ids.append(cid)
+        train_texts.append(UNIT_SEPARATOR.join(render(u, tokenizer) for u in train))
+        eval_texts.append(UNIT_SEPARATOR.join(render(u, tokenizer) for u in evals))
+    enc_train = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
+    enc_eval = tokenizer(eval_texts, add_special_tokens=False)["input_ids"]
+
+    clients, skipped = [], {}
+    for cid, tr, ev in zip(ids, enc_train, enc_eval):
+        train = pack([tr], seq_len)
+        if len(train) < min_sequences:
+            skipped[cid] = (f"{len(train)} training sequences of {seq_len} tokens "
+                            f"< {min_sequences} needed")
+            continue
+        clients.append(ClientData(cid, train, pack([ev], seq_len)))
+    clients.sort(key=lambda c: (-len(c.train), c.client_id))
+    if skipped:
+        log.info("Skipped %d of %d clients with too little data (e.g. %s: %s)", len(skipped),
+                 len(ids), *next(iter(skipped.items())))
+    if num_clients is not None:
+        if len(clients) < num_clients:
+            raise DataError(
+                f"federation.num_clients={num_clients} but only {len(clients)} clients have at "
+                f"least {min_sequences} training sequences of train.seq_len={seq_len} tokens "
+                f"(train.batch_size / data.min_client_sequences)")
+        clients = clients[:num_clients]
+    if not clients:
+        raise DataError(f"no client has at least {min_sequences} training sequences of "
+                        f"{seq_len} tokens; lower train.batch_size or train.seq_len")
+    return FederatedData(clients=clients, skipped=skipped)

@@ -1,0 +1,24 @@
+"""Held-out loss and perplexity."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from fedllm.privacy.dpsgd import per_sequence_losses
+
+
+@torch.no_grad()
+def evaluate(model, sequences: torch.Tensor, batch_size: int, device: torch.device) -> dict:
+    """Mean next-token loss over equal-length held-out sequences, and its perplexity."""
+    was_training = model.training
+    model.eval()
+    total, count = 0.0, 0
+    for batch in torch.split(sequences, batch_size):
+        total += per_sequence_losses(model, batch.to(device)).sum().item()
+        count += len(batch)
+    if was_training:
+        model.train()
+    loss = total / max(count, 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}

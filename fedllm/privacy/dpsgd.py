@@ -1,0 +1,97 @@
+"""Opacus DP-SGD wiring for PEFT models.
+
+Hard-won details (see DESIGN.md §4):
+  * Per-sample gradients come from Opacus' ``GradSampleModule`` with hooks; only the
+    trainable (adapter) parameters get them. Ghost clipping is not used.
+  * The loss is a per-sequence mean token loss averaged over the batch (``loss_reduction
+    ="mean"``); Hugging Face's built-in loss averages over all tokens of the batch, which
+    couples examples and breaks the per-sample analysis.
+  * Poisson sampling is done here explicitly (each sequence independently with probability
+    q), so the sample rate we account is exactly the one we run. Empty batches still take a
+    noise-only step: skipping them would change the mechanism.
+  * The GradSampleModule is closed after the round so the PEFT model can be reused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+def sequence_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each sequence's mean next-token loss."""
+    logits = model(input_ids=input_ids).logits
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        input_ids[:, 1:].reshape(-1), reduction="none")
+    return per_token.view(input_ids.size(0), -1).mean(dim=1).mean()
+
+
+def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
+    logits = model(input_ids=input_ids).logits
+    per_token = F.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
+        input_ids[:, 1:].reshape(-1), reduction="none")
+    return per_token.view(input_ids.size(0), -1).mean(dim=1)
+
+
+def poisson_batch(data: torch.Tensor, sample_rate: float, generator: torch.Generator
+                  ) -> torch.Tensor:
+    """Each row independently with probability ``sample_rate`` (may be empty)."""
+    mask = torch.rand(len(data), generator=generator) < sample_rate
+    return data[mask]
+
+
+@contextlib.contextmanager
+def grad_sample_module(model):
+    """Wrap ``model`` for per-sample gradients; always unwrap (remove hooks) afterwards."""
+    from opacus import GradSampleModule
+
+    gsm = GradSampleModule(model, batch_first=True, loss_reduction="mean", strict=False)
+    try:
+        yield gsm
+    finally:
+        gsm.remove_hooks()
+        for p in model.parameters():
+            for attr in ("grad_sample", "summed_grad", "_processed"):
+                if hasattr(p, attr):
+                    delattr(p, attr)
+
+
+def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float,
+                      expected_batch_size: int, generator: torch.Generator | None):
+    from opacus.optimizers import DPOptimizer
+
+    return DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
+                       max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
+                       loss_reduction="mean", generator=generator)
+
+
+def dp_step(gsm, optimizer, batch: torch.Tensor, physical_batch_size: int | None,
+            device: torch.device) -> float | None:
+    """One DP-SGD step on a (possibly empty) Poisson batch. Returns the batch loss or None.
+
+    A large logical batch is processed in physical chunks; the optimizer accumulates clipped
+    per-sample gradients over the chunks and adds noise once, on the last one.
+    """
+    params = [p for p in gsm.parameters() if p.requires_grad]
+    if len(batch) == 0:
+        for p in params:  # noise-only step: zero per-sample gradients of an empty batch
+            p.grad_sample = torch.zeros((0, *p.shape), device=p.device, dtype=p.dtype)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return None
+    chunk = physical_batch_size or len(batch)
+    chunks = list(torch.split(batch, chunk))
+    total = 0.0
+    for i, part in enumerate(chunks):
+        loss = sequence_loss(gsm, part.to(device))
+        loss.backward()
+        total += loss.item() * len(part)
+        if i < len(chunks) - 1:
+            optimizer.signal_skip_step(do_skip=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return total / len(batch)

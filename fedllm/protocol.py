@@ -1,0 +1,8 @@
+"""Names of the records exchanged between ServerApp and ClientApp (one place for both)."""
+
+CONFIG_RECORD = "config"      # ConfigRecord sent with every train message
+CONFIG_KEY = "fedllm-config"  # resolved fedllm config (YAML) inside it and in the run config
+ROUND_KEY = "server-round"
+ARRAYS_RECORD = "arrays"      # global adapter (down) / adapter delta (up)
+METRICS_RECORD = "metrics"
+CLIENT_RECORD = "client"      # ConfigRecord with the client's id

@@ -1,0 +1,94 @@
+"""One local round on one client: (adapter, data, config) -> (delta, metrics, privacy event)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fedllm import models
+from fedllm.privacy import dpsgd
+from fedllm.privacy.accounting import PrivacyEvent
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LocalResult:
+    delta: "dict[str, np.ndarray]"
+    train_loss: float
+    steps: int
+    num_sequences: int
+    event: PrivacyEvent | None  # example-level DP release of this round (None without DP)
+    sample_rate: float
+    noise_multiplier: float
+    max_grad_norm: float
+
+
+def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+    if train_cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
+                               weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+
+
+def example_sample_rate(batch_size: int, num_sequences: int) -> float:
+    """Poisson rate q = expected batch / client size (capped at 1)."""
+    return min(1.0, batch_size / num_sequences)
+
+
+def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarray]",
+                train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int
+                ) -> LocalResult:
+    """Train the adapter for ``train.local_steps`` steps from ``global_adapter``.
+
+    With example-level DP: DP-SGD with Poisson sampling at q = B/n, per-sample clipping to
+    ``max_grad_norm`` and Gaussian noise ``noise_multiplier * max_grad_norm``. Returns the
+    adapter delta (new - global) and the privacy event describing exactly what ran.
+    """
+    model, device = loaded.model, loaded.device
+    models.load_adapter_state(model, global_adapter)
+    model.train()
+    t = cfg.train
+    dp = cfg.privacy.example
+    generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    params = [p for p in model.parameters() if p.requires_grad]
+    q = example_sample_rate(t.batch_size, len(train_data))
+    losses: list[float] = []
+
+    if dp.enabled:
+        with dpsgd.grad_sample_module(model) as gsm:
+            optimizer = dpsgd.make_dp_optimizer(
+                make_optimizer(params, t), noise_multiplier=noise_multiplier,
+                max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,
+                generator=noise_generator)
+            for _ in range(t.local_steps):
+                batch = dpsgd.poisson_batch(train_data, q, generator)
+                loss = dpsgd.dp_step(gsm, optimizer, batch, t.physical_batch_size, device)
+                if loss is not None:
+                    losses.append(loss)
+        event = PrivacyEvent(noise_multiplier=noise_multiplier, steps=t.local_steps,
+                             sampling="poisson", sample_rate=q)
+    else:
+        optimizer = make_optimizer(params, t)
+        for _ in range(t.local_steps):
+            idx = torch.randperm(len(train_data), generator=generator)[: t.batch_size]
+            loss = dpsgd.sequence_loss(model, train_data[idx].to(device))
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        event = None
+
+    model.eval()
+    new = models.adapter_state(model)
+    delta = {k: new[k] - np.asarray(global_adapter[k], dtype=np.float32) for k in new}
+    return LocalResult(
+        delta=delta, train_loss=float(np.mean(losses)) if losses else math.nan,
+        steps=t.local_steps, num_sequences=len(train_data), event=event, sample_rate=q,
+        noise_multiplier=noise_multiplier if dp.enabled else 0.0,
+        max_grad_norm=dp.max_grad_norm if dp.enabled else math.inf)

@@ -1,0 +1,161 @@
+"""Flower ServerApp: FedAvg of DP-trained LoRA adapters, per-round metrics, final export.
+
+``app`` reads the resolved fedllm config from the run config key ``fedllm-config`` (how
+``flwr run`` delivers it in deployment); ``make_server_app(cfg_text)`` builds the same app
+around a given config for ``fedllm simulate``. Both call ``run_federation``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import time
+from collections import OrderedDict
+from pathlib import Path
+
+from flwr.app import Array, ArrayRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from fedllm import models, protocol
+from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences
+from fedllm.data.federated import build_federated_data
+from fedllm.evaluate import evaluate
+from fedllm.io import append_jsonl, atomic_write_text
+from fedllm.privacy.accounting import epsilon
+from fedllm.report import build_privacy_report, model_card, write_privacy_report
+from server.strategy import AdapterFedAvg
+
+log = logging.getLogger("fedllm.server")
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_federation(grid, str(context.run_config[protocol.CONFIG_KEY]))
+
+
+def make_server_app(cfg_text: str) -> ServerApp:
+    server_app = ServerApp()
+
+    @server_app.main()
+    def _main(grid: Grid, context: Context) -> None:
+        run_federation(grid, cfg_text)
+
+    return server_app
+
+
+def _record(arrays: "OrderedDict") -> ArrayRecord:
+    return ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in arrays.items()))
+
+
+class RoundRecorder:
+    """Flower ``evaluate_fn``: evaluates the global adapter and appends a metrics row."""
+
+    def __init__(self, cfg: FedLLMConfig, loaded, eval_sequences, strategy: AdapterFedAvg,
+                 run_dir: Path):
+        self.cfg, self.loaded, self.eval_sequences = cfg, loaded, eval_sequences
+        self.strategy, self.run_dir = strategy, run_dir
+        self.history: list[dict] = []
+        self.base: dict | None = None
+        self.epsilons: dict[str, float] = {}
+        self._round_start = time.time()
+
+    def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
+        models.load_adapter_state(self.loaded.model,
+                                  {k: v.numpy() for k, v in arrays.items()})
+        result = evaluate(self.loaded.model, self.eval_sequences, self.cfg.eval.batch_size,
+                          self.loaded.device)
+        if server_round == 0:
+            self.base = result
+            log.info("base model: held-out loss %.4f, perplexity %.2f",
+                     result["eval_loss"], result["perplexity"])
+        else:
+            self._write_row(server_round, result)
+        self._round_start = time.time()
+        return MetricRecord(result)
+
+    def _write_row(self, server_round: int, result: dict) -> None:
+        info = self.strategy.rounds[-1]
+        for cid in set(info.accepted) | {c for c in self.strategy.events if c not in self.epsilons}:
+            if cid in self.strategy.events:
+                self.epsilons[cid] = epsilon(self.strategy.events[cid], self.cfg.privacy.delta,
+                                             self.cfg.privacy.accountant)
+        eps_max = max(self.epsilons.values()) if self.epsilons else None
+        row = {
+            "round": server_round,
+            "train_loss": None if math.isnan(info.train_loss) else info.train_loss,
+            "eval_loss": result["eval_loss"],
+            "perplexity": result["perplexity"],
+            "num_clients": len(info.accepted),
+            "num_sampled": info.sampled,
+            "num_rejected": len(info.rejected),
+            "bytes_up": info.bytes_up,
+            "bytes_down": info.bytes_down,
+            "seconds": round(time.time() - self._round_start, 3),
+            "epsilon_example_max": eps_max if self.cfg.privacy.example.enabled else None,
+            "epsilon_user": None,
+        }
+        append_jsonl(self.run_dir / "metrics.jsonl", row)
+        self.history.append(row)
+        eps_text = f" · ε max {eps_max:.2f}" if row["epsilon_example_max"] is not None else ""
+        loss_text = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
+        log.info("round %d/%d · %d clients · train loss %s · held-out loss %.4f · ppl %.2f%s · "
+                 "%.0f s", server_round, self.cfg.federation.rounds, row["num_clients"],
+                 loss_text, row["eval_loss"], row["perplexity"], eps_text, row["seconds"])
+
+
+def run_federation(grid: Grid, cfg_text: str) -> dict:
+    cfg = from_yaml(cfg_text)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
+    data = build_federated_data(
+        cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
+        min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
+        seed=cfg.run.seed)
+    eval_sequences = data.eval_sequences(cfg.eval.max_sequences)
+    initial = models.adapter_state(loaded.model)
+
+    strategy = AdapterFedAvg(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
+                             sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
+                             seed=cfg.run.seed, min_clients=cfg.federation.min_clients)
+    recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir)
+    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    result = strategy.start(grid=grid, initial_arrays=_record(initial),
+                            num_rounds=cfg.federation.rounds,
+                            timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
+    final = OrderedDict((k, v.numpy()) for k, v in result.arrays.items()) \
+        if result.arrays is not None and len(result.arrays) else initial
+    return finalize(cfg, run_dir, loaded, final, strategy, recorder, started)
+
+
+def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: AdapterFedAvg,
+             recorder: RoundRecorder, started: float) -> dict:
+    """Export the adapter (PEFT format) with its model card, the privacy report, a summary."""
+    models.load_adapter_state(loaded.model, final_arrays)
+    adapter_dir = run_dir / "adapter"
+    models.unwrap(loaded.model).save_pretrained(adapter_dir)
+    report = build_privacy_report(cfg, strategy.events, strategy.client_params,
+                                  rounds_run=len(recorder.history), epsilons=recorder.epsilons)
+    write_privacy_report(run_dir, report)
+    final_metrics = recorder.history[-1] if recorder.history else None
+    atomic_write_text(adapter_dir / "README.md", model_card(cfg, report, final_metrics))
+    ex = report["example_level"]
+    summary = {
+        "run_dir": str(run_dir),
+        "rounds": len(recorder.history),
+        "base_eval_loss": recorder.base["eval_loss"] if recorder.base else None,
+        "base_perplexity": recorder.base["perplexity"] if recorder.base else None,
+        "final_eval_loss": final_metrics["eval_loss"] if final_metrics else None,
+        "final_perplexity": final_metrics["perplexity"] if final_metrics else None,
+        "epsilon_example_max": ex["max_epsilon"] if ex else None,
+        "epsilon_example_median": ex["median_epsilon"] if ex else None,
+        "clients_trained": len(strategy.client_params),
+        "delta": cfg.privacy.delta,
+        "seconds": round(time.time() - started, 1),
+    }
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
+    return summary

@@ -1,0 +1,166 @@
+"""FedAvg over adapter deltas, with explicit client sampling and checks of every update.
+
+Hooks on Flower's ``FedAvg`` (``flwr.serverapp.strategy``):
+  * ``configure_train``: sample the cohort (``fixed``: k of N without replacement;
+    ``poisson``: each client independently with probability k/N) and send the global
+    adapter plus the resolved config.
+  * ``aggregate_train``: reject malformed updates (logged, the round goes on), average the
+    accepted deltas *unweighted* (weights by client size would leak sizes and change the
+    sensitivity), apply them to the global adapter, and record each client's DP event.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedllm import protocol
+from fedllm.privacy.accounting import PrivacyEvent
+
+log = logging.getLogger(__name__)
+
+
+class UpdateRejected(ValueError):
+    pass
+
+
+@dataclass
+class RoundInfo:
+    round: int
+    sampled: int = 0
+    accepted: list[str] = field(default_factory=list)
+    rejected: dict[str, str] = field(default_factory=dict)
+    train_loss: float = math.nan
+    bytes_up: int = 0
+    bytes_down: int = 0
+
+
+def array_bytes(record: ArrayRecord) -> int:
+    return sum(len(a.data) for a in record.values())
+
+
+def check_update(update: "dict[str, np.ndarray]", reference: "dict[str, np.ndarray]") -> None:
+    """Names, shapes, dtypes and finiteness of a client's delta against the global adapter."""
+    missing = [k for k in reference if k not in update]
+    extra = [k for k in update if k not in reference]
+    if missing or extra:
+        raise UpdateRejected(f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})")
+    for name, ref in reference.items():
+        arr = update[name]
+        if arr.shape != ref.shape:
+            raise UpdateRejected(f"{name}: shape {arr.shape} != {ref.shape}")
+        if arr.dtype != ref.dtype:
+            raise UpdateRejected(f"{name}: dtype {arr.dtype} != {ref.dtype}")
+        if not np.isfinite(arr).all():
+            raise UpdateRejected(f"{name}: non-finite values")
+
+
+class AdapterFedAvg(FedAvg):
+    def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
+                 server_lr: float, seed: int, min_clients: int = 1) -> None:
+        super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+        self.cfg_text = cfg_text
+        self.clients_per_round = clients_per_round
+        self.sampling = sampling
+        self.server_lr = server_lr
+        self.min_clients = min_clients
+        self.rng = random.Random(seed)
+        self.global_arrays: OrderedDict[str, np.ndarray] | None = None
+        self.events: dict[str, list[PrivacyEvent]] = {}
+        self.client_params: dict[str, dict] = {}
+        self.rounds: list[RoundInfo] = []
+
+    # ------------------------------------------------------------------ sampling
+    def sample(self, node_ids: list[int]) -> list[int]:
+        node_ids = sorted(node_ids)
+        k = min(self.clients_per_round, len(node_ids))
+        if self.sampling == "poisson":
+            q = k / len(node_ids)
+            return [n for n in node_ids if self.rng.random() < q]
+        return self.rng.sample(node_ids, k)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
+        node_ids = self.sample(list(grid.get_node_ids()))
+        info = RoundInfo(round=server_round, sampled=len(node_ids))
+        info.bytes_down = array_bytes(arrays) * len(node_ids)
+        self.rounds.append(info)
+        log.info("round %d: sampled %d clients", server_round, len(node_ids))
+        record = RecordDict({
+            protocol.ARRAYS_RECORD: arrays,
+            protocol.CONFIG_RECORD: ConfigRecord({protocol.CONFIG_KEY: self.cfg_text,
+                                                 protocol.ROUND_KEY: server_round}),
+        })
+        return self._construct_messages(record, node_ids, "train")
+
+    # ------------------------------------------------------------------ aggregation
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        info = self.rounds[-1]
+        deltas, losses = [], []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                info.rejected[f"node {node}"] = f"client error: {msg.error.reason}"
+                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            try:
+                client_id, delta, metrics = self._parse_reply(msg)
+            except UpdateRejected as exc:
+                info.rejected[f"node {node}"] = str(exc)
+                log.warning("round %d: rejected update from node %d: %s", server_round, node, exc)
+                continue
+            info.bytes_up += array_bytes(msg.content[protocol.ARRAYS_RECORD])
+            info.accepted.append(client_id)
+            deltas.append(delta)
+            if math.isfinite(metrics["train_loss"]):
+                losses.append(metrics["train_loss"])
+        info.train_loss = float(np.mean(losses)) if losses else math.nan
+        if len(deltas) < self.min_clients:
+            log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
+                        "unchanged", server_round, len(deltas), self.min_clients)
+            return None, None
+        mean = {k: np.mean([d[k] for d in deltas], axis=0) for k in self.global_arrays}
+        new = OrderedDict((k, (v + self.server_lr * mean[k]).astype(np.float32))
+                          for k, v in self.global_arrays.items())
+        arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
+        return arrays, MetricRecord({"train_loss": info.train_loss, "num_clients": len(deltas)})
+
+    def _parse_reply(self, msg: Message):
+        content = msg.content
+        for name in (protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.CLIENT_RECORD):
+            if name not in content:
+                raise UpdateRejected(f"reply lacks the {name!r} record")
+        metrics = dict(content[protocol.METRICS_RECORD])
+        for key in ("train_loss", "steps", "sample_rate", "noise_multiplier", "dp"):
+            if key not in metrics:
+                raise UpdateRejected(f"metrics lack {key!r}")
+        client_id = str(content[protocol.CLIENT_RECORD]["client_id"])
+        # The client released a noised update whether or not we accept it: account it first.
+        self._record_event(client_id, metrics)
+        delta = {k: v.numpy() for k, v in content[protocol.ARRAYS_RECORD].items()}
+        check_update(delta, self.global_arrays)
+        return client_id, delta, metrics
+
+    def _record_event(self, client_id: str, metrics: dict) -> None:
+        params = self.client_params.setdefault(client_id, {"rounds": 0, "steps": 0})
+        params["rounds"] += 1
+        params["steps"] += int(metrics["steps"])
+        if not metrics["dp"]:
+            return
+        event = PrivacyEvent(noise_multiplier=float(metrics["noise_multiplier"]),
+                             steps=int(metrics["steps"]), sampling="poisson",
+                             sample_rate=float(metrics["sample_rate"]))
+        self.events.setdefault(client_id, []).append(event)
+        params.update(sample_rate=event.sample_rate, noise_multiplier=event.noise_multiplier,
+                      max_grad_norm=float(metrics["max_grad_norm"]))
