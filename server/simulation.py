@@ -15,6 +15,15 @@ import warnings
 log = logging.getLogger("fedllm.server")
 
 
+class _DropKnownNoise(logging.Filter):
+    """Flower warnings that are expected here and would only confuse a user."""
+
+    KNOWN = ("DEPRECATED FEATURE", "deprecated feature", "fraction_evaluate is set to 0.0")
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(k in record.getMessage() for k in self.KNOWN)
+
+
 def set_offline_env(flwr_home: str) -> None:
     os.environ.setdefault("FLWR_HOME", flwr_home)
     for key, value in {"FLWR_TELEMETRY_ENABLED": "0", "RAY_USAGE_STATS_ENABLED": "0",
@@ -40,10 +49,15 @@ def simulate(cfg_text: str, num_clients: int, *, num_cpus: int | None = None,
                       "include_dashboard": False, "logging_level": "ERROR",
                       "log_to_driver": verbose},
     }
+    flwr_logger = logging.getLogger("flwr")
+    flwr_logger.propagate = False  # Flower has its own console handler
     if not verbose:
-        logging.getLogger("flwr").setLevel(logging.WARNING)
+        flwr_logger.setLevel(logging.WARNING)
+        for handler in flwr_logger.handlers:
+            handler.addFilter(_DropKnownNoise())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
+        warnings.simplefilter("ignore", FutureWarning)
         run_simulation(server_app=make_server_app(cfg_text), client_app=client_app,
                        num_supernodes=num_clients, backend_config=backend_config,
                        verbose_logging=verbose)

@@ -1,0 +1,51 @@
+"""Config validation: each kind of bad input stops with one message naming the key."""
+
+import pytest
+
+from fedllm.config import ConfigError, compose, from_yaml, to_yaml
+
+
+def test_defaults_compose_and_roundtrip():
+    cfg = compose([])
+    assert cfg.model.name == "smollm2" and cfg.privacy.example.enabled
+    again = from_yaml(to_yaml(cfg))
+    assert again == cfg
+
+
+@pytest.mark.parametrize("overrides,key", [
+    (["federation.not_a_key=1"], "federation.not_a_key"),
+    (["bogus=1"], "bogus"),
+    (["federation.rounds=abc"], "federation.rounds"),
+    (["train.batch_size=2.5"], "train.batch_size"),
+    (["privacy.example.noise_multiplier=-0.5"], "privacy.example.noise_multiplier"),
+    (["privacy.delta=1.0"], "privacy.delta"),
+    (["privacy.delta=0"], "privacy.delta"),
+    (["privacy.example.target_epsilon=-1"], "privacy.example.target_epsilon"),
+    (["model.path=/no/such/model"], "model.path"),
+    (["model=hf"], "model.path"),
+    (["data=jsonl"], "data.path"),
+    (["train.local_steps=0"], "train.local_steps"),
+    (["federation.clients_per_round=5", "federation.num_clients=3"],
+     "federation.clients_per_round"),
+    (["federation.sampling=sometimes"], "federation.sampling"),
+    (["data.eval_fraction=1.5"], "data.eval_fraction"),
+    (["model.lora.r=0"], "model.lora.r"),
+    (["privacy.example.target_epsilon=null", "privacy.example.noise_multiplier=null"],
+     "privacy.example"),
+])
+def test_bad_values_name_the_key(overrides, key):
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert key in str(info.value)
+    assert "\n" not in str(info.value).strip()
+
+
+def test_unknown_group_option_lists_choices():
+    with pytest.raises(ConfigError, match="tiny"):
+        compose(["model=nope"])
+
+
+def test_from_yaml_rejects_tampered_config():
+    text = to_yaml(compose(["model=tiny"])).replace("rounds: 3", "rounds: -3")
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        from_yaml(text)
