@@ -20,8 +20,10 @@ from flwr.clientapp import ClientApp
 
 from fedllm import models, protocol
 from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences, to_yaml
+from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import FederatedData, build_federated_data
-from fedllm.privacy.accounting import calibrate_noise
+from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
+from fedllm.privacy.ledger import Ledger
 from fedllm.train import example_sample_rate, local_round
 
 log = logging.getLogger(__name__)
@@ -74,20 +76,38 @@ def noise_multiplier_for(cfg: FedLLMConfig, num_sequences: int) -> float:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
+    server_round = int(msg.content[protocol.CONFIG_RECORD][protocol.ROUND_KEY])
     cfg = _config(cfg_text)
     loaded, data = _runtime(_runtime_key(cfg), cfg_text)
     index = int(context.node_config["partition-id"])
     if index >= len(data.clients):
         raise ValueError(f"partition-id {index} but only {len(data.clients)} clients exist")
     client = data.clients[index]
+    z = noise_multiplier_for(cfg, len(client.train))
+    planned = planned_event(cfg, z, len(client.train))
+
+    lifetime = None
+    if planned is not None:
+        ledger = Ledger.open(config_ledger_dir(cfg), client.client_id)  # corrupt: raises
+        if ledger.has(cfg.run.id, server_round):  # resumed round: already on the ledger
+            lifetime = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+        else:
+            lifetime = ledger.epsilon_with(planned, cfg.privacy.delta, cfg.privacy.accountant)
+            if cfg.privacy.budget is not None and lifetime > cfg.privacy.budget:
+                spent = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
+                return _decline(msg, client.client_id, spent,
+                                f"budget: lifetime epsilon would reach {lifetime:.3f} > "
+                                f"privacy.budget={cfg.privacy.budget:g} (spent {spent:.3f})")
+            # Write-ahead: the release is on disk before a noised update can leave this node.
+            ledger.record(cfg.run.id, server_round, planned)
 
     global_adapter = OrderedDict(
         (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
-    z = noise_multiplier_for(cfg, len(client.train))
     # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
     result = local_round(loaded, global_adapter, client.train, cfg, noise_multiplier=z,
                          seed=secrets.randbits(62))
-
+    if result.event != planned:  # the ledger must describe exactly what ran
+        raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {planned}")
     metrics = MetricRecord({
         "train_loss": result.train_loss,
         "steps": result.steps,
@@ -96,11 +116,31 @@ def train(msg: Message, context: Context) -> Message:
         "noise_multiplier": result.noise_multiplier,
         "max_grad_norm": result.max_grad_norm if cfg.privacy.example.enabled else 0.0,
         "dp": int(result.event is not None),
+        "declined": 0,
     })
+    if lifetime is not None:
+        metrics["lifetime_epsilon"] = lifetime
     content = RecordDict({
         protocol.ARRAYS_RECORD: _array_record(result.delta),
         protocol.METRICS_RECORD: metrics,
         protocol.CLIENT_RECORD: ConfigRecord({"client_id": client.client_id}),
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def planned_event(cfg: FedLLMConfig, z: float, num_sequences: int) -> PrivacyEvent | None:
+    if not cfg.privacy.example.enabled:
+        return None
+    return PrivacyEvent(noise_multiplier=z, steps=cfg.train.local_steps, sampling="poisson",
+                        sample_rate=example_sample_rate(cfg.train.batch_size, num_sequences))
+
+
+def _decline(msg: Message, client_id: str, spent: float, reason: str) -> Message:
+    log.warning("client %s declines: %s", client_id, reason)
+    content = RecordDict({
+        protocol.ARRAYS_RECORD: ArrayRecord(),
+        protocol.METRICS_RECORD: MetricRecord({"declined": 1, "lifetime_epsilon": spent}),
+        protocol.CLIENT_RECORD: ConfigRecord({"client_id": client_id, "reason": reason}),
     })
     return Message(content=content, reply_to=msg)
 

@@ -16,6 +16,7 @@ import math
 import os
 import sys
 import time
+import uuid
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -37,7 +38,7 @@ def _setup_logging(verbose: bool) -> None:
     handler = RichHandler(show_path=False, show_level=verbose, markup=False,
                           log_time_format="[%X]")
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[handler], force=True)
-    for noisy in ("httpx", "urllib3", "filelock", "absl", "datasets", "ray"):
+    for noisy in ("httpx", "urllib3", "filelock", "absl", "datasets", "ray", "alembic"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     if not verbose:
         import transformers
@@ -61,6 +62,10 @@ def _prepare_run(overrides: list[str]):
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if not cfg.run.id:
+        cfg.run.id = uuid.uuid4().hex[:16]
+    if cfg.privacy.ledger_dir:
+        cfg.privacy.ledger_dir = str(Path(cfg.privacy.ledger_dir).expanduser().resolve())
     models.offline_env()
     try:
         tokenizer = models.load_tokenizer(cfg.model)
@@ -140,11 +145,36 @@ def _print_summary(console, s: dict, seconds: float) -> None:
                       f"max {s['epsilon_example_max']:.3f}, median "
                       f"{s['epsilon_example_median']:.3f} at δ={s['delta']:g} "
                       f"({s['clients_trained']} clients trained)")
+        if s.get("clients_declined"):
+            table.add_row("declined for budget", f"{s['clients_declined']} participation(s)")
     else:
         table.add_row("privacy", "none (privacy.example.enabled=false)")
     table.add_row("wall time", f"{seconds:.0f} s")
     table.add_row("run directory", s["run_dir"])
+    table.add_row("privacy report", str(Path(s["run_dir"]) / "privacy_report.html"))
     console.print(table)
+
+
+# --------------------------------------------------------------------------- report
+
+def cmd_report(args) -> int:
+    from fedllm.privacy.accounting import AccountingError
+    from fedllm.report import write_reports
+
+    run_dir = Path(args.run_dir)
+    try:
+        report = write_reports(run_dir)
+    except (FileNotFoundError, KeyError, ValueError, AccountingError) as exc:
+        raise CliError(f"cannot build a report from {run_dir}: {exc}") from None
+    ex = report["example_level"]
+    where = run_dir / "privacy_report.html"
+    if ex is None:
+        print(f"no differential privacy in this run; report written to {where}")
+    else:
+        print(f"max per-client epsilon {_fmt_eps(ex['max_epsilon'])} (median "
+              f"{_fmt_eps(ex['median_epsilon'])}) at delta {report['delta']:g} over "
+              f"{report['rounds']} rounds; report written to {where}")
+    return 0
 
 
 # --------------------------------------------------------------------------- accountant
@@ -202,6 +232,10 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny federation.rounds=2")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
     sim.set_defaults(func=cmd_simulate)
+
+    rep = sub.add_parser("report", help="rebuild the privacy report of a run directory")
+    rep.add_argument("run_dir")
+    rep.set_defaults(func=cmd_report)
 
     acc = sub.add_parser("accountant", help="epsilon of a DP-SGD plan, or the noise for a target")
     acc.add_argument("--sample-rate", type=float, required=True, help="q (poisson) or k/N (fixed)")

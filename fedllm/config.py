@@ -57,6 +57,7 @@ class DataConfig:
 class RunConfig:
     dir: Optional[str] = None       # default: runs/<timestamp>
     seed: int = 0
+    id: Optional[str] = None        # set once per run (ledger entries are keyed by it)
 
 
 @dataclass
@@ -102,8 +103,8 @@ class UserPrivacyConfig:
 class PrivacyConfig:
     delta: float = 1e-5
     accountant: str = "pld"             # pld | rdp
-    budget: Optional[float] = None      # lifetime per-client epsilon cap
-    ledger_dir: Optional[str] = None
+    budget: Optional[float] = None      # lifetime per-client epsilon cap (across runs)
+    ledger_dir: Optional[str] = None    # default: <run.dir>/ledger
     example: ExamplePrivacyConfig = field(default_factory=ExamplePrivacyConfig)
     user: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
 
@@ -294,6 +295,8 @@ def validate(cfg: FedLLMConfig) -> None:
     _choice(p.accountant, "privacy.accountant", ("pld", "rdp"))
     if p.budget is not None:
         _positive(p.budget, "privacy.budget")
+        _require(p.example.enabled, "privacy.budget",
+                 "needs privacy.example.enabled=true (there is nothing to account otherwise)")
     e = p.example
     if e.enabled:
         _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
@@ -314,6 +317,10 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
+
+
+def ledger_dir(cfg: FedLLMConfig) -> Path:
+    return Path(cfg.privacy.ledger_dir or Path(cfg.run.dir) / "ledger").expanduser()
 
 
 def min_client_sequences(cfg: FedLLMConfig) -> int:

@@ -1,45 +1,122 @@
-"""Privacy report (JSON) and the model card written beside every exported adapter.
+"""Privacy-budget reports, rebuilt from a run directory's files.
 
-Every epsilon here is computed by ``fedllm.privacy.accounting`` from the events of the
-mechanism that actually ran (sample rate, noise multiplier, steps), never estimated.
+Inputs (all written during the run): ``config.yaml``, ``metrics.jsonl`` and
+``privacy_events.jsonl`` (one line per DP release the server saw, and per client that
+declined for budget). Outputs: ``privacy_report.json``, ``epsilon.png``,
+``privacy_report.html`` (self-contained), and the model card ``adapter/README.md``.
+``fedllm report RUN_DIR`` calls ``write_reports`` too, so a report can always be rebuilt.
+
+Every epsilon is computed by ``fedllm.privacy.accounting`` from the events of the mechanism
+that actually ran (sample rate, noise multiplier, steps), never estimated.
 """
 
 from __future__ import annotations
 
+import base64
+import html
+import io
 import json
 import math
 import statistics
+from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm.io import atomic_write_text
-from fedllm.privacy.accounting import PrivacyEvent, effective_accountant, epsilon
+from fedllm.io import atomic_write_bytes, atomic_write_text, read_jsonl
+from fedllm.privacy.accounting import (SEARCH_DISCRETIZATION, PrivacyEvent,
+                                       effective_accountant, epsilon)
+
+EVENTS_FILE = "privacy_events.jsonl"
+MAX_CLIENT_LINES = 30  # per-client curves in the plot above this would be unreadable
 
 
-def client_epsilons(events: dict[str, list[PrivacyEvent]], delta: float, accountant: str
-                    ) -> dict[str, float]:
-    return {cid: epsilon(evs, delta, accountant) for cid, evs in sorted(events.items())}
+@dataclass
+class RunFiles:
+    cfg: object
+    metrics: list[dict]
+    releases: list[dict]
+    declines: list[dict]
 
 
-def build_privacy_report(cfg, events: dict[str, list[PrivacyEvent]],
-                         client_params: dict[str, dict], rounds_run: int,
-                         epsilons: dict[str, float] | None = None) -> dict:
+def load_run(run_dir: Path) -> RunFiles:
+    from fedllm.config import from_yaml
+
+    run_dir = Path(run_dir)
+    cfg_path = run_dir / "config.yaml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no config.yaml)")
+    records = read_jsonl(run_dir / EVENTS_FILE)
+    return RunFiles(cfg=from_yaml(cfg_path.read_text()),
+                    metrics=read_jsonl(run_dir / "metrics.jsonl"),
+                    releases=[r for r in records if r.get("kind") == "release"],
+                    declines=[r for r in records if r.get("kind") == "declined"])
+
+
+def _event(record: dict) -> PrivacyEvent:
+    return PrivacyEvent(noise_multiplier=record["noise_multiplier"], steps=record["steps"],
+                        sampling=record.get("sampling", "poisson"),
+                        sample_rate=record.get("sample_rate"),
+                        sample_size=record.get("sample_size"), population=record.get("population"))
+
+
+def epsilon_by_round(releases: list[dict], rounds: int, delta: float, accountant: str) -> dict:
+    """Run-level epsilon of every client after each round (max, median, per client).
+
+    A client's epsilon only changes in rounds it took part in, so one accountant call per
+    participation suffices. These curve points use the coarser PLD grid (upper bounds); the
+    per-client table uses the fine grid.
+    """
+    by_client: dict[str, list[tuple[int, PrivacyEvent]]] = {}
+    for r in releases:
+        by_client.setdefault(r["client_id"], []).append((int(r["round"]), _event(r)))
+    curves: dict[str, list[float]] = {}
+    for cid, items in by_client.items():
+        items.sort(key=lambda x: x[0])
+        values, spent, i = [], [], 0
+        current = 0.0
+        for rnd in range(1, rounds + 1):
+            changed = False
+            while i < len(items) and items[i][0] <= rnd:
+                spent.append(items[i][1])
+                i, changed = i + 1, True
+            if changed:
+                current = epsilon(spent, delta, accountant, discretization=SEARCH_DISCRETIZATION)
+            values.append(current)
+        curves[cid] = values
+    rows = list(zip(*curves.values())) if curves else [() for _ in range(rounds)]
+    return {
+        "round": list(range(1, rounds + 1)),
+        "max": [max(v) if v else 0.0 for v in rows],
+        "median": [statistics.median(v) if v else 0.0 for v in rows],
+        "clients": curves if len(curves) <= MAX_CLIENT_LINES else {},
+    }
+
+
+def build_privacy_report(run: RunFiles) -> dict:
+    cfg = run.cfg
     delta, accountant = cfg.privacy.delta, cfg.privacy.accountant
+    rounds = len(run.metrics)
     example = None
     if cfg.privacy.example.enabled:
-        eps = epsilons if epsilons is not None else client_epsilons(events, delta, accountant)
+        per_client: dict[str, list[dict]] = {}
+        for r in run.releases:
+            per_client.setdefault(r["client_id"], []).append(r)
         clients = {}
-        for cid, params in sorted(client_params.items()):
+        for cid, recs in sorted(per_client.items()):
+            recs.sort(key=lambda r: r["round"])
+            last = recs[-1]
+            events = [_event(r) for r in recs]
             clients[cid] = {
-                "epsilon": eps.get(cid, 0.0),
-                "steps": params["steps"],
-                "sample_rate": params.get("sample_rate"),
-                "noise_multiplier": params.get("noise_multiplier"),
-                "max_grad_norm": params.get("max_grad_norm"),
-                "rounds": params["rounds"],
-                "sampling": "poisson",
+                "epsilon": epsilon(events, delta, accountant),
+                "steps": sum(e.steps for e in events),
+                "sample_rate": last.get("sample_rate"),
+                "noise_multiplier": last["noise_multiplier"],
+                "max_grad_norm": last.get("max_grad_norm"),
+                "rounds": len(recs),
+                "sampling": last.get("sampling", "poisson"),
+                "lifetime_epsilon": last.get("lifetime_epsilon"),
             }
         values = [c["epsilon"] for c in clients.values()]
-        all_events = [e for evs in events.values() for e in evs]
+        all_events = [_event(r) for r in run.releases]
         example = {
             "unit": "one training sequence of a client (add/remove one)",
             "max_epsilon": max(values) if values else 0.0,
@@ -47,35 +124,164 @@ def build_privacy_report(cfg, events: dict[str, list[PrivacyEvent]],
             "target_epsilon": cfg.privacy.example.target_epsilon
             if cfg.privacy.example.noise_multiplier is None else None,
             "accountant": effective_accountant(all_events, accountant),
+            "budget": cfg.privacy.budget,
+            "max_lifetime_epsilon": max((c["lifetime_epsilon"] for c in clients.values()
+                                         if c["lifetime_epsilon"] is not None), default=None),
             "clients": clients,
+            "exhausted_clients": [{"client_id": d["client_id"], "round": d["round"],
+                                   "reason": d["reason"]} for d in run.declines],
+            "epsilon_by_round": epsilon_by_round(run.releases, rounds, delta, accountant),
         }
     return {
         "delta": delta,
         "accountant": accountant,
-        "rounds": rounds_run,
+        "rounds": rounds,
         "example_level": example,
         "user_level": None,
         "notes": [
             "Epsilons are computed with Google dp_accounting from the mechanism run: Poisson "
             "sampling at each client's rate q, Gaussian noise, every local step composed.",
+            "'epsilon' covers this run; 'lifetime_epsilon' is what the client's own ledger "
+            "holds over all runs that used it, as the client reported it in its last round.",
+            "A release is counted as soon as the client sends it, even if the server then "
+            "rejects the update (conservative).",
             "Clients are averaged unweighted: a client's dataset size does not influence the "
             "aggregate.",
-            "Each client's noise is calibrated as if it were sampled in every round, so its "
-            "epsilon stays below the target however often it is actually sampled.",
         ],
     }
 
 
-def write_privacy_report(run_dir: Path, report: dict) -> Path:
-    path = Path(run_dir) / "privacy_report.json"
-    atomic_write_text(path, json.dumps(report, indent=2, default=_json_default) + "\n")
-    return path
+# ----------------------------------------------------------------------------- outputs
+
+def write_reports(run_dir: Path) -> dict:
+    run_dir = Path(run_dir)
+    run = load_run(run_dir)
+    report = build_privacy_report(run)
+    atomic_write_text(run_dir / "privacy_report.json",
+                      json.dumps(report, indent=2, default=_json_default) + "\n")
+    png = epsilon_plot(report)
+    if png is not None:
+        atomic_write_bytes(run_dir / "epsilon.png", png)
+    atomic_write_text(run_dir / "privacy_report.html", render_html(run, report, png))
+    if (run_dir / "adapter").is_dir():
+        final = run.metrics[-1] if run.metrics else None
+        atomic_write_text(run_dir / "adapter" / "README.md", model_card(run.cfg, report, final))
+    return report
 
 
 def _json_default(value):
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
     raise TypeError(f"not JSON serializable: {value!r}")
+
+
+def epsilon_plot(report: dict) -> bytes | None:
+    ex = report["example_level"]
+    if ex is None or not ex["epsilon_by_round"]["round"]:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    curve = ex["epsilon_by_round"]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    for values in curve["clients"].values():
+        ax.plot(curve["round"], values, color="0.8", linewidth=0.8, zorder=1)
+    ax.plot(curve["round"], curve["max"], marker="o", label="max over clients", zorder=3)
+    ax.plot(curve["round"], curve["median"], marker="s", label="median", zorder=2)
+    if ex.get("target_epsilon"):
+        ax.axhline(ex["target_epsilon"], linestyle="--", color="tab:red",
+                   label=f"target ε={ex['target_epsilon']:g}")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel(f"ε (δ={report['delta']:g}, this run)")
+    ax.set_title("Example-level privacy loss per client")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _fmt(value, spec: str = ".3f") -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float) and math.isinf(value):
+        return "∞"
+    return format(value, spec)
+
+
+def plain_summary(cfg, report: dict) -> str:
+    ex = report["example_level"]
+    if ex is None:
+        return ("This run used <strong>no differential privacy</strong>. The trained adapter may "
+                "reveal or reproduce the clients' training text.")
+    text = (
+        f"Each participating client's training data is protected at the level of a single "
+        f"training sequence: whether any one sequence was in a client's data or not changes the "
+        f"probability of anything the client sent by at most a factor e<sup>ε</sup> (plus a "
+        f"δ = {report['delta']:g} chance of failure). The largest ε among clients in this run is "
+        f"<strong>{_fmt(ex['max_epsilon'])}</strong> (median {_fmt(ex['median_epsilon'])}), "
+        f"computed with the {ex['accountant'].upper()} accountant from the exact mechanism run: "
+        f"{cfg.train.local_steps} DP-SGD steps per round with Poisson sampling, per-sample "
+        f"clipping to {cfg.privacy.example.max_grad_norm:g} and Gaussian noise. Smaller ε is "
+        f"stronger privacy; ε ≤ 1 is strong, ε ≈ 8 is a common practical compromise.")
+    if ex.get("budget") is not None:
+        text += (f" Each client enforces a lifetime budget of ε = {ex['budget']:g} across all "
+                 f"runs that used its ledger; {len(ex['exhausted_clients'])} time(s) a client "
+                 f"declined to train because of it.")
+    text += (" This is <em>not</em> user-level privacy: a client's participation as a whole is "
+             "not hidden.")
+    return text
+
+
+def render_html(run: RunFiles, report: dict, png: bytes | None) -> str:
+    cfg, ex = run.cfg, report["example_level"]
+    rows = []
+    if ex is not None:
+        for cid, c in ex["clients"].items():
+            rows.append(
+                f"<tr><td>{html.escape(cid)}</td><td>{c['rounds']}</td><td>{c['steps']}</td>"
+                f"<td>{_fmt(c['sample_rate'], '.4f')}</td><td>{_fmt(c['noise_multiplier'])}</td>"
+                f"<td>{_fmt(c['max_grad_norm'], 'g')}</td><td>{_fmt(c['epsilon'])}</td>"
+                f"<td>{_fmt(c['lifetime_epsilon'])}</td></tr>")
+    exhausted = "".join(
+        f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
+        f"{html.escape(d['reason'])}</li>" for d in (ex or {}).get("exhausted_clients", []))
+    img = (f'<img alt="epsilon per round" src="data:image/png;base64,'
+           f'{base64.b64encode(png).decode()}">' if png else "")
+    metric_rows = "".join(
+        f"<tr><td>{m['round']}</td><td>{m['num_clients']}</td><td>{_fmt(m.get('train_loss'), '.4f')}"
+        f"</td><td>{_fmt(m['eval_loss'], '.4f')}</td><td>{_fmt(m['perplexity'], '.2f')}</td>"
+        f"<td>{_fmt(m.get('epsilon_example_max'))}</td></tr>" for m in run.metrics)
+    table = ("<table id='clients'><thead><tr><th>client</th><th>rounds</th><th>steps</th>"
+             "<th>sample rate q</th><th>noise z</th><th>clip C</th><th>ε (this run)</th>"
+             "<th>ε (lifetime ledger)</th></tr></thead><tbody>" + "".join(rows) +
+             "</tbody></table>") if ex is not None else ""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>fedllm privacy report</title>
+<style>
+body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}}
+table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;
+text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}
+.summary{{background:#f6f8fa;border-left:4px solid #2c7be5;padding:.8em 1em}}img{{max-width:100%}}
+</style></head><body>
+<h1>Privacy report</h1>
+<p class="summary">{plain_summary(cfg, report)}</p>
+<p>δ = {report['delta']:g} · accountant: {report['accountant'].upper()} · rounds: {report['rounds']}
+· clients per round: {cfg.federation.clients_per_round} ({cfg.federation.sampling} sampling)</p>
+{img}
+<h2>Per-client privacy loss</h2>
+{table}
+{"<h2>Clients stopped by their budget</h2><ul id='exhausted'>" + exhausted + "</ul>" if exhausted else ""}
+<h2>Rounds</h2>
+<table id="rounds"><thead><tr><th>round</th><th>clients</th><th>train loss</th>
+<th>held-out loss</th><th>perplexity</th><th>max ε</th></tr></thead><tbody>{metric_rows}</tbody></table>
+<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in report['notes'])}</ul>
+</body></html>
+"""
 
 
 def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
@@ -88,7 +294,7 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
         "",
         "# fedllm adapter",
         "",
-        f"A LoRA adapter (r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha}, targets "
+        f"A LoRA adapter (r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g}, targets "
         f"{', '.join(cfg.model.lora.target_modules)}) for base model `{_base_name(cfg)}`, trained "
         f"with federated averaging over {report['rounds']} rounds by fedllm.",
         "",
@@ -101,9 +307,9 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     else:
         lines += [
             f"- **Unit of privacy:** {ex['unit']}.",
-            f"- **Guarantee:** ({ex['max_epsilon']:.3g}, {report['delta']:g})-differential "
+            f"- **Guarantee:** ({_fmt(ex['max_epsilon'], '.3g')}, {report['delta']:g})-differential "
             f"privacy for every client's training sequences (the maximum over clients; median "
-            f"epsilon {ex['median_epsilon']:.3g}).",
+            f"epsilon {_fmt(ex['median_epsilon'], '.3g')}).",
             f"- **Mechanism:** DP-SGD (Opacus) on each client: Poisson sampling at rate "
             f"q = batch/client size, per-sample gradient clipping to L2 norm "
             f"{cfg.privacy.example.max_grad_norm:g}, Gaussian noise multiplier "
@@ -113,13 +319,19 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
             f"- **Training:** {report['rounds']} rounds, {cfg.federation.clients_per_round} clients "
             f"per round ({cfg.federation.sampling} sampling), {cfg.train.local_steps} local "
             f"steps per round, expected batch {cfg.train.batch_size}.",
-            "- **Not covered:** user-level (whole-client) privacy is not provided by this run.",
         ]
+        if ex.get("budget") is not None:
+            lines.append(f"- **Budget:** each client's lifetime ε is capped at {ex['budget']:g} by "
+                         f"its own ledger; {len(ex['exhausted_clients'])} participation(s) were "
+                         f"declined for budget.")
+        lines.append("- **Not covered:** user-level (whole-client) privacy is not provided by "
+                     "this run.")
     if final_metrics:
         lines += ["", "## Evaluation", "",
                   f"Held-out loss {final_metrics['eval_loss']:.4f}, perplexity "
                   f"{final_metrics['perplexity']:.2f}."]
-    lines += ["", "See `privacy_report.json` in the run directory for per-client values.", ""]
+    lines += ["", "See `privacy_report.json` / `privacy_report.html` in the run directory for "
+              "per-client values.", ""]
     return "\n".join(lines)
 
 

@@ -23,7 +23,7 @@ from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text
 from fedllm.privacy.accounting import epsilon
-from fedllm.report import build_privacy_report, model_card, write_privacy_report
+from fedllm.report import EVENTS_FILE, write_reports
 from server.strategy import AdapterFedAvg
 
 log = logging.getLogger("fedllm.server")
@@ -91,12 +91,18 @@ class RoundRecorder:
             "num_clients": len(info.accepted),
             "num_sampled": info.sampled,
             "num_rejected": len(info.rejected),
+            "num_declined": len(info.declined),
             "bytes_up": info.bytes_up,
             "bytes_down": info.bytes_down,
             "seconds": round(time.time() - self._round_start, 3),
             "epsilon_example_max": eps_max if self.cfg.privacy.example.enabled else None,
             "epsilon_user": None,
         }
+        for release in info.releases:
+            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
+        for client_id, reason in info.declined.items():
+            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "declined", "round": server_round,
+                                                      "client_id": client_id, "reason": reason})
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         self.history.append(row)
         eps_text = f" · ε max {eps_max:.2f}" if row["epsilon_example_max"] is not None else ""
@@ -124,6 +130,7 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
                              seed=cfg.run.seed, min_clients=cfg.federation.min_clients)
     recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir)
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    (run_dir / EVENTS_FILE).unlink(missing_ok=True)
     result = strategy.start(grid=grid, initial_arrays=_record(initial),
                             num_rounds=cfg.federation.rounds,
                             timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
@@ -138,11 +145,8 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
     models.load_adapter_state(loaded.model, final_arrays)
     adapter_dir = run_dir / "adapter"
     models.unwrap(loaded.model).save_pretrained(adapter_dir)
-    report = build_privacy_report(cfg, strategy.events, strategy.client_params,
-                                  rounds_run=len(recorder.history), epsilons=recorder.epsilons)
-    write_privacy_report(run_dir, report)
+    report = write_reports(run_dir)
     final_metrics = recorder.history[-1] if recorder.history else None
-    atomic_write_text(adapter_dir / "README.md", model_card(cfg, report, final_metrics))
     ex = report["example_level"]
     summary = {
         "run_dir": str(run_dir),
@@ -154,6 +158,7 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
         "epsilon_example_max": ex["max_epsilon"] if ex else None,
         "epsilon_example_median": ex["median_epsilon"] if ex else None,
         "clients_trained": len(strategy.client_params),
+        "clients_declined": sum(len(r.declined) for r in strategy.rounds),
         "delta": cfg.privacy.delta,
         "seconds": round(time.time() - started, 1),
     }

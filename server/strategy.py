@@ -39,6 +39,8 @@ class RoundInfo:
     sampled: int = 0
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
+    declined: dict[str, str] = field(default_factory=dict)   # client id -> reason
+    releases: list[dict] = field(default_factory=list)       # DP releases seen this round
     train_loss: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
@@ -114,12 +116,16 @@ class AdapterFedAvg(FedAvg):
                 info.rejected[f"node {node}"] = f"client error: {msg.error.reason}"
                 log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
                 continue
+            if self._declined(msg, info):
+                continue
             try:
                 client_id, delta, metrics = self._parse_reply(msg)
             except UpdateRejected as exc:
                 info.rejected[f"node {node}"] = str(exc)
                 log.warning("round %d: rejected update from node %d: %s", server_round, node, exc)
                 continue
+            log.info("  client %s: train loss %.4f, q=%.4f, z=%.3f", client_id,
+                     metrics["train_loss"], metrics["sample_rate"], metrics["noise_multiplier"])
             info.bytes_up += array_bytes(msg.content[protocol.ARRAYS_RECORD])
             info.accepted.append(client_id)
             deltas.append(delta)
@@ -136,6 +142,18 @@ class AdapterFedAvg(FedAvg):
         arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
         return arrays, MetricRecord({"train_loss": info.train_loss, "num_clients": len(deltas)})
 
+    def _declined(self, msg: Message, info: RoundInfo) -> bool:
+        content = msg.content
+        if protocol.METRICS_RECORD not in content or protocol.CLIENT_RECORD not in content:
+            return False
+        if not content[protocol.METRICS_RECORD].get("declined"):
+            return False
+        client = content[protocol.CLIENT_RECORD]
+        reason = str(client.get("reason", "declined"))
+        info.declined[str(client["client_id"])] = reason
+        log.warning("round %d: client %s declined: %s", info.round, client["client_id"], reason)
+        return True
+
     def _parse_reply(self, msg: Message):
         content = msg.content
         for name in (protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.CLIENT_RECORD):
@@ -147,12 +165,12 @@ class AdapterFedAvg(FedAvg):
                 raise UpdateRejected(f"metrics lack {key!r}")
         client_id = str(content[protocol.CLIENT_RECORD]["client_id"])
         # The client released a noised update whether or not we accept it: account it first.
-        self._record_event(client_id, metrics)
+        self._record_event(client_id, metrics, self.rounds[-1])
         delta = {k: v.numpy() for k, v in content[protocol.ARRAYS_RECORD].items()}
         check_update(delta, self.global_arrays)
         return client_id, delta, metrics
 
-    def _record_event(self, client_id: str, metrics: dict) -> None:
+    def _record_event(self, client_id: str, metrics: dict, info: RoundInfo) -> None:
         params = self.client_params.setdefault(client_id, {"rounds": 0, "steps": 0})
         params["rounds"] += 1
         params["steps"] += int(metrics["steps"])
@@ -162,5 +180,8 @@ class AdapterFedAvg(FedAvg):
                              steps=int(metrics["steps"]), sampling="poisson",
                              sample_rate=float(metrics["sample_rate"]))
         self.events.setdefault(client_id, []).append(event)
+        info.releases.append({"round": info.round, "client_id": client_id, **event.to_dict(),
+                              "max_grad_norm": float(metrics["max_grad_norm"]),
+                              "lifetime_epsilon": metrics.get("lifetime_epsilon")})
         params.update(sample_rate=event.sample_rate, noise_multiplier=event.noise_multiplier,
                       max_grad_norm=float(metrics["max_grad_norm"]))

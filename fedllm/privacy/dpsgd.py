@@ -20,21 +20,26 @@ import torch
 import torch.nn.functional as F
 
 
-def sequence_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Mean over the batch of each sequence's mean next-token loss."""
-    logits = model(input_ids=input_ids).logits
-    per_token = F.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        input_ids[:, 1:].reshape(-1), reduction="none")
-    return per_token.view(input_ids.size(0), -1).mean(dim=1).mean()
+def autocast(device: torch.device):
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); nothing on the CPU."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
-    logits = model(input_ids=input_ids).logits
+    """Each sequence's mean next-token loss (sequences are packed: no padding)."""
+    with autocast(input_ids.device):
+        logits = model(input_ids=input_ids).logits
     per_token = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
         input_ids[:, 1:].reshape(-1), reduction="none")
     return per_token.view(input_ids.size(0), -1).mean(dim=1)
+
+
+def sequence_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+    """Mean over the batch of each sequence's mean next-token loss."""
+    return per_sequence_losses(model, input_ids).mean()
 
 
 def poisson_batch(data: torch.Tensor, sample_rate: float, generator: torch.Generator
