@@ -114,3 +114,17 @@ def test_budget_stops_clients_in_round_two_and_run_completes(tmp_path):
     html = (tmp_path / "run" / "privacy_report.html").read_text()
     assert "Clients stopped by their budget" in html
     assert "Budget" in (tmp_path / "run" / "adapter" / "README.md").read_text()
+
+
+def test_corrupt_ledger_client_refuses_and_round_continues(tmp_path):
+    from fedllm.privacy.ledger import ledger_filename
+
+    ledger = tmp_path / "ledger"
+    ledger.mkdir()
+    (ledger / ledger_filename("hamlet/HAMLET")).write_text("{not json")
+    report = simulate(tmp_path / "run", "federation.rounds=1", f"privacy.ledger_dir={ledger}")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["num_sampled"] == 2 and rows[0]["num_clients"] == 1
+    assert rows[0]["num_rejected"] == 1
+    assert "hamlet/HAMLET" not in report["example_level"]["clients"]
+    assert (ledger / ledger_filename("hamlet/HAMLET")).read_text() == "{not json"  # untouched
