@@ -24,6 +24,7 @@ from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import FederatedData, build_federated_data
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
 from fedllm.privacy.ledger import Ledger
+from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
 log = logging.getLogger(__name__)
@@ -108,6 +109,7 @@ def train(msg: Message, context: Context) -> Message:
                          seed=secrets.randbits(62))
     if result.event != planned:  # the ledger must describe exactly what ran
         raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {planned}")
+    update = user_level_update(cfg, result.delta, msg.content[protocol.CONFIG_RECORD])
     metrics = MetricRecord({
         "train_loss": result.train_loss,
         "steps": result.steps,
@@ -121,11 +123,24 @@ def train(msg: Message, context: Context) -> Message:
     if lifetime is not None:
         metrics["lifetime_epsilon"] = lifetime
     content = RecordDict({
-        protocol.ARRAYS_RECORD: _array_record(result.delta),
+        protocol.ARRAYS_RECORD: _array_record(update),
         protocol.METRICS_RECORD: metrics,
         protocol.CLIENT_RECORD: ConfigRecord({"client_id": client.client_id}),
     })
     return Message(content=content, reply_to=msg)
+
+
+def user_level_update(cfg: FedLLMConfig, delta: dict, round_config) -> dict:
+    """DP-FedAvg client side: clip the whole delta to S; add a noise share if distributed."""
+    user = cfg.privacy.user
+    if not user.enabled:
+        return delta
+    clipped, _ = clip_update(delta, user.clip_norm)
+    if user.noise == "distributed":
+        z = float(round_config[protocol.USER_NOISE_KEY])
+        m = int(round_config[protocol.MIN_SURVIVORS_KEY])
+        clipped = add_noise(clipped, distributed_noise_std(z, user.clip_norm, m))
+    return clipped
 
 
 def planned_event(cfg: FedLLMConfig, z: float, num_sequences: int) -> PrivacyEvent | None:

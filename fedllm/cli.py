@@ -149,6 +149,9 @@ def _print_summary(console, s: dict, seconds: float) -> None:
             table.add_row("declined for budget", f"{s['clients_declined']} participation(s)")
     else:
         table.add_row("privacy", "none (privacy.example.enabled=false)")
+    if s.get("epsilon_user") is not None:
+        table.add_row("user-level ε", f"{s['epsilon_user']:.3f} at δ={s['delta']:g} (one client's "
+                      "whole data)")
     table.add_row("wall time", f"{seconds:.0f} s")
     table.add_row("run directory", s["run_dir"])
     table.add_row("privacy report", str(Path(s["run_dir"]) / "privacy_report.html"))

@@ -118,6 +118,10 @@ class StrategyConfig:
 @dataclass
 class SecAggConfig:
     enabled: bool = False
+    num_shares: int = 3                 # Shamir shares per secret (neighbours + self)
+    reconstruction_threshold: int = 2   # shares needed to recover a dropped client's masks
+    quantization_bits: int = 24         # per-client levels 2^bits; sums wrap mod 2^64
+    max_dropouts: Optional[int] = None  # default: cohort - reconstruction_threshold
 
 
 @dataclass
@@ -308,11 +312,25 @@ def validate(cfg: FedLLMConfig) -> None:
             _positive(e.target_epsilon, "privacy.example.target_epsilon")
     u = p.user
     if u.enabled:
-        raise ConfigError("privacy.user.enabled: user-level DP is not available yet "
-                          "(tracked in the user-level DP / SecAgg+ issue)")
-    if cfg.secagg.enabled:
-        raise ConfigError("secagg.enabled: secure aggregation is not available yet "
-                          "(tracked in the user-level DP / SecAgg+ issue)")
+        _positive(u.clip_norm, "privacy.user.clip_norm")
+        _choice(u.noise, "privacy.user.noise", ("central", "distributed"))
+        _require(u.noise_multiplier is not None or u.target_epsilon is not None,
+                 "privacy.user", "set target_epsilon or noise_multiplier")
+        if u.noise_multiplier is not None:
+            _positive(u.noise_multiplier, "privacy.user.noise_multiplier", allow_zero=True)
+        if u.target_epsilon is not None:
+            _positive(u.target_epsilon, "privacy.user.target_epsilon")
+        # Without secure aggregation the server would see each client's share of the noise,
+        # i.e. an update with only 1/sqrt(m) of the calibrated noise.
+        _require(u.noise == "central" or cfg.secagg.enabled, "privacy.user.noise",
+                 "distributed noise needs secagg.enabled=true (without it the server sees each "
+                 "client's update with only its share of the noise)")
+    s_ = cfg.secagg
+    _positive_int(s_.num_shares, "secagg.num_shares")
+    _require(0 < s_.reconstruction_threshold <= s_.num_shares, "secagg.reconstruction_threshold",
+             f"must be in [1, secagg.num_shares={s_.num_shares}], got {s_.reconstruction_threshold}")
+    _require(8 <= s_.quantization_bits <= 40, "secagg.quantization_bits",
+             f"must be in [8, 40], got {s_.quantization_bits}")
     _choice(cfg.strategy.name, "strategy.name", ("fedavg",))
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")

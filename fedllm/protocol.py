@@ -6,3 +6,5 @@ ROUND_KEY = "server-round"
 ARRAYS_RECORD = "arrays"      # global adapter (down) / adapter delta (up)
 METRICS_RECORD = "metrics"
 CLIENT_RECORD = "client"      # ConfigRecord with the client's id
+USER_NOISE_KEY = "user-noise-multiplier"  # DP-FedAvg z, calibrated by the server
+MIN_SURVIVORS_KEY = "min-survivors"       # m: each client's noise share is (zS)^2/m

@@ -35,6 +35,7 @@ class RunFiles:
     metrics: list[dict]
     releases: list[dict]
     declines: list[dict]
+    user_releases: list[dict]
 
 
 def load_run(run_dir: Path) -> RunFiles:
@@ -48,7 +49,8 @@ def load_run(run_dir: Path) -> RunFiles:
     return RunFiles(cfg=from_yaml(cfg_path.read_text()),
                     metrics=read_jsonl(run_dir / "metrics.jsonl"),
                     releases=[r for r in records if r.get("kind") == "release"],
-                    declines=[r for r in records if r.get("kind") == "declined"])
+                    declines=[r for r in records if r.get("kind") == "declined"],
+                    user_releases=[r for r in records if r.get("kind") == "user_release"])
 
 
 def _event(record: dict) -> PrivacyEvent:
@@ -137,7 +139,7 @@ def build_privacy_report(run: RunFiles) -> dict:
         "accountant": accountant,
         "rounds": rounds,
         "example_level": example,
-        "user_level": None,
+        "user_level": user_level_section(run),
         "notes": [
             "Epsilons are computed with Google dp_accounting from the mechanism run: Poisson "
             "sampling at each client's rate q, Gaussian noise, every local step composed.",
@@ -148,6 +150,46 @@ def build_privacy_report(run: RunFiles) -> dict:
             "Clients are averaged unweighted: a client's dataset size does not influence the "
             "aggregate.",
         ],
+    }
+
+
+def user_level_section(run: RunFiles) -> dict | None:
+    """DP-FedAvg guarantee: unit = one client's whole data, over the rounds released."""
+    from fedllm.privacy.accounting import user_level_event
+
+    cfg = run.cfg
+    user = cfg.privacy.user
+    if not user.enabled:
+        return None
+    rels = run.user_releases
+    z = rels[-1]["noise_multiplier"] if rels else None
+    population = rels[-1]["population"] if rels else None
+    eps = 0.0
+    if rels:
+        event = user_level_event(z, len(rels), sampling=rels[-1]["sampling"],
+                                 cohort=rels[-1]["cohort"], population=population)
+        eps = epsilon([event], cfg.privacy.delta, cfg.privacy.accountant)
+        accountant = effective_accountant([event], cfg.privacy.accountant)
+    else:
+        accountant = cfg.privacy.accountant
+    cohort = cfg.federation.clients_per_round
+    return {
+        "unit": "all data of one client (add/remove one client)"
+        if cfg.federation.sampling == "poisson" else "all data of one client (replace one client)",
+        "epsilon": eps,
+        "noise_multiplier": z,
+        "clip_norm": user.clip_norm,
+        "noise": user.noise,
+        "sampling": cfg.federation.sampling,
+        "sample_rate": cohort / population if population else None,
+        "expected_cohort": cohort,
+        "population": population,
+        "rounds": len(rels),
+        "target_epsilon": user.target_epsilon if user.noise_multiplier is None else None,
+        "accountant": accountant,
+        "secure_aggregation": cfg.secagg.enabled,
+        "min_survivors": cfg.federation.min_clients,
+        "tolerated_dropouts": max(cohort - cfg.federation.min_clients, 0),
     }
 
 
@@ -215,9 +257,11 @@ def _fmt(value, spec: str = ".3f") -> str:
 
 def plain_summary(cfg, report: dict) -> str:
     ex = report["example_level"]
-    if ex is None:
+    if ex is None and report["user_level"] is None:
         return ("This run used <strong>no differential privacy</strong>. The trained adapter may "
                 "reveal or reproduce the clients' training text.")
+    if ex is None:
+        return "No example-level DP-SGD in this run. " + user_sentence(report, html_output=True)
     text = (
         f"Each participating client's training data is protected at the level of a single "
         f"training sequence: whether any one sequence was in a client's data or not changes the "
@@ -232,9 +276,28 @@ def plain_summary(cfg, report: dict) -> str:
         text += (f" Each client enforces a lifetime budget of ε = {ex['budget']:g} across all "
                  f"runs that used its ledger; {len(ex['exhausted_clients'])} time(s) a client "
                  f"declined to train because of it.")
-    text += (" This is <em>not</em> user-level privacy: a client's participation as a whole is "
-             "not hidden.")
+    text += " " + user_sentence(report, html_output=True)
     return text
+
+
+def user_sentence(report: dict, html_output: bool = False) -> str:
+    u = report["user_level"]
+    if u is None:
+        return ("This is not user-level privacy: a client's participation as a whole is not "
+                "hidden.")
+    where = ("added by each client in shares (distributed), so the server never sees an update "
+             "with less than the calibrated noise" if u["noise"] == "distributed"
+             else "added by the server to the sum (central: the server is trusted to add it)")
+    secagg = ("Updates are combined with secure aggregation (SecAgg+): the server learns only "
+              "their sum." if u["secure_aggregation"] else
+              "Without secure aggregation the server sees each clipped update.")
+    eps = f"<strong>{_fmt(u['epsilon'])}</strong>" if html_output else _fmt(u["epsilon"])
+    return (f"User level: all data of any one client is protected with ε = {eps} at "
+            f"δ = {report['delta']:g} over {u['rounds']} released rounds ({u['sampling']} client "
+            f"sampling, each update clipped to L2 norm {u['clip_norm']:g}, Gaussian noise "
+            f"multiplier {_fmt(u['noise_multiplier'])} {where}; averages divide by the expected "
+            f"cohort {u['expected_cohort']}). {secagg} The noise guarantee holds with up to "
+            f"{u['tolerated_dropouts']} dropouts per round.")
 
 
 def render_html(run: RunFiles, report: dict, png: bytes | None) -> str:
@@ -301,9 +364,11 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
         "## Privacy guarantee",
         "",
     ]
-    if ex is None:
+    if ex is None and report["user_level"] is None:
         lines += ["**None.** This adapter was trained without differential privacy "
                   "(`privacy.example.enabled=false`). It may memorize its training data."]
+    elif ex is None:
+        lines += ["- **Example level:** none (`privacy.example.enabled=false`)."]
     else:
         lines += [
             f"- **Unit of privacy:** {ex['unit']}.",
@@ -324,6 +389,12 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
             lines.append(f"- **Budget:** each client's lifetime ε is capped at {ex['budget']:g} by "
                          f"its own ledger; {len(ex['exhausted_clients'])} participation(s) were "
                          f"declined for budget.")
+    if report["user_level"] is not None:
+        u = report["user_level"]
+        lines += [f"- **User level:** ({_fmt(u['epsilon'], '.3g')}, {report['delta']:g})-DP for all "
+                  f"data of any one client ({u['unit']}), {u['accountant'].upper()} accountant.",
+                  f"  {user_sentence(report)}"]
+    elif ex is not None:
         lines.append("- **Not covered:** user-level (whole-client) privacy is not provided by "
                      "this run.")
     if final_metrics:

@@ -22,9 +22,9 @@ from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences
 from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text
-from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
 from fedllm.report import EVENTS_FILE, write_reports
-from server.strategy import AdapterFedAvg
+from server.strategy import AdapterFedAvg, UserDP
 
 log = logging.getLogger("fedllm.server")
 
@@ -54,9 +54,9 @@ class RoundRecorder:
     """Flower ``evaluate_fn``: evaluates the global adapter and appends a metrics row."""
 
     def __init__(self, cfg: FedLLMConfig, loaded, eval_sequences, strategy: AdapterFedAvg,
-                 run_dir: Path):
+                 run_dir: Path, population: int):
         self.cfg, self.loaded, self.eval_sequences = cfg, loaded, eval_sequences
-        self.strategy, self.run_dir = strategy, run_dir
+        self.strategy, self.run_dir, self.population = strategy, run_dir, population
         self.history: list[dict] = []
         self.base: dict | None = None
         self.epsilons: dict[str, float] = {}
@@ -96,20 +96,63 @@ class RoundRecorder:
             "bytes_down": info.bytes_down,
             "seconds": round(time.time() - self._round_start, 3),
             "epsilon_example_max": eps_max if self.cfg.privacy.example.enabled else None,
-            "epsilon_user": None,
+            "epsilon_user": user_epsilon(self.cfg, self.strategy, self.population),
         }
         for release in info.releases:
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
+        dp = self.strategy.user_dp
+        if dp is not None and server_round in self.strategy.user_releases:
+            append_jsonl(self.run_dir / EVENTS_FILE, {
+                "kind": "user_release", "round": server_round,
+                "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
+                "noise": dp.noise, "sampling": self.cfg.federation.sampling,
+                "cohort": dp.expected_cohort, "population": self.population,
+                "min_survivors": dp.min_survivors, "survivors": len(info.accepted)})
         for client_id, reason in info.declined.items():
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "declined", "round": server_round,
                                                       "client_id": client_id, "reason": reason})
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         self.history.append(row)
         eps_text = f" · ε max {eps_max:.2f}" if row["epsilon_example_max"] is not None else ""
+        if row["epsilon_user"] is not None:
+            eps_text += f" · user ε {row['epsilon_user']:.2f}"
         loss_text = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
         log.info("round %d/%d · %d clients · train loss %s · held-out loss %.4f · ppl %.2f%s · "
                  "%.0f s", server_round, self.cfg.federation.rounds, row["num_clients"],
                  loss_text, row["eval_loss"], row["perplexity"], eps_text, row["seconds"])
+
+
+def user_noise_multiplier(cfg: FedLLMConfig, population: int) -> float:
+    user = cfg.privacy.user
+    if user.noise_multiplier is not None:
+        return float(user.noise_multiplier)
+    return calibrate_user_noise(user.target_epsilon, cfg.privacy.delta, cfg.federation.rounds,
+                                sampling=cfg.federation.sampling,
+                                cohort=cfg.federation.clients_per_round, population=population,
+                                accountant=cfg.privacy.accountant)
+
+
+def make_user_dp(cfg: FedLLMConfig, population: int) -> UserDP | None:
+    user = cfg.privacy.user
+    if not user.enabled:
+        return None
+    z = user_noise_multiplier(cfg, population)
+    log.info("user-level DP: z=%.4f on the sum of updates clipped to %g (%s noise), divided by "
+             "the expected cohort %d", z, user.clip_norm, user.noise,
+             cfg.federation.clients_per_round)
+    return UserDP(noise_multiplier=z, clip_norm=user.clip_norm, noise=user.noise,
+                  expected_cohort=cfg.federation.clients_per_round,
+                  min_survivors=cfg.federation.min_clients)
+
+
+def user_epsilon(cfg: FedLLMConfig, strategy: AdapterFedAvg, population: int) -> float | None:
+    dp = strategy.user_dp
+    if dp is None:
+        return None
+    event = user_level_event(dp.noise_multiplier, len(strategy.user_releases),
+                             sampling=cfg.federation.sampling,
+                             cohort=cfg.federation.clients_per_round, population=population)
+    return epsilon([event], cfg.privacy.delta, cfg.privacy.accountant)
 
 
 def run_federation(grid: Grid, cfg_text: str) -> dict:
@@ -127,8 +170,9 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
 
     strategy = AdapterFedAvg(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
                              sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
-                             seed=cfg.run.seed, min_clients=cfg.federation.min_clients)
-    recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir)
+                             seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
+                             user_dp=make_user_dp(cfg, len(data.clients)))
+    recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, len(data.clients))
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / EVENTS_FILE).unlink(missing_ok=True)
     result = strategy.start(grid=grid, initial_arrays=_record(initial),
@@ -157,6 +201,7 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
         "final_perplexity": final_metrics["perplexity"] if final_metrics else None,
         "epsilon_example_max": ex["max_epsilon"] if ex else None,
         "epsilon_example_median": ex["median_epsilon"] if ex else None,
+        "epsilon_user": report["user_level"]["epsilon"] if report["user_level"] else None,
         "clients_trained": len(strategy.client_params),
         "clients_declined": sum(len(r.declined) for r in strategy.rounds),
         "delta": cfg.privacy.delta,

@@ -25,12 +25,9 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedllm import protocol
 from fedllm.privacy.accounting import PrivacyEvent
+from fedllm.privacy.updates import UpdateRejected, add_noise, check_update
 
 log = logging.getLogger(__name__)
-
-
-class UpdateRejected(ValueError):
-    pass
 
 
 @dataclass
@@ -50,25 +47,25 @@ def array_bytes(record: ArrayRecord) -> int:
     return sum(len(a.data) for a in record.values())
 
 
-def check_update(update: "dict[str, np.ndarray]", reference: "dict[str, np.ndarray]") -> None:
-    """Names, shapes, dtypes and finiteness of a client's delta against the global adapter."""
-    missing = [k for k in reference if k not in update]
-    extra = [k for k in update if k not in reference]
-    if missing or extra:
-        raise UpdateRejected(f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})")
-    for name, ref in reference.items():
-        arr = update[name]
-        if arr.shape != ref.shape:
-            raise UpdateRejected(f"{name}: shape {arr.shape} != {ref.shape}")
-        if arr.dtype != ref.dtype:
-            raise UpdateRejected(f"{name}: dtype {arr.dtype} != {ref.dtype}")
-        if not np.isfinite(arr).all():
-            raise UpdateRejected(f"{name}: non-finite values")
+@dataclass(frozen=True)
+class UserDP:
+    """Server side of DP-FedAvg: noise on the sum, division by the expected cohort."""
+
+    noise_multiplier: float
+    clip_norm: float
+    noise: str                 # central | distributed
+    expected_cohort: int
+    min_survivors: int
+
+    def check_bound(self) -> float | None:
+        # With distributed noise each update carries its noise share: no norm bound to check.
+        return self.clip_norm if self.noise == "central" else None
 
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
-                 server_lr: float, seed: int, min_clients: int = 1) -> None:
+                 server_lr: float, seed: int, min_clients: int = 1,
+                 user_dp: UserDP | None = None) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.cfg_text = cfg_text
         self.clients_per_round = clients_per_round
@@ -80,6 +77,8 @@ class AdapterFedAvg(FedAvg):
         self.events: dict[str, list[PrivacyEvent]] = {}
         self.client_params: dict[str, dict] = {}
         self.rounds: list[RoundInfo] = []
+        self.user_dp = user_dp
+        self.user_releases: list[int] = []  # rounds whose noised aggregate was released
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: list[int]) -> list[int]:
@@ -100,10 +99,16 @@ class AdapterFedAvg(FedAvg):
         log.info("round %d: sampled %d clients", server_round, len(node_ids))
         record = RecordDict({
             protocol.ARRAYS_RECORD: arrays,
-            protocol.CONFIG_RECORD: ConfigRecord({protocol.CONFIG_KEY: self.cfg_text,
-                                                 protocol.ROUND_KEY: server_round}),
+            protocol.CONFIG_RECORD: self.round_config(server_round),
         })
         return self._construct_messages(record, node_ids, "train")
+
+    def round_config(self, server_round: int) -> ConfigRecord:
+        config = ConfigRecord({protocol.CONFIG_KEY: self.cfg_text, protocol.ROUND_KEY: server_round})
+        if self.user_dp is not None:
+            config[protocol.USER_NOISE_KEY] = float(self.user_dp.noise_multiplier)
+            config[protocol.MIN_SURVIVORS_KEY] = int(self.user_dp.min_survivors)
+        return config
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -136,11 +141,33 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
                         "unchanged", server_round, len(deltas), self.min_clients)
             return None, None
-        mean = {k: np.mean([d[k] for d in deltas], axis=0) for k in self.global_arrays}
-        new = OrderedDict((k, (v + self.server_lr * mean[k]).astype(np.float32))
+        average = self.average(deltas, server_round)
+        if average is None:
+            return None, None
+        new = OrderedDict((k, (v + self.server_lr * average[k]).astype(np.float32))
                           for k, v in self.global_arrays.items())
         arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
         return arrays, MetricRecord({"train_loss": info.train_loss, "num_clients": len(deltas)})
+
+    def average(self, deltas: list[dict], server_round: int) -> "dict[str, np.ndarray] | None":
+        """Plain mean; or, with user-level DP, (sum + noise) / expected cohort size."""
+        total = {k: np.sum([d[k] for d in deltas], axis=0, dtype=np.float64)
+                 for k in self.global_arrays}
+        return self.finish_sum(total, len(deltas), server_round)
+
+    def finish_sum(self, total: "dict[str, np.ndarray]", count: int, server_round: int
+                   ) -> "dict[str, np.ndarray] | None":
+        dp = self.user_dp
+        if dp is None:
+            return {k: (v / count).astype(np.float32) for k, v in total.items()}
+        if dp.noise == "distributed" and count < dp.min_survivors:
+            log.warning("round %d: %d survivors < %d needed for the calibrated noise; no update",
+                        server_round, count, dp.min_survivors)
+            return None
+        if dp.noise == "central":
+            total = add_noise(total, dp.noise_multiplier * dp.clip_norm)
+        self.user_releases.append(server_round)
+        return {k: (v / dp.expected_cohort).astype(np.float32) for k, v in total.items()}
 
     def _declined(self, msg: Message, info: RoundInfo) -> bool:
         content = msg.content
@@ -167,7 +194,8 @@ class AdapterFedAvg(FedAvg):
         # The client released a noised update whether or not we accept it: account it first.
         self._record_event(client_id, metrics, self.rounds[-1])
         delta = {k: v.numpy() for k, v in content[protocol.ARRAYS_RECORD].items()}
-        check_update(delta, self.global_arrays)
+        check_update(delta, self.global_arrays,
+                     max_norm=self.user_dp.check_bound() if self.user_dp else None)
         return client_id, delta, metrics
 
     def _record_event(self, client_id: str, metrics: dict, info: RoundInfo) -> None:

@@ -271,3 +271,33 @@ def _bisect(eps, target: float, rel_tol: float, bracket: tuple[float, float] | N
         else:
             lo = mid
     return hi
+
+
+# ----------------------------------------------------------------------------- user level
+
+def user_level_event(noise_multiplier: float, rounds: int, *, sampling: Sampling,
+                     cohort: int, population: int) -> PrivacyEvent:
+    """DP-FedAvg rounds as a privacy event, with the unit of privacy = one client.
+
+    ``noise_multiplier`` is z in noise std z*S on the sum of updates clipped to S.
+    * ``poisson``: each client joins with q = cohort/population; add/remove-one adjacency,
+      sensitivity S, so the event's multiplier is z.
+    * ``fixed``: ``cohort`` clients without replacement; sampling without replacement is only
+      analysed under replace-one adjacency, where swapping one client moves the sum by up to
+      2S, so the event's multiplier is z/2 (conservative, as it must be).
+    """
+    if sampling == "poisson":
+        return PrivacyEvent(noise_multiplier=noise_multiplier, steps=rounds, sampling="poisson",
+                            sample_rate=min(1.0, cohort / population))
+    return PrivacyEvent(noise_multiplier=noise_multiplier / 2, steps=rounds, sampling="fixed",
+                        sample_size=cohort, population=population)
+
+
+def calibrate_user_noise(target_epsilon: float, delta: float, rounds: int, *, sampling: Sampling,
+                         cohort: int, population: int, accountant: str = "pld") -> float:
+    """Smallest z (noise std z*S on the sum) with user-level epsilon <= target."""
+    probe = user_level_event(1.0, rounds, sampling=sampling, cohort=cohort, population=population)
+    z = calibrate_noise(target_epsilon, delta, steps=rounds, sampling=probe.sampling,
+                        sample_rate=probe.sample_rate, sample_size=probe.sample_size,
+                        population=probe.population, accountant=accountant)
+    return z * 2 if sampling == "fixed" else z
