@@ -1,0 +1,254 @@
+"""SecAgg+ primitives (Bonawitz et al. CCS 2017; Bell et al. CCS 2020), pure numpy + cryptography.
+
+What the server learns is the sum of the survivors' quantized updates, nothing else, as long
+as it follows the protocol and fewer than ``threshold`` of a client's neighbours collude.
+
+Per round, over a neighbour graph of the sampled clients (complete for small cohorts, a ring
+lattice otherwise, as in SecAgg+):
+  1. each client makes two X25519 key pairs: ``c`` (to encrypt shares) and ``s`` (masks);
+  2. it Shamir-shares its self-mask seed ``b`` and its mask private key ``s_sk`` among its
+     neighbours and itself (threshold t), each share AES-GCM-encrypted for its holder;
+  3. it sends y = Q(x) + PRG(b) + sum_v sign(u, v) PRG(KDF(DH(s_u, s_v))) mod 2^k;
+  4. for every survivor the server collects shares of ``b``, for every dropped client shares of
+     ``s_sk`` (never both for the same client), removes the self masks and the dropped
+     clients' dangling pairwise masks, and dequantizes the sum.
+Quantization is stochastic rounding to ``2^bits`` levels on [-R, R] (unbiased); sums wrap
+mod 2^32 or 2^64 (the smallest that holds the sum of the cohort).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import secrets
+from dataclasses import dataclass
+
+import numpy as np
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
+PRIME = 2**521 - 1  # Mersenne prime > 2^256: Shamir field for 32-byte secrets
+SECRET_BYTES = 32
+
+
+class SecAggError(RuntimeError):
+    """The protocol cannot proceed (too few shares, inconsistent request...)."""
+
+
+# ----------------------------------------------------------------------------- keys
+
+def keypair() -> tuple[bytes, bytes]:
+    sk = X25519PrivateKey.generate()
+    raw = serialization.Encoding.Raw
+    return (sk.private_bytes(raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()),
+            sk.public_key().public_bytes(raw, serialization.PublicFormat.Raw))
+
+
+def agree(private: bytes, peer_public: bytes, label: bytes) -> bytes:
+    """32-byte key from X25519 agreement, bound to ``label`` (purpose, run, round)."""
+    shared = X25519PrivateKey.from_private_bytes(private).exchange(
+        X25519PublicKey.from_public_bytes(peer_public))
+    return HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=label).derive(shared)
+
+
+def encrypt(key: bytes, plaintext: bytes, aad: bytes) -> bytes:
+    nonce = os.urandom(12)
+    return nonce + AESGCM(key).encrypt(nonce, plaintext, aad)
+
+
+def decrypt(key: bytes, blob: bytes, aad: bytes) -> bytes:
+    return AESGCM(key).decrypt(blob[:12], blob[12:], aad)
+
+
+# ----------------------------------------------------------------------------- Shamir
+
+def shamir_split(secret: bytes, xs: list[int], threshold: int) -> dict[int, bytes]:
+    """Shares of ``secret`` at the points ``xs`` (distinct, > 0); any ``threshold`` recover it."""
+    if not 1 <= threshold <= len(xs):
+        raise SecAggError(f"threshold {threshold} must be in [1, {len(xs)}]")
+    coeffs = [int.from_bytes(secret, "big")] + [secrets.randbelow(PRIME)
+                                                for _ in range(threshold - 1)]
+    shares = {}
+    for x in xs:
+        y = 0
+        for c in reversed(coeffs):
+            y = (y * x + c) % PRIME
+        shares[x] = y.to_bytes(66, "big")
+    return shares
+
+
+def shamir_combine(shares: dict[int, bytes]) -> bytes:
+    """Lagrange interpolation at 0."""
+    points = [(x, int.from_bytes(y, "big")) for x, y in shares.items()]
+    secret = 0
+    for i, (xi, yi) in enumerate(points):
+        num, den = 1, 1
+        for j, (xj, _) in enumerate(points):
+            if i != j:
+                num = num * (-xj) % PRIME
+                den = den * (xi - xj) % PRIME
+        secret = (secret + yi * num * pow(den, -1, PRIME)) % PRIME
+    if secret >= 2 ** (8 * SECRET_BYTES):
+        raise SecAggError("share reconstruction failed (inconsistent shares)")
+    return secret.to_bytes(SECRET_BYTES, "big")
+
+
+# ----------------------------------------------------------------------------- masks
+
+def modulus_dtype(bits: int, cohort: int) -> np.dtype:
+    """uint32 when the cohort's sum of 2^bits levels fits in 32 bits, else uint64."""
+    need = bits + math.ceil(math.log2(cohort + 1))
+    if need <= 32:
+        return np.dtype(np.uint32)
+    if need <= 64:
+        return np.dtype(np.uint64)
+    raise SecAggError(f"{bits} quantization bits x {cohort} clients overflow 64 bits")
+
+
+def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
+    """AES-256-CTR keystream as ``length`` unsigned integers (cryptographically secure)."""
+    nbytes = length * np.dtype(dtype).itemsize
+    stream = Cipher(algorithms.AES(seed), modes.CTR(b"\0" * 16)).encryptor().update(
+        b"\0" * nbytes)
+    return np.frombuffer(stream, dtype=dtype)
+
+
+def neighbours(node_ids: list[int], num_shares: int) -> dict[int, list[int]]:
+    """Symmetric neighbour graph: complete if small, else a ring lattice (SecAgg+)."""
+    ids = sorted(node_ids)
+    n = len(ids)
+    if num_shares >= n:
+        return {u: [v for v in ids if v != u] for u in ids}
+    half = max(1, (num_shares - 1) // 2)
+    graph = {u: set() for u in ids}
+    for i, u in enumerate(ids):
+        for d in range(1, half + 1):
+            v = ids[(i + d) % n]
+            graph[u].add(v)
+            graph[v].add(u)
+    return {u: sorted(vs) for u, vs in graph.items()}
+
+
+def quantize(x: np.ndarray, clip_range: float, bits: int, dtype: np.dtype,
+             rng: np.random.Generator) -> np.ndarray:
+    """Stochastic rounding of x (clipped to [-R, R]) to integers in [0, 2^bits - 1]."""
+    levels = 2**bits - 1
+    scaled = (np.clip(x.astype(np.float64), -clip_range, clip_range) + clip_range) \
+        * (levels / (2 * clip_range))
+    floor = np.floor(scaled)
+    q = floor + (rng.random(x.shape) < (scaled - floor))
+    return q.astype(dtype)
+
+
+def dequantize_sum(total: np.ndarray, count: int, clip_range: float, bits: int) -> np.ndarray:
+    levels = 2**bits - 1
+    return total.astype(np.float64) * (2 * clip_range / levels) - count * clip_range
+
+
+def pair_label(run_id: str, round_: int) -> bytes:
+    return f"fedllm-secagg-mask|{run_id}|{round_}".encode()
+
+
+def share_label(run_id: str, round_: int, sender: int, receiver: int) -> bytes:
+    return f"fedllm-secagg-share|{run_id}|{round_}|{sender}|{receiver}".encode()
+
+
+def pairwise_mask(node: int, peer: int, seed: bytes, length: int, dtype) -> np.ndarray:
+    """+PRG for the lower id, -PRG for the higher: each pair's masks cancel in the sum."""
+    mask = prg(seed, length, dtype)
+    return mask if node < peer else (np.zeros(1, dtype) - mask)
+
+
+@dataclass
+class ClientSecrets:
+    c_sk: bytes
+    c_pk: bytes
+    s_sk: bytes
+    s_pk: bytes
+    b: bytes
+
+    @classmethod
+    def generate(cls) -> "ClientSecrets":
+        c_sk, c_pk = keypair()
+        s_sk, s_pk = keypair()
+        return cls(c_sk=c_sk, c_pk=c_pk, s_sk=s_sk, s_pk=s_pk, b=os.urandom(SECRET_BYTES))
+
+
+def share_point(node: int, participants: list[int]) -> int:
+    """Every participant's Shamir x coordinate: its 1-based rank among the cohort."""
+    return sorted(participants).index(node) + 1
+
+
+def make_shares(me: int, mine: ClientSecrets, peers_c_pk: dict[int, bytes],
+                participants: list[int], threshold: int, run_id: str, round_: int
+                ) -> tuple[dict[int, bytes], bytes]:
+    """Encrypted shares of (b, s_sk) for each neighbour, and my own share (plaintext)."""
+    holders = sorted(list(peers_c_pk) + [me])
+    xs = [share_point(v, participants) for v in holders]
+    b_shares = shamir_split(mine.b, xs, threshold)
+    s_shares = shamir_split(mine.s_sk, xs, threshold)
+    out = {}
+    for v, x in zip(holders, xs):
+        blob = b_shares[x] + s_shares[x]
+        if v == me:
+            own = blob
+            continue
+        key = agree(mine.c_sk, peers_c_pk[v], b"fedllm-secagg-enc")
+        out[v] = encrypt(key, blob, share_label(run_id, round_, me, v))
+    return out, own
+
+
+def open_share(me: int, mine: ClientSecrets, sender: int, sender_c_pk: bytes, blob: bytes,
+               run_id: str, round_: int) -> bytes:
+    key = agree(mine.c_sk, sender_c_pk, b"fedllm-secagg-enc")
+    return decrypt(key, blob, share_label(run_id, round_, sender, me))
+
+
+def masked_input(me: int, mine: ClientSecrets, x_quantized: np.ndarray,
+                 peers_s_pk: dict[int, bytes], run_id: str, round_: int) -> np.ndarray:
+    dtype = x_quantized.dtype
+    y = x_quantized + prg(mine.b, len(x_quantized), dtype)
+    for v, pk in peers_s_pk.items():
+        seed = agree(mine.s_sk, pk, pair_label(run_id, round_))
+        y = y + pairwise_mask(me, v, seed, len(x_quantized), dtype)
+    return y
+
+
+def unmask_sum(masked: dict[int, np.ndarray], graph: dict[int, list[int]],
+               s_pk: dict[int, bytes], b_shares: dict[int, dict[int, bytes]],
+               s_sk_shares: dict[int, dict[int, bytes]], threshold: int, run_id: str,
+               round_: int) -> np.ndarray:
+    """Sum of the survivors' quantized inputs from their masked inputs and revealed shares.
+
+    ``masked``: survivor -> y. ``b_shares[v]``: x -> share of b_v (v a survivor).
+    ``s_sk_shares[d]``: x -> share of s_sk of dropped client d.
+    """
+    survivors = sorted(masked)
+    if not survivors:
+        raise SecAggError("no masked inputs")
+    dtype = masked[survivors[0]].dtype
+    length = len(masked[survivors[0]])
+    total = np.zeros(length, dtype=dtype)
+    for v in survivors:
+        total = total + masked[v]
+    for v in survivors:
+        shares = b_shares.get(v, {})
+        if len(shares) < threshold:
+            raise SecAggError(f"only {len(shares)} shares of client {v}'s self mask "
+                              f"(< threshold {threshold})")
+        total = total - prg(shamir_combine(dict(list(shares.items())[:threshold])), length, dtype)
+    for d, shares in s_sk_shares.items():
+        live = [u for u in graph[d] if u in masked]
+        if not live:
+            continue
+        if len(shares) < threshold:
+            raise SecAggError(f"only {len(shares)} shares of dropped client {d}'s mask key "
+                              f"(< threshold {threshold})")
+        s_sk = shamir_combine(dict(list(shares.items())[:threshold]))
+        for u in live:  # u added pairwise_mask(u, d, ...); remove it
+            seed = agree(s_sk, s_pk[u], pair_label(run_id, round_))
+            total = total - pairwise_mask(u, d, seed, length, dtype)
+    return total

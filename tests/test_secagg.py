@@ -1,0 +1,118 @@
+"""SecAgg+ protocol run in-process: exact sums, dropouts, quantization error, security checks."""
+
+import numpy as np
+import pytest
+
+from fedllm import secagg as sa
+
+
+def run_protocol(inputs, drop_after_shares=(), threshold=2, num_shares=3, bits=24, R=1.0):
+    """Every client follows the protocol; clients in drop_after_shares vanish before step 3."""
+    ids = sorted(inputs)
+    graph = sa.neighbours(ids, num_shares)
+    dtype = sa.modulus_dtype(bits, len(ids))
+    secrets_ = {u: sa.ClientSecrets.generate() for u in ids}
+    own, inbox = {}, {u: {} for u in ids}
+    for u in ids:
+        enc, own[u] = sa.make_shares(u, secrets_[u], {v: secrets_[v].c_pk for v in graph[u]},
+                                     ids, threshold, "run", 1)
+        for v, blob in enc.items():
+            inbox[v][u] = blob
+    held = {u: {u: own[u]} for u in ids}  # holder -> sender -> plaintext share
+    for v in ids:
+        for u, blob in inbox[v].items():
+            held[v][u] = sa.open_share(v, secrets_[v], u, secrets_[u].c_pk, blob, "run", 1)
+    rng = np.random.default_rng(0)
+    masked = {}
+    for u in ids:
+        if u in drop_after_shares:
+            continue
+        q = sa.quantize(inputs[u], R, bits, dtype, rng)
+        masked[u] = sa.masked_input(u, secrets_[u], q, {v: secrets_[v].s_pk for v in graph[u]},
+                                    "run", 1)
+    survivors, dropped = set(masked), set(ids) - set(masked)
+    b_shares, s_shares = {}, {}
+    for holder in survivors:
+        x = sa.share_point(holder, ids)
+        for sender, blob in held[holder].items():
+            b, s = blob[:66], blob[66:]
+            if sender in survivors:
+                b_shares.setdefault(sender, {})[x] = b
+            else:
+                s_shares.setdefault(sender, {})[x] = s
+    total = sa.unmask_sum(masked, graph, {u: secrets_[u].s_pk for u in ids}, b_shares, s_shares,
+                          threshold, "run", 1)
+    return sa.dequantize_sum(total, len(survivors), R, bits), survivors
+
+
+def make_inputs(n, d=1000, seed=1):
+    rng = np.random.default_rng(seed)
+    return {10 + 7 * i: rng.uniform(-0.5, 0.5, d) for i in range(n)}
+
+
+@pytest.mark.parametrize("n,num_shares", [(3, 3), (6, 3), (10, 5)])
+def test_sum_equals_plain_sum_within_quantization_error(n, num_shares):
+    inputs = make_inputs(n)
+    result, survivors = run_protocol(inputs, num_shares=num_shares)
+    expected = sum(inputs.values())
+    step = 2 * 1.0 / (2**24 - 1)
+    assert np.max(np.abs(result - expected)) <= n * step
+
+
+def test_dropouts_after_sharing_still_give_the_survivors_sum():
+    inputs = make_inputs(6)
+    ids = sorted(inputs)
+    result, survivors = run_protocol(inputs, drop_after_shares={ids[1], ids[4]}, num_shares=3)
+    assert survivors == set(ids) - {ids[1], ids[4]}
+    expected = sum(inputs[u] for u in survivors)
+    assert np.max(np.abs(result - expected)) <= 6 * 2 / (2**24 - 1)
+
+
+def test_too_many_dropouts_cannot_be_unmasked():
+    inputs = make_inputs(3)
+    ids = sorted(inputs)
+    with pytest.raises(sa.SecAggError, match="threshold"):
+        run_protocol(inputs, drop_after_shares={ids[0], ids[1]}, threshold=2)
+
+
+def test_masked_input_hides_the_input():
+    inputs = make_inputs(3, d=5000)
+    ids = sorted(inputs)
+    secrets_ = {u: sa.ClientSecrets.generate() for u in ids}
+    dtype = sa.modulus_dtype(24, 3)
+    q = sa.quantize(inputs[ids[0]], 1.0, 24, dtype, np.random.default_rng(0))
+    y = sa.masked_input(ids[0], secrets_[ids[0]], q, {v: secrets_[v].s_pk for v in ids[1:]},
+                        "run", 1)
+    # Masked values are spread over the whole modulus, unlike the 24-bit quantized input.
+    assert y.max() > 2**28 and np.corrcoef(q.astype(float), y.astype(float))[0, 1] < 0.05
+
+
+def test_shamir_threshold():
+    secret = bytes(range(32))
+    shares = sa.shamir_split(secret, [1, 2, 3, 4], 3)
+    assert sa.shamir_combine({x: shares[x] for x in (1, 3, 4)}) == secret
+    try:  # below the threshold: garbage (usually out of range, so an error)
+        assert sa.shamir_combine({x: shares[x] for x in (1, 2)}) != secret
+    except sa.SecAggError:
+        pass
+
+
+def test_tampered_share_fails_authentication():
+    a, b = sa.ClientSecrets.generate(), sa.ClientSecrets.generate()
+    enc, _ = sa.make_shares(1, a, {2: b.c_pk}, [1, 2], 2, "run", 1)
+    blob = bytearray(enc[2])
+    blob[-1] ^= 1
+    with pytest.raises(Exception):
+        sa.open_share(2, b, 1, a.c_pk, bytes(blob), "run", 1)
+
+
+def test_quantization_is_unbiased():
+    x = np.full(200_000, 0.123456789)
+    q = sa.quantize(x, 1.0, 8, np.dtype(np.uint32), np.random.default_rng(0))
+    assert sa.dequantize_sum(q, 1, 1.0, 8).mean() == pytest.approx(0.123456789, abs=1e-3)
+
+
+def test_neighbour_graph_is_symmetric():
+    g = sa.neighbours(list(range(20)), 5)
+    assert all(u in g[v] for u in g for v in g[u])
+    assert all(len(vs) == 4 for vs in g.values())
