@@ -27,6 +27,8 @@ from fedllm.privacy.ledger import Ledger
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
+from clients.secagg_stages import secagg_stage
+
 log = logging.getLogger(__name__)
 
 app = ClientApp()
@@ -76,6 +78,24 @@ def noise_multiplier_for(cfg: FedLLMConfig, num_sequences: int) -> float:
 
 @app.train()
 def train(msg: Message, context: Context) -> Message:
+    stage = msg.content[protocol.CONFIG_RECORD].get(protocol.STAGE_KEY)
+    if stage:  # one of the SecAgg+ stages of this round
+        return secagg_stage(str(stage), msg, context, local_update)
+    update, metrics, client = local_update(msg, context)
+    content = RecordDict({
+        protocol.ARRAYS_RECORD: _array_record(update) if update is not None else ArrayRecord(),
+        protocol.METRICS_RECORD: metrics,
+        protocol.CLIENT_RECORD: client,
+    })
+    return Message(content=content, reply_to=msg)
+
+
+def local_update(msg: Message, context: Context
+                 ) -> tuple[dict | None, MetricRecord, ConfigRecord]:
+    """Ledger + budget check, one local DP round, user-level clip/noise.
+
+    Returns (update or None if declined, metrics, client record).
+    """
     cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
     server_round = int(msg.content[protocol.CONFIG_RECORD][protocol.ROUND_KEY])
     cfg = _config(cfg_text)
@@ -96,7 +116,7 @@ def train(msg: Message, context: Context) -> Message:
             lifetime = ledger.epsilon_with(planned, cfg.privacy.delta, cfg.privacy.accountant)
             if cfg.privacy.budget is not None and lifetime > cfg.privacy.budget:
                 spent = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
-                return _decline(msg, client.client_id, spent,
+                return _decline(client.client_id, spent,
                                 f"budget: lifetime epsilon would reach {lifetime:.3f} > "
                                 f"privacy.budget={cfg.privacy.budget:g} (spent {spent:.3f})")
             # Write-ahead: the release is on disk before a noised update can leave this node.
@@ -122,12 +142,7 @@ def train(msg: Message, context: Context) -> Message:
     })
     if lifetime is not None:
         metrics["lifetime_epsilon"] = lifetime
-    content = RecordDict({
-        protocol.ARRAYS_RECORD: _array_record(update),
-        protocol.METRICS_RECORD: metrics,
-        protocol.CLIENT_RECORD: ConfigRecord({"client_id": client.client_id}),
-    })
-    return Message(content=content, reply_to=msg)
+    return update, metrics, ConfigRecord({"client_id": client.client_id})
 
 
 def user_level_update(cfg: FedLLMConfig, delta: dict, round_config) -> dict:
@@ -150,14 +165,11 @@ def planned_event(cfg: FedLLMConfig, z: float, num_sequences: int) -> PrivacyEve
                         sample_rate=example_sample_rate(cfg.train.batch_size, num_sequences))
 
 
-def _decline(msg: Message, client_id: str, spent: float, reason: str) -> Message:
+def _decline(client_id: str, spent: float, reason: str
+             ) -> tuple[None, MetricRecord, ConfigRecord]:
     log.warning("client %s declines: %s", client_id, reason)
-    content = RecordDict({
-        protocol.ARRAYS_RECORD: ArrayRecord(),
-        protocol.METRICS_RECORD: MetricRecord({"declined": 1, "lifetime_epsilon": spent}),
-        protocol.CLIENT_RECORD: ConfigRecord({"client_id": client_id, "reason": reason}),
-    })
-    return Message(content=content, reply_to=msg)
+    return (None, MetricRecord({"declined": 1, "lifetime_epsilon": spent}),
+            ConfigRecord({"client_id": client_id, "reason": reason}))
 
 
 def _array_record(arrays: "dict") -> ArrayRecord:

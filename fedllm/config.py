@@ -121,7 +121,7 @@ class SecAggConfig:
     num_shares: int = 3                 # Shamir shares per secret (neighbours + self)
     reconstruction_threshold: int = 2   # shares needed to recover a dropped client's masks
     quantization_bits: int = 24         # per-client levels 2^bits; sums wrap mod 2^64
-    max_dropouts: Optional[int] = None  # default: cohort - reconstruction_threshold
+    clipping_range: Optional[float] = None  # per-coordinate range R; default from the clip norm
 
 
 @dataclass
@@ -331,6 +331,15 @@ def validate(cfg: FedLLMConfig) -> None:
              f"must be in [1, secagg.num_shares={s_.num_shares}], got {s_.reconstruction_threshold}")
     _require(8 <= s_.quantization_bits <= 40, "secagg.quantization_bits",
              f"must be in [8, 40], got {s_.quantization_bits}")
+    if s_.clipping_range is not None:
+        _positive(s_.clipping_range, "secagg.clipping_range")
+    if s_.enabled:
+        _require(u.enabled or s_.clipping_range is not None, "secagg.clipping_range",
+                 "secure aggregation quantizes on a bounded range: enable privacy.user (its "
+                 "clip_norm bounds every update) or set secagg.clipping_range")
+        _require(s_.reconstruction_threshold <= f.clients_per_round, "secagg.reconstruction_threshold",
+                 f"({s_.reconstruction_threshold}) exceeds federation.clients_per_round "
+                 f"({f.clients_per_round})")
     _choice(cfg.strategy.name, "strategy.name", ("fedavg",))
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")

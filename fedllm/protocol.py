@@ -8,3 +8,6 @@ METRICS_RECORD = "metrics"
 CLIENT_RECORD = "client"      # ConfigRecord with the client's id
 USER_NOISE_KEY = "user-noise-multiplier"  # DP-FedAvg z, calibrated by the server
 MIN_SURVIVORS_KEY = "min-survivors"       # m: each client's noise share is (zS)^2/m
+STAGE_KEY = "secagg-stage"                # setup | share | masked | unmask (absent: plain)
+SECAGG_STATE = "fedllm-secagg"            # ConfigRecord in the client's Context.state
+MASKED_KEY = "masked"                     # the masked, quantized update (flattened)

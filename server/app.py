@@ -24,6 +24,8 @@ from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text
 from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
 from fedllm.report import EVENTS_FILE, write_reports
+from fedllm.privacy.updates import distributed_noise_std
+from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg, UserDP
 
 log = logging.getLogger("fedllm.server")
@@ -145,6 +147,35 @@ def make_user_dp(cfg: FedLLMConfig, population: int) -> UserDP | None:
                   min_survivors=cfg.federation.min_clients)
 
 
+def secagg_range(cfg: FedLLMConfig, user_dp: UserDP | None) -> float:
+    """Per-coordinate quantization range: a clipped update has every coordinate within S;
+    a distributed noise share adds N(0, sigma^2) per coordinate, so leave 6 sigma of room."""
+    if cfg.secagg.clipping_range is not None:
+        return float(cfg.secagg.clipping_range)
+    margin = 0.0
+    if user_dp.noise == "distributed":
+        margin = 6 * distributed_noise_std(user_dp.noise_multiplier, user_dp.clip_norm,
+                                           user_dp.min_survivors)
+    return user_dp.clip_norm + margin
+
+
+def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterFedAvg:
+    common = dict(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
+                  sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
+                  seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
+                  user_dp=make_user_dp(cfg, population))
+    if not cfg.secagg.enabled:
+        return AdapterFedAvg(**common)
+    clip_range = secagg_range(cfg, common["user_dp"])
+    log.info("SecAgg+: %d shares, threshold %d, %d-bit quantization on [-%.3g, %.3g]",
+             cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold,
+             cfg.secagg.quantization_bits, clip_range, clip_range)
+    return SecAggFedAvg(run_id=cfg.run.id, num_shares=cfg.secagg.num_shares,
+                        threshold=cfg.secagg.reconstruction_threshold,
+                        bits=cfg.secagg.quantization_bits, clip_range=clip_range,
+                        timeout=cfg.federation.client_timeout, **common)
+
+
 def user_epsilon(cfg: FedLLMConfig, strategy: AdapterFedAvg, population: int) -> float | None:
     dp = strategy.user_dp
     if dp is None:
@@ -168,10 +199,7 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     eval_sequences = data.eval_sequences(cfg.eval.max_sequences)
     initial = models.adapter_state(loaded.model)
 
-    strategy = AdapterFedAvg(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
-                             sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
-                             seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
-                             user_dp=make_user_dp(cfg, len(data.clients)))
+    strategy = make_strategy(cfg, cfg_text, len(data.clients))
     recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, len(data.clients))
     (run_dir / "metrics.jsonl").unlink(missing_ok=True)
     (run_dir / EVENTS_FILE).unlink(missing_ok=True)

@@ -1,0 +1,138 @@
+"""Client side of SecAgg+ on Flower's Message API (four train messages per round).
+
+  setup  -> make fresh key pairs and the self-mask seed; reply with the public keys
+  share  -> Shamir-share (self-mask seed, mask key) among neighbours, encrypted per holder
+  masked -> store the shares addressed to us, train (DP as configured), quantize, mask
+  unmask -> reveal self-mask shares of survivors / mask-key shares of dropped clients,
+            never both for the same client
+
+Secrets live in the node's ``Context.state`` for the duration of one round only.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Callable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from fedllm import protocol
+from fedllm import secagg as sa
+
+log = logging.getLogger(__name__)
+
+SHARE_HALF = 66  # bytes of one Shamir share (b share | s_sk share)
+
+
+def _state(context: Context) -> ConfigRecord:
+    if protocol.SECAGG_STATE not in context.state:
+        context.state[protocol.SECAGG_STATE] = ConfigRecord()
+    return context.state[protocol.SECAGG_STATE]
+
+
+def _reply(msg: Message, config: dict, **records) -> Message:
+    content = RecordDict({protocol.CONFIG_RECORD: ConfigRecord(config), **records})
+    return Message(content=content, reply_to=msg)
+
+
+def _secrets(state: ConfigRecord) -> sa.ClientSecrets:
+    return sa.ClientSecrets(c_sk=state["c_sk"], c_pk=state["c_pk"], s_sk=state["s_sk"],
+                            s_pk=state["s_pk"], b=state["b"])
+
+
+def _check_round(state: ConfigRecord, config: ConfigRecord) -> None:
+    if state.get("round") != int(config[protocol.ROUND_KEY]) or \
+            state.get("run") != str(config["run-id"]):
+        raise sa.SecAggError("SecAgg+ message for a round this node did not set up")
+
+
+def setup(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    state = _state(context)
+    state.clear()
+    mine = sa.ClientSecrets.generate()
+    state.update({"round": int(config[protocol.ROUND_KEY]), "run": str(config["run-id"]),
+                  "participants": list(config["participants"]), "threshold": int(config["threshold"]),
+                  "c_sk": mine.c_sk, "c_pk": mine.c_pk, "s_sk": mine.s_sk, "s_pk": mine.s_pk,
+                  "b": mine.b})
+    return _reply(msg, {"c_pk": mine.c_pk, "s_pk": mine.s_pk})
+
+
+def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    state = _state(context)
+    _check_round(state, config)
+    me = context.node_id
+    peers = [int(v) for v in config["neighbours"]]
+    c_pks = {v: config[f"c_pk:{v}"] for v in peers}
+    for v in peers:
+        state[f"s_pk:{v}"] = config[f"s_pk:{v}"]
+        state[f"c_pk:{v}"] = c_pks[v]
+    encrypted, own = sa.make_shares(me, _secrets(state), c_pks, list(state["participants"]),
+                                    int(state["threshold"]), state["run"], state["round"])
+    state[f"share:{me}"] = own
+    return _reply(msg, {f"to:{v}": blob for v, blob in encrypted.items()})
+
+
+def masked(msg: Message, context: Context, config: ConfigRecord,
+           local_update: Callable) -> Message:
+    state = _state(context)
+    _check_round(state, config)
+    me, mine = context.node_id, _secrets(state)
+    senders = [int(k.split(":")[1]) for k in config if k.startswith("from:")]
+    for u in senders:  # decrypt now: a share that fails authentication aborts the round
+        state[f"share:{u}"] = sa.open_share(me, mine, u, state[f"c_pk:{u}"], config[f"from:{u}"],
+                                            state["run"], state["round"])
+    update, metrics, client = local_update(msg, context)
+    if update is None:  # declined (budget): drop out of the protocol
+        return Message(content=RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(),
+                                           protocol.METRICS_RECORD: metrics,
+                                           protocol.CLIENT_RECORD: client}), reply_to=msg)
+    flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel()
+                           for k in sorted(update)])
+    dtype = np.dtype(str(config["secagg-dtype"]))
+    rng = np.random.default_rng()
+    q = sa.quantize(flat, float(config["secagg-range"]), int(config["secagg-bits"]), dtype, rng)
+    # Mask only with neighbours whose shares we hold: exactly the peers the server kept.
+    y = sa.masked_input(me, mine, q, {u: state[f"s_pk:{u}"] for u in senders},
+                        state["run"], state["round"])
+    state["masked_sent"] = 1
+    arrays = ArrayRecord({protocol.MASKED_KEY: Array(y)})
+    return Message(content=RecordDict({protocol.ARRAYS_RECORD: arrays,
+                                       protocol.METRICS_RECORD: metrics,
+                                       protocol.CLIENT_RECORD: client}), reply_to=msg)
+
+
+def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    state = _state(context)
+    _check_round(state, config)
+    survivors = {int(v) for v in config["survivors"]}
+    dropped = {int(v) for v in config["dropped"]}
+    if survivors & dropped:
+        raise sa.SecAggError("server asked for both masks of the same client: refusing")
+    if len(survivors) < int(state["threshold"]):
+        raise sa.SecAggError("fewer survivors than the reconstruction threshold: refusing")
+    out = {}
+    for key in list(state):
+        if not key.startswith("share:"):
+            continue
+        sender = int(key.split(":")[1])
+        blob = state[key]
+        if sender in survivors:
+            out[f"b:{sender}"] = blob[:SHARE_HALF]
+        elif sender in dropped:
+            out[f"s:{sender}"] = blob[SHARE_HALF:]
+    state.clear()  # the round's secrets are not needed any more
+    return _reply(msg, out)
+
+
+def secagg_stage(stage: str, msg: Message, context: Context, local_update: Callable) -> Message:
+    config = msg.content[protocol.CONFIG_RECORD]
+    if stage == "setup":
+        return setup(msg, context, config)
+    if stage == "share":
+        return share(msg, context, config)
+    if stage == "masked":
+        return masked(msg, context, config, local_update)
+    if stage == "unmask":
+        return unmask(msg, context, config)
+    raise sa.SecAggError(f"unknown SecAgg+ stage {stage!r}")

@@ -1,0 +1,191 @@
+"""Server side of SecAgg+ as a strategy: the same FedAvg hooks, four exchanges per round.
+
+``configure_train`` runs the setup and share-keys exchanges itself (it has the grid) and
+returns the masked-input messages that Flower's ``Strategy.start`` sends; ``aggregate_train``
+runs the unmask exchange and hands the unmasked *sum* to the usual DP finishing step (central
+noise, division by the expected cohort). The server never sees an individual update.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import OrderedDict
+from typing import Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+
+from fedllm import protocol
+from fedllm import secagg as sa
+from server.strategy import AdapterFedAvg, RoundInfo, array_bytes
+
+log = logging.getLogger(__name__)
+
+
+class SecAggFedAvg(AdapterFedAvg):
+    def __init__(self, *, run_id: str, num_shares: int, threshold: int, bits: int,
+                 clip_range: float, timeout: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.run_id, self.num_shares, self.threshold = run_id, num_shares, threshold
+        self.bits, self.clip_range, self.timeout = bits, clip_range, timeout
+        self._grid: Grid | None = None
+        self._round_state: dict = {}
+
+    # ------------------------------------------------------------------ helpers
+    def _exchange(self, grid: Grid, server_round: int, stage: str,
+                  configs: dict[int, dict], arrays: ArrayRecord | None = None
+                  ) -> dict[int, Message]:
+        messages = []
+        for node, extra in configs.items():
+            config = ConfigRecord({protocol.STAGE_KEY: stage, protocol.ROUND_KEY: server_round,
+                                   "run-id": self.run_id, **extra})
+            content = RecordDict({protocol.CONFIG_RECORD: config})
+            if arrays is not None:
+                content[protocol.ARRAYS_RECORD] = arrays
+            messages.append(Message(content=content, dst_node_id=node, message_type="train"))
+        replies = grid.send_and_receive(messages, timeout=self.timeout)
+        ok = {}
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if reply.has_error():
+                log.warning("round %d: node %d dropped at SecAgg+ %s: %s", server_round, node,
+                            stage, reply.error.reason)
+                self.rounds[-1].rejected[f"node {node}"] = f"{stage}: {reply.error.reason}"
+            else:
+                ok[node] = reply
+        return ok
+
+    # ------------------------------------------------------------------ stages 1-3
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        self._grid = grid
+        self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
+        nodes = sorted(self.sample(list(grid.get_node_ids())))
+        info = RoundInfo(round=server_round, sampled=len(nodes))
+        self.rounds.append(info)
+        if len(nodes) < max(self.threshold, self.min_clients):
+            log.warning("round %d: %d sampled < SecAgg+ threshold %d; round skipped",
+                        server_round, len(nodes), self.threshold)
+            return []
+        graph = sa.neighbours(nodes, self.num_shares)
+        threshold = min(self.threshold, min(len(v) + 1 for v in graph.values()))
+        setup = self._exchange(grid, server_round, "setup", {
+            u: {"participants": nodes, "neighbours": graph[u], "threshold": threshold}
+            for u in nodes})
+        keys = {u: dict(r.content[protocol.CONFIG_RECORD]) for u, r in setup.items()}
+        alive = sorted(keys)
+        share_cfg = {}
+        for u in alive:
+            peers = [v for v in graph[u] if v in keys]
+            cfg = {"neighbours": peers}
+            for v in peers:
+                cfg[f"c_pk:{v}"], cfg[f"s_pk:{v}"] = keys[v]["c_pk"], keys[v]["s_pk"]
+            share_cfg[u] = cfg
+        shared = self._exchange(grid, server_round, "share", share_cfg)
+        inbox: dict[int, dict[str, bytes]] = {u: {} for u in shared}
+        for u, reply in shared.items():
+            for key, blob in reply.content[protocol.CONFIG_RECORD].items():
+                v = int(key.split(":")[1])
+                if v in shared:  # only clients that completed sharing take part from here
+                    inbox[v][f"from:{u}"] = blob
+        participants = sorted(shared)
+        dtype = sa.modulus_dtype(self.bits, len(participants))
+        self._round_state = {"graph": {u: [v for v in graph[u] if v in shared]
+                                       for u in participants},
+                             "s_pk": {u: keys[u]["s_pk"] for u in participants},
+                             "participants": participants, "threshold": threshold,
+                             "dtype": dtype}
+        info.bytes_down = array_bytes(arrays) * len(participants)
+        messages = []
+        for u in participants:
+            cfg = self.round_config(server_round)
+            cfg.update({protocol.STAGE_KEY: "masked", "run-id": self.run_id,
+                        "secagg-range": float(self.clip_range), "secagg-bits": int(self.bits),
+                        "secagg-dtype": dtype.name, **inbox[u]})
+            messages.append(Message(content=RecordDict({protocol.ARRAYS_RECORD: arrays,
+                                                        protocol.CONFIG_RECORD: cfg}),
+                                    dst_node_id=u, message_type="train"))
+        return messages
+
+    # ------------------------------------------------------------------ stage 4
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        info = self.rounds[-1]
+        st = self._round_state
+        length = sum(v.size for v in self.global_arrays.values())
+        masked, losses = {}, []
+        for msg in replies:
+            node = msg.metadata.src_node_id
+            if msg.has_error():
+                info.rejected[f"node {node}"] = f"client error: {msg.error.reason}"
+                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
+                continue
+            if self._declined(msg, info):
+                continue
+            try:
+                client_id, y, metrics = self._parse_masked(msg, length, st["dtype"])
+            except ValueError as exc:
+                info.rejected[f"node {node}"] = str(exc)
+                log.warning("round %d: rejected masked input from node %d: %s", server_round,
+                            node, exc)
+                continue
+            masked[node] = y
+            info.accepted.append(client_id)
+            info.bytes_up += y.nbytes
+            if np.isfinite(metrics["train_loss"]):
+                losses.append(metrics["train_loss"])
+        info.train_loss = float(np.mean(losses)) if losses else float("nan")
+        if len(masked) < max(st.get("threshold", 1), self.min_clients):
+            log.warning("round %d: %d masked inputs: too few to unmask; global adapter unchanged",
+                        server_round, len(masked))
+            return None, None
+        survivors = sorted(masked)
+        dropped = [u for u in st["participants"] if u not in masked]
+        revealed = self._exchange(self._grid, server_round, "unmask", {
+            u: {"survivors": survivors, "dropped": dropped} for u in survivors})
+        b_shares, s_shares = {}, {}
+        for holder, reply in revealed.items():
+            x = sa.share_point(holder, st["participants"])
+            for key, share in reply.content[protocol.CONFIG_RECORD].items():
+                kind, sender = key.split(":")
+                target = b_shares if kind == "b" else s_shares
+                target.setdefault(int(sender), {})[x] = share
+        try:
+            total = sa.unmask_sum(masked, st["graph"], st["s_pk"], b_shares, s_shares,
+                                  st["threshold"], self.run_id, server_round)
+        except sa.SecAggError as exc:
+            log.warning("round %d: cannot unmask (%s); global adapter unchanged", server_round, exc)
+            return None, None
+        flat = sa.dequantize_sum(total, len(survivors), self.clip_range, self.bits)
+        total_dict, offset = {}, 0
+        for k in sorted(self.global_arrays):
+            ref = self.global_arrays[k]
+            total_dict[k] = flat[offset:offset + ref.size].reshape(ref.shape)
+            offset += ref.size
+        average = self.finish_sum(total_dict, len(survivors), server_round)
+        if average is None:
+            return None, None
+        new = OrderedDict((k, (v + self.server_lr * average[k]).astype(np.float32))
+                          for k, v in self.global_arrays.items())
+        arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
+        return arrays, MetricRecord({"train_loss": info.train_loss, "num_clients": len(survivors)})
+
+    def _parse_masked(self, msg: Message, length: int, dtype: np.dtype):
+        content = msg.content
+        for name in (protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.CLIENT_RECORD):
+            if name not in content:
+                raise ValueError(f"reply lacks the {name!r} record")
+        metrics = dict(content[protocol.METRICS_RECORD])
+        for key in ("train_loss", "steps", "sample_rate", "noise_multiplier", "dp"):
+            if key not in metrics:
+                raise ValueError(f"metrics lack {key!r}")
+        client_id = str(content[protocol.CLIENT_RECORD]["client_id"])
+        self._record_event(client_id, metrics, self.rounds[-1])  # released: account it
+        arrays = content[protocol.ARRAYS_RECORD]
+        if list(arrays.keys()) != [protocol.MASKED_KEY]:
+            raise ValueError(f"expected one masked vector, got {list(arrays.keys())[:3]}")
+        y = arrays[protocol.MASKED_KEY].numpy()
+        if y.dtype != dtype or y.shape != (length,):
+            raise ValueError(f"masked vector {y.dtype}{y.shape} != {dtype}({length},)")
+        return client_id, y, metrics
