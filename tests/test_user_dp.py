@@ -1,0 +1,158 @@
+"""User-level DP (DP-FedAvg) and update validation at the strategy, with real Flower messages."""
+
+import copy
+from collections import OrderedDict
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+from fedllm import protocol
+from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
+from fedllm.privacy.updates import (UpdateRejected, add_noise, check_update, clip_update,
+                                    distributed_noise_std, update_norm)
+from server.strategy import AdapterFedAvg, UserDP
+
+SHAPES = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4)}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+def zeros(scale=0.0):
+    return OrderedDict((k, np.full(s, scale, np.float32)) for k, s in SHAPES.items())
+
+
+def strategy(user_dp=None, min_clients=1):
+    s = AdapterFedAvg(cfg_text="", clients_per_round=3, sampling="fixed", server_lr=1.0, seed=0,
+                      min_clients=min_clients, user_dp=user_dp)
+    from server.strategy import RoundInfo
+    s.global_arrays = zeros()
+    s.rounds.append(RoundInfo(round=1, sampled=4))
+    return s
+
+
+def reply(node, arrays, client_id=None):
+    sent = Message(content=RecordDict({}), dst_node_id=node, message_type="train")
+    content = RecordDict({
+        protocol.ARRAYS_RECORD: ArrayRecord(
+            array_dict=OrderedDict((k, Array(np.asarray(v))) for k, v in arrays.items())),
+        protocol.METRICS_RECORD: MetricRecord({"train_loss": 1.0, "steps": 2, "sample_rate": 0.1,
+                                               "noise_multiplier": 1.0, "dp": 1,
+                                               "max_grad_norm": 1.0, "declined": 0}),
+        protocol.CLIENT_RECORD: ConfigRecord({"client_id": client_id or f"c{node}"}),
+    })
+    return Message(content=content, reply_to=sent)
+
+
+def new_global(result):
+    arrays, _ = result
+    return {k: v.numpy() for k, v in arrays.items()}
+
+
+def test_bad_updates_are_rejected_and_round_completes():
+    good = zeros(0.01)
+    nan = zeros(0.01)
+    nan["a.lora_A.weight"][0, 0] = np.nan
+    wrong_shape = zeros(0.01)
+    wrong_shape["a.lora_B.weight"] = np.zeros((3, 3), np.float32)
+    extra = zeros(0.01)
+    extra["b.lora_A.weight"] = np.zeros((2, 2), np.float32)
+    s = strategy()
+    result = s.aggregate_train(1, [reply(1, good), reply(2, nan), reply(3, wrong_shape),
+                                   reply(4, extra)])
+    out = new_global(result)
+    np.testing.assert_allclose(out["a.lora_A.weight"], 0.01)
+    info = s.rounds[-1]
+    assert info.accepted == ["c1"] and len(info.rejected) == 3
+    reasons = " ".join(info.rejected.values())
+    assert "non-finite" in reasons and "shape" in reasons and "unexpected" in reasons
+    assert set(s.events) == {"c1", "c2", "c3", "c4"}  # released anyway: all accounted
+
+
+def test_below_min_clients_the_global_adapter_is_unchanged():
+    s = strategy(min_clients=2)
+    bad = zeros(0.01)
+    bad["a.lora_A.weight"][0, 0] = np.inf
+    assert s.aggregate_train(1, [reply(1, zeros(0.01)), reply(2, bad)]) == (None, None)
+
+
+def test_clip_update_bounds_the_norm():
+    big = {k: np.random.default_rng(0).normal(0, 10, s).astype(np.float32)
+           for k, s in SHAPES.items()}
+    assert update_norm(big) > 100
+    clipped, norm = clip_update(big, 0.5)
+    assert norm == pytest.approx(update_norm(big))
+    assert update_norm(clipped) <= 0.5
+    small = zeros(1e-4)
+    assert update_norm(clip_update(small, 0.5)[0]) == pytest.approx(update_norm(small), rel=1e-5)
+
+
+def test_server_rejects_updates_above_the_clip_bound():
+    dp = UserDP(noise_multiplier=0.0, clip_norm=0.5, noise="central", expected_cohort=3,
+                min_survivors=1)
+    s = strategy(user_dp=dp)
+    result = s.aggregate_train(1, [reply(1, zeros(0.001)), reply(2, zeros(1.0))])
+    assert "clip bound" in " ".join(s.rounds[-1].rejected.values())
+    # Divided by the expected cohort (3), not the 1 accepted update.
+    np.testing.assert_allclose(new_global(result)["a.lora_A.weight"], 0.001 / 3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["central", "distributed"])
+def test_noise_std_of_the_aggregate(mode):
+    z, S, k = 1.3, 0.5, 4
+    big = {"w": (1000, 500)}  # 500k coordinates: the sample std is within ~0.3%
+    dp = UserDP(noise_multiplier=z, clip_norm=S, noise=mode, expected_cohort=k, min_survivors=k)
+    s = strategy(user_dp=dp)
+    s.global_arrays = {"w": np.zeros(big["w"], np.float32)}
+    updates = [{"w": np.zeros(big["w"], np.float32)} for _ in range(k)]
+    if mode == "distributed":
+        updates = [add_noise(u, distributed_noise_std(z, S, k)) for u in updates]
+    average = s.average(updates, 1)
+    assert average["w"].std() == pytest.approx(z * S / k, rel=0.01)
+    assert abs(average["w"].mean()) < 0.01 * z * S / k
+    assert s.user_releases == [1]
+
+
+def test_distributed_noise_needs_min_survivors():
+    dp = UserDP(noise_multiplier=1.0, clip_norm=0.5, noise="distributed", expected_cohort=4,
+                min_survivors=3)
+    s = strategy(user_dp=dp)
+    assert s.average([zeros(), zeros()], 1) is None and s.user_releases == []
+
+
+def test_user_level_accounting():
+    poisson = user_level_event(1.0, 100, sampling="poisson", cohort=10, population=100)
+    assert poisson.sample_rate == 0.1 and poisson.noise_multiplier == 1.0
+    fixed = user_level_event(2.0, 100, sampling="fixed", cohort=100, population=1000)
+    # Replace-one: sensitivity 2S, so z=2 is accounted as multiplier 1.
+    assert fixed.noise_multiplier == 1.0
+    assert epsilon([fixed], 1e-6, "pld") == pytest.approx(15.2, abs=0.05)
+    z = calibrate_user_noise(5.0, 1e-5, 50, sampling="fixed", cohort=10, population=100)
+    eps = epsilon([user_level_event(z, 50, sampling="fixed", cohort=10, population=100)], 1e-5)
+    assert 0.99 * 5.0 <= eps <= 5.0
+
+
+def test_client_side_user_update_clips_and_adds_its_share(tiny_cfg):
+    from clients.app import user_level_update
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.privacy.user.enabled, cfg.privacy.user.clip_norm = True, 0.5
+    big = {k: np.full(s, 3.0, np.float32) for k, s in SHAPES.items()}
+    out = user_level_update(cfg, big, ConfigRecord({}))
+    assert update_norm(out) <= 0.5
+    cfg.privacy.user.noise = "distributed"
+    cfg.secagg.enabled = True
+    round_cfg = ConfigRecord({protocol.USER_NOISE_KEY: 1.0, protocol.MIN_SURVIVORS_KEY: 2})
+    noisy = user_level_update(cfg, {"w": np.zeros(200_000, np.float32)}, round_cfg)
+    assert noisy["w"].std() == pytest.approx(1.0 * 0.5 / np.sqrt(2), rel=0.02)
+
+
+def test_check_update_directly():
+    with pytest.raises(UpdateRejected, match="dtype"):
+        check_update({k: v.astype(np.float64) for k, v in zeros().items()}, zeros())
