@@ -32,6 +32,14 @@ def test_defaults_compose_and_roundtrip():
     (["model.lora.r=0"], "model.lora.r"),
     (["privacy.example.target_epsilon=null", "privacy.example.noise_multiplier=null"],
      "privacy.example"),
+    (["privacy.user.enabled=true", "privacy.user.noise=distributed",
+      "privacy.user.noise_multiplier=1"], "privacy.user.noise"),
+    (["privacy.user.enabled=true", "privacy.user.clip_norm=-1"], "privacy.user.clip_norm"),
+    (["privacy.user.enabled=true"], "privacy.user"),
+    (["secagg.enabled=true"], "secagg.clipping_range"),
+    (["secagg.num_shares=3", "secagg.reconstruction_threshold=4"],
+     "secagg.reconstruction_threshold"),
+    (["privacy.budget=5", "privacy=none"], "privacy.budget"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
