@@ -23,7 +23,7 @@ from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences, to_yaml
 from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import FederatedData, build_federated_data
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
-from fedllm.privacy.ledger import Ledger
+from fedllm.privacy.ledger import Ledger, load_release, save_release
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
@@ -108,9 +108,18 @@ def local_update(msg: Message, context: Context
     planned = planned_event(cfg, z, len(client.train))
 
     lifetime = None
+    ledger_dir = config_ledger_dir(cfg)
     if planned is not None:
-        ledger = Ledger.open(config_ledger_dir(cfg), client.client_id)  # corrupt: raises
-        if ledger.has(cfg.run.id, server_round):  # resumed round: already on the ledger
+        ledger = Ledger.open(ledger_dir, client.client_id)  # corrupt: raises
+        if ledger.has(cfg.run.id, server_round):
+            # A resumed server asks again for a round we already released: resend that same
+            # update (one ledger entry covers it). No copy means it never left: train now.
+            cached = load_release(ledger_dir, client.client_id, cfg.run.id, server_round)
+            if cached is not None:
+                update, metrics = cached
+                log.info("client %s: resending its round-%d release", client.client_id,
+                         server_round)
+                return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
             lifetime = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
         else:
             lifetime = ledger.epsilon_with(planned, cfg.privacy.delta, cfg.privacy.accountant)
@@ -142,6 +151,8 @@ def local_update(msg: Message, context: Context
     })
     if lifetime is not None:
         metrics["lifetime_epsilon"] = lifetime
+    if planned is not None:
+        save_release(ledger_dir, client.client_id, cfg.run.id, server_round, update, dict(metrics))
     return update, metrics, ConfigRecord({"client_id": client.client_id})
 
 

@@ -59,6 +59,8 @@ def _prepare_run(overrides: list[str]):
     from fedllm.train import example_sample_rate
 
     cfg = fcfg.compose(overrides)
+    if cfg.run.resume:
+        cfg = _resumed_config(cfg)
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
@@ -96,6 +98,25 @@ def _prepare_run(overrides: list[str]):
     return cfg, data
 
 
+def _resumed_config(cfg):
+    """Resume uses the run's own saved config (same run id, same plan), not the overrides."""
+    from fedllm import config as fcfg
+
+    if not cfg.run.dir:
+        raise fcfg.ConfigError("run.resume: needs run.dir, the run directory to continue")
+    saved = Path(cfg.run.dir).expanduser() / "config.yaml"
+    if not saved.is_file():
+        raise fcfg.ConfigError(f"run.resume: {saved} not found (nothing to resume)")
+    resumed = fcfg.from_yaml(saved.read_text())
+    resumed.run.resume = True
+    return resumed
+
+
+def cmd_resume(args) -> int:
+    args.overrides = [f"run.dir={args.run_dir}", "run.resume=true"]
+    return cmd_simulate(args)
+
+
 def cmd_simulate(args) -> int:
     from fedllm import config as fcfg
 
@@ -105,7 +126,8 @@ def cmd_simulate(args) -> int:
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     cfg_text = fcfg.to_yaml(cfg)
-    (run_dir / "config.yaml").write_text(cfg_text)
+    if not cfg.run.resume:
+        (run_dir / "config.yaml").write_text(cfg_text)
     (run_dir / "summary.json").unlink(missing_ok=True)
     console.print(f"[bold]fedllm simulate[/bold]: {len(data.clients)} clients "
                   f"({len(data.skipped)} too small, skipped), {cfg.federation.rounds} rounds × "
@@ -235,6 +257,11 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny federation.rounds=2")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
     sim.set_defaults(func=cmd_simulate)
+
+    res = sub.add_parser("resume", help="continue a run directory from its last checkpoint")
+    res.add_argument("run_dir")
+    res.add_argument("-v", "--verbose", action="store_true")
+    res.set_defaults(func=cmd_resume)
 
     rep = sub.add_parser("report", help="rebuild the privacy report of a run directory")
     rep.add_argument("run_dir")

@@ -58,6 +58,7 @@ class RunConfig:
     dir: Optional[str] = None       # default: runs/<timestamp>
     seed: int = 0
     id: Optional[str] = None        # set once per run (ledger entries are keyed by it)
+    resume: bool = False            # continue run.dir from its last checkpoint
 
 
 @dataclass

@@ -46,9 +46,13 @@ def load_run(run_dir: Path) -> RunFiles:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{run_dir} is not a fedllm run directory (no config.yaml)")
     records = read_jsonl(run_dir / EVENTS_FILE)
+    # A resumed round may report a client's release again: it is the same release (the client
+    # resends it), so keep one per (client, round). User-level releases are never merged: a
+    # re-run round draws fresh server noise, a second release.
+    releases = {(r["client_id"], r["round"]): r for r in records if r.get("kind") == "release"}
     return RunFiles(cfg=from_yaml(cfg_path.read_text()),
                     metrics=read_jsonl(run_dir / "metrics.jsonl"),
-                    releases=[r for r in records if r.get("kind") == "release"],
+                    releases=list(releases.values()),
                     declines=[r for r in records if r.get("kind") == "declined"],
                     user_releases=[r for r in records if r.get("kind") == "user_release"])
 

@@ -21,10 +21,11 @@ from fedllm import models, protocol
 from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences
 from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
-from fedllm.io import append_jsonl, atomic_write_text
+from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
 from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
 from fedllm.report import EVENTS_FILE, write_reports
 from fedllm.privacy.updates import distributed_noise_std
+from server import checkpoint
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg, UserDP
 
@@ -65,8 +66,12 @@ class RoundRecorder:
         self._round_start = time.time()
 
     def __call__(self, server_round: int, arrays: ArrayRecord) -> MetricRecord:
-        models.load_adapter_state(self.loaded.model,
-                                  {k: v.numpy() for k, v in arrays.items()})
+        if server_round == 0 and self.base is not None:  # resumed: base already evaluated
+            self._round_start = time.time()
+            return MetricRecord(self.base)
+        server_round += self.strategy.round_offset
+        current = OrderedDict((k, v.numpy()) for k, v in arrays.items())
+        models.load_adapter_state(self.loaded.model, current)
         result = evaluate(self.loaded.model, self.eval_sequences, self.cfg.eval.batch_size,
                           self.loaded.device)
         if server_round == 0:
@@ -75,6 +80,7 @@ class RoundRecorder:
                      result["eval_loss"], result["perplexity"])
         else:
             self._write_row(server_round, result)
+            checkpoint.save(self.run_dir, server_round, current, self.strategy, self)
         self._round_start = time.time()
         return MetricRecord(result)
 
@@ -102,14 +108,6 @@ class RoundRecorder:
         }
         for release in info.releases:
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
-        dp = self.strategy.user_dp
-        if dp is not None and server_round in self.strategy.user_releases:
-            append_jsonl(self.run_dir / EVENTS_FILE, {
-                "kind": "user_release", "round": server_round,
-                "noise_multiplier": dp.noise_multiplier, "clip_norm": dp.clip_norm,
-                "noise": dp.noise, "sampling": self.cfg.federation.sampling,
-                "cohort": dp.expected_cohort, "population": self.population,
-                "min_survivors": dp.min_survivors, "survivors": len(info.accepted)})
         for client_id, reason in info.declined.items():
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "declined", "round": server_round,
                                                       "client_id": client_id, "reason": reason})
@@ -163,14 +161,14 @@ def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterF
     common = dict(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
                   sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
                   seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
-                  user_dp=make_user_dp(cfg, population))
+                  user_dp=make_user_dp(cfg, population), run_id=cfg.run.id)
     if not cfg.secagg.enabled:
         return AdapterFedAvg(**common)
     clip_range = secagg_range(cfg, common["user_dp"])
     log.info("SecAgg+: %d shares, threshold %d, %d-bit quantization on [-%.3g, %.3g]",
              cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold,
              cfg.secagg.quantization_bits, clip_range, clip_range)
-    return SecAggFedAvg(run_id=cfg.run.id, num_shares=cfg.secagg.num_shares,
+    return SecAggFedAvg(num_shares=cfg.secagg.num_shares,
                         threshold=cfg.secagg.reconstruction_threshold,
                         bits=cfg.secagg.quantization_bits, clip_range=clip_range,
                         timeout=cfg.federation.client_timeout, **common)
@@ -201,14 +199,55 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
 
     strategy = make_strategy(cfg, cfg_text, len(data.clients))
     recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, len(data.clients))
-    (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    (run_dir / EVENTS_FILE).unlink(missing_ok=True)
+    strategy.on_user_release = lambda rnd, survivors: append_jsonl(
+        run_dir / EVENTS_FILE, user_release_record(cfg, strategy.user_dp, rnd, survivors,
+                                                   len(data.clients)))
+    initial, done = prepare_run_files(cfg, run_dir, strategy, recorder, initial)
+    if done >= cfg.federation.rounds:
+        log.info("all %d rounds were already completed; writing the final files", done)
+        return finalize(cfg, run_dir, loaded, initial, strategy, recorder, started)
     result = strategy.start(grid=grid, initial_arrays=_record(initial),
-                            num_rounds=cfg.federation.rounds,
+                            num_rounds=cfg.federation.rounds - done,
                             timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
     final = OrderedDict((k, v.numpy()) for k, v in result.arrays.items()) \
         if result.arrays is not None and len(result.arrays) else initial
     return finalize(cfg, run_dir, loaded, final, strategy, recorder, started)
+
+
+def user_release_record(cfg: FedLLMConfig, dp: UserDP, server_round: int, survivors: int,
+                        population: int) -> dict:
+    return {"kind": "user_release", "round": server_round, "noise_multiplier": dp.noise_multiplier,
+            "clip_norm": dp.clip_norm, "noise": dp.noise, "sampling": cfg.federation.sampling,
+            "cohort": dp.expected_cohort, "population": population,
+            "min_survivors": dp.min_survivors, "survivors": survivors}
+
+
+def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: AdapterFedAvg,
+                      recorder: RoundRecorder, initial):
+    """Fresh run: clear per-run files. Resume: restore the checkpoint, drop later rows.
+
+    Returns (adapter to start from, rounds already completed).
+    """
+    loaded = checkpoint.load(run_dir) if cfg.run.resume else None
+    if loaded is None:
+        if cfg.run.resume:
+            log.warning("run.resume=true but %s has no checkpoint: starting from round 1", run_dir)
+        for name in ("metrics.jsonl", EVENTS_FILE, checkpoint.CHECKPOINT):
+            (run_dir / name).unlink(missing_ok=True)
+        return initial, 0
+    state, arrays = loaded
+    if state["run_id"] != cfg.run.id:
+        raise checkpoint.CheckpointError("checkpoint belongs to another run id")
+    checkpoint.restore(state, strategy, recorder)
+    done = int(state["round"])
+    rows = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["round"] <= done]
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    # privacy_events.jsonl is kept whole: releases of the interrupted round stay counted, and
+    # a user-level aggregate of that round counts again if the round is re-run (conservative).
+    strategy.user_releases += [r["round"] for r in read_jsonl(run_dir / EVENTS_FILE)
+                               if r.get("kind") == "user_release" and r["round"] > done]
+    log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.rounds)
+    return arrays, done
 
 
 def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: AdapterFedAvg,

@@ -24,10 +24,10 @@ log = logging.getLogger(__name__)
 
 
 class SecAggFedAvg(AdapterFedAvg):
-    def __init__(self, *, run_id: str, num_shares: int, threshold: int, bits: int,
+    def __init__(self, *, num_shares: int, threshold: int, bits: int,
                  clip_range: float, timeout: float, **kwargs) -> None:
         super().__init__(**kwargs)
-        self.run_id, self.num_shares, self.threshold = run_id, num_shares, threshold
+        self.num_shares, self.threshold = num_shares, threshold
         self.bits, self.clip_range, self.timeout = bits, clip_range, timeout
         self._grid: Grid | None = None
         self._round_state: dict = {}
@@ -59,6 +59,7 @@ class SecAggFedAvg(AdapterFedAvg):
     # ------------------------------------------------------------------ stages 1-3
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self._grid = grid
         self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
         nodes = sorted(self.sample(list(grid.get_node_ids())))
@@ -111,6 +112,7 @@ class SecAggFedAvg(AdapterFedAvg):
     # ------------------------------------------------------------------ stage 4
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         info = self.rounds[-1]
         st = self._round_state
         length = sum(v.size for v in self.global_arrays.values())

@@ -65,7 +65,7 @@ class UserDP:
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
                  server_lr: float, seed: int, min_clients: int = 1,
-                 user_dp: UserDP | None = None) -> None:
+                 user_dp: UserDP | None = None, run_id: str = "") -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.cfg_text = cfg_text
         self.clients_per_round = clients_per_round
@@ -79,6 +79,11 @@ class AdapterFedAvg(FedAvg):
         self.rounds: list[RoundInfo] = []
         self.user_dp = user_dp
         self.user_releases: list[int] = []  # rounds whose noised aggregate was released
+        self.run_id = run_id
+        # Flower's Strategy.start counts rounds from 1; after a resume, add the rounds done.
+        self.round_offset = 0
+        # Called with each user-level release *before* the aggregate is applied (write-ahead).
+        self.on_user_release = None
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: list[int]) -> list[int]:
@@ -91,6 +96,7 @@ class AdapterFedAvg(FedAvg):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
+        server_round += self.round_offset
         self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
         node_ids = self.sample(list(grid.get_node_ids()))
         info = RoundInfo(round=server_round, sampled=len(node_ids))
@@ -113,6 +119,7 @@ class AdapterFedAvg(FedAvg):
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        server_round += self.round_offset
         info = self.rounds[-1]
         deltas, losses = [], []
         for msg in replies:
@@ -164,6 +171,8 @@ class AdapterFedAvg(FedAvg):
             log.warning("round %d: %d survivors < %d needed for the calibrated noise; no update",
                         server_round, count, dp.min_survivors)
             return None
+        if self.on_user_release is not None:
+            self.on_user_release(server_round, count)
         if dp.noise == "central":
             total = add_noise(total, dp.noise_multiplier * dp.clip_norm)
         self.user_releases.append(server_round)

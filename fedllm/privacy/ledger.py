@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from fedllm.io import atomic_write_text
+from fedllm.io import atomic_write_bytes, atomic_write_text
 from fedllm.privacy.accounting import AccountingError, PrivacyEvent, epsilon
 
 FORMAT = "fedllm-privacy-ledger"
@@ -154,3 +154,44 @@ def read_ledger_dir(directory: str | Path) -> dict[str, list[LedgerEntry]]:
             raise LedgerError(f"privacy ledger {path} is unreadable") from None
         out[client_id] = _read_entries(path, client_id)
     return out
+
+
+# ----------------------------------------------------------------------------- release cache
+# Exactly-once releases across a server crash: a client keeps the last update it released.
+# If the resumed server asks again for the same (run, round), the client resends that same
+# update instead of training again, so one ledger entry still describes everything released.
+
+def _release_path(directory: str | Path, client_id: str) -> Path:
+    return Path(directory) / (ledger_filename(client_id)[:-5] + ".last-release.npz")
+
+
+def save_release(directory: str | Path, client_id: str, run_id: str, round_: int,
+                 update: "dict", metrics: dict) -> None:
+    import io
+
+    import numpy as np
+
+    meta = json.dumps({"run_id": run_id, "round": round_, "metrics": metrics,
+                       "order": list(update)}).encode()
+    buf = io.BytesIO()
+    np.savez(buf, __meta__=np.frombuffer(meta, np.uint8),
+             **{f"a{i}": np.asarray(v) for i, v in enumerate(update.values())})
+    atomic_write_bytes(_release_path(directory, client_id), buf.getvalue())
+
+
+def load_release(directory: str | Path, client_id: str, run_id: str, round_: int
+                 ) -> "tuple[dict, dict] | None":
+    import numpy as np
+
+    path = _release_path(directory, client_id)
+    if not path.exists():
+        return None
+    try:
+        with np.load(path) as data:
+            meta = json.loads(bytes(data["__meta__"]).decode())
+            if meta["run_id"] != run_id or meta["round"] != round_:
+                return None
+            update = {k: data[f"a{i}"].copy() for i, k in enumerate(meta["order"])}
+    except (OSError, ValueError, KeyError):
+        return None  # no usable copy: the release never left, so training again is safe
+    return update, meta["metrics"]
