@@ -13,7 +13,10 @@ from __future__ import annotations
 import functools
 import logging
 import secrets
+import time
 from collections import OrderedDict
+
+import numpy as np
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
@@ -104,6 +107,7 @@ def local_update(msg: Message, context: Context
     if index >= len(data.clients):
         raise ValueError(f"partition-id {index} but only {len(data.clients)} clients exist")
     client = data.clients[index]
+    inject_fault_before(cfg, client.client_id)
     z = noise_multiplier_for(cfg, len(client.train))
     planned = planned_event(cfg, z, len(client.train))
 
@@ -139,6 +143,8 @@ def local_update(msg: Message, context: Context
     if result.event != planned:  # the ledger must describe exactly what ran
         raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {planned}")
     update = user_level_update(cfg, result.delta, msg.content[protocol.CONFIG_RECORD])
+    if client.client_id in cfg.faults.nan_clients:
+        update = {k: np.full_like(v, np.nan) for k, v in update.items()}
     metrics = MetricRecord({
         "train_loss": result.train_loss,
         "steps": result.steps,
@@ -154,6 +160,16 @@ def local_update(msg: Message, context: Context
     if planned is not None:
         save_release(ledger_dir, client.client_id, cfg.run.id, server_round, update, dict(metrics))
     return update, metrics, ConfigRecord({"client_id": client.client_id})
+
+
+def inject_fault_before(cfg: FedLLMConfig, client_id: str) -> None:
+    """Test-only misbehaviour (``faults.*``): nothing happens unless a test asks for it."""
+    if client_id in cfg.faults.raise_clients:
+        raise RuntimeError(f"injected fault: client {client_id} raises")
+    if client_id in cfg.faults.hang_clients:
+        log.warning("injected fault: client %s hangs for %.0f s", client_id,
+                    cfg.faults.hang_seconds)
+        time.sleep(cfg.faults.hang_seconds)
 
 
 def user_level_update(cfg: FedLLMConfig, delta: dict, round_config) -> dict:

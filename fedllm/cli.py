@@ -137,7 +137,7 @@ def cmd_simulate(args) -> int:
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
     simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
-                        verbose=args.verbose)
+                        verbose=args.verbose, parallel_clients=cfg.run.parallel_clients)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise CliError(f"the simulation ended without a result; see the log above ({run_dir})")

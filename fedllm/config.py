@@ -57,6 +57,7 @@ class DataConfig:
 class RunConfig:
     dir: Optional[str] = None       # default: runs/<timestamp>
     seed: int = 0
+    parallel_clients: int = 1       # simulation: clients training at once (cores are split)
     id: Optional[str] = None        # set once per run (ledger entries are keyed by it)
     resume: bool = False            # continue run.dir from its last checkpoint
 
@@ -132,6 +133,15 @@ class EvalConfig:
 
 
 @dataclass
+class FaultsConfig:
+    """Fault injection for tests and drills only: clients named here misbehave on purpose."""
+    raise_clients: list[str] = field(default_factory=list)   # raise before training
+    hang_clients: list[str] = field(default_factory=list)    # sleep hang_seconds first
+    hang_seconds: float = 0.0
+    nan_clients: list[str] = field(default_factory=list)     # send a NaN update
+
+
+@dataclass
 class FedLLMConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -142,6 +152,7 @@ class FedLLMConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
 
 SCHEMA_NAME = "fedllm_schema"
@@ -303,8 +314,9 @@ def validate(cfg: FedLLMConfig) -> None:
         _require(p.example.enabled, "privacy.budget",
                  "needs privacy.example.enabled=true (there is nothing to account otherwise)")
     e = p.example
+    # Values are checked even when their feature is off: a typo should not wait to bite.
+    _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
     if e.enabled:
-        _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
         _require(e.noise_multiplier is not None or e.target_epsilon is not None,
                  "privacy.example", "set target_epsilon or noise_multiplier")
         if e.noise_multiplier is not None:
@@ -312,9 +324,9 @@ def validate(cfg: FedLLMConfig) -> None:
         if e.target_epsilon is not None:
             _positive(e.target_epsilon, "privacy.example.target_epsilon")
     u = p.user
+    _positive(u.clip_norm, "privacy.user.clip_norm")
+    _choice(u.noise, "privacy.user.noise", ("central", "distributed"))
     if u.enabled:
-        _positive(u.clip_norm, "privacy.user.clip_norm")
-        _choice(u.noise, "privacy.user.noise", ("central", "distributed"))
         _require(u.noise_multiplier is not None or u.target_epsilon is not None,
                  "privacy.user", "set target_epsilon or noise_multiplier")
         if u.noise_multiplier is not None:
@@ -343,6 +355,8 @@ def validate(cfg: FedLLMConfig) -> None:
                  f"({f.clients_per_round})")
     _choice(cfg.strategy.name, "strategy.name", ("fedavg",))
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
+    _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
+    _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
 

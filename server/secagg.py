@@ -65,6 +65,7 @@ class SecAggFedAvg(AdapterFedAvg):
         nodes = sorted(self.sample(list(grid.get_node_ids())))
         info = RoundInfo(round=server_round, sampled=len(nodes))
         self.rounds.append(info)
+        self.expected_nodes = set()
         if len(nodes) < max(self.threshold, self.min_clients):
             log.warning("round %d: %d sampled < SecAgg+ threshold %d; round skipped",
                         server_round, len(nodes), self.threshold)
@@ -98,6 +99,7 @@ class SecAggFedAvg(AdapterFedAvg):
                              "participants": participants, "threshold": threshold,
                              "dtype": dtype}
         info.bytes_down = array_bytes(arrays) * len(participants)
+        self.expected_nodes = set(participants)
         messages = []
         for u in participants:
             cfg = self.round_config(server_round)
@@ -117,6 +119,8 @@ class SecAggFedAvg(AdapterFedAvg):
         st = self._round_state
         length = sum(v.size for v in self.global_arrays.values())
         masked, losses = {}, []
+        replies = list(replies)
+        self.log_missing(info, replies)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():

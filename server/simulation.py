@@ -34,17 +34,19 @@ def set_offline_env(flwr_home: str) -> None:
 
 
 def simulate(cfg_text: str, num_clients: int, *, num_cpus: int | None = None,
-             use_gpu: bool = False, verbose: bool = False) -> None:
+             use_gpu: bool = False, verbose: bool = False, parallel_clients: int = 1) -> None:
     from flwr.simulation import run_simulation
 
     from clients.app import app as client_app
     from server.app import make_server_app
 
     cpus = num_cpus or os.cpu_count() or 1
-    # One client at a time gets every core: torch parallelizes one step better than two
-    # clients would share two cores, and memory holds one client model only.
+    # By default one client at a time gets every core: torch parallelizes one step better than
+    # two clients would share two cores, and memory holds one client model only.
+    per_client = max(cpus / parallel_clients, 0.01)
     backend_config = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if use_gpu else 0.0},
+        "client_resources": {"num_cpus": per_client,
+                             "num_gpus": 1.0 / parallel_clients if use_gpu else 0.0},
         "init_args": {"num_cpus": cpus, "num_gpus": 1 if use_gpu else 0,
                       "include_dashboard": False, "logging_level": "ERROR",
                       "log_to_driver": verbose},

@@ -84,6 +84,7 @@ class AdapterFedAvg(FedAvg):
         self.round_offset = 0
         # Called with each user-level release *before* the aggregate is applied (write-ahead).
         self.on_user_release = None
+        self.expected_nodes: set[int] = set()
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: list[int]) -> list[int]:
@@ -102,6 +103,7 @@ class AdapterFedAvg(FedAvg):
         info = RoundInfo(round=server_round, sampled=len(node_ids))
         info.bytes_down = array_bytes(arrays) * len(node_ids)
         self.rounds.append(info)
+        self.expected_nodes = set(node_ids)
         log.info("round %d: sampled %d clients", server_round, len(node_ids))
         record = RecordDict({
             protocol.ARRAYS_RECORD: arrays,
@@ -122,6 +124,8 @@ class AdapterFedAvg(FedAvg):
         server_round += self.round_offset
         info = self.rounds[-1]
         deltas, losses = [], []
+        replies = list(replies)
+        self.log_missing(info, replies)
         for msg in replies:
             node = msg.metadata.src_node_id
             if msg.has_error():
@@ -177,6 +181,14 @@ class AdapterFedAvg(FedAvg):
             total = add_noise(total, dp.noise_multiplier * dp.clip_norm)
         self.user_releases.append(server_round)
         return {k: (v / dp.expected_cohort).astype(np.float32) for k, v in total.items()}
+
+    def log_missing(self, info: RoundInfo, replies: list[Message]) -> None:
+        """Sampled nodes that sent nothing back within federation.client_timeout."""
+        answered = {m.metadata.src_node_id for m in replies}
+        for node in sorted(self.expected_nodes - answered):
+            info.rejected[f"node {node}"] = "no reply within federation.client_timeout"
+            log.warning("round %d: node %d did not reply in time; dropped from the round",
+                        info.round, node)
 
     def _declined(self, msg: Message, info: RoundInfo) -> bool:
         content = msg.content
