@@ -27,6 +27,7 @@ def rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+@pytest.mark.slow
 def test_sigkill_in_round_two_then_resume(tmp_path):
     run_dir = tmp_path / "run"
     env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
@@ -65,10 +66,16 @@ def test_sigkill_in_round_two_then_resume(tmp_path):
     report = json.loads((run_dir / "privacy_report.json").read_text())
     user_rounds = sorted(e["round"] for e in events if e["kind"] == "user_release")
     assert set(user_rounds) == {1, 2, 3, 4} and report["user_level"]["rounds"] >= 4
+    # Ledgers are write-ahead: a client cut off in the interrupted round keeps that entry even if
+    # its update never reached the server (over-count), but nothing the server saw is missing.
+    extra = recorded - released
+    assert all(rnd == 2 for _, rnd in extra), extra
     for cid, c in report["example_level"]["clients"].items():
-        assert c["steps"] == 2 * sum(1 for e in ledgers[cid])
+        assert c["steps"] == 2 * len({r for (i, r) in released if i == cid})
+        assert c["lifetime_epsilon"] is not None
 
 
+@pytest.mark.slow
 def test_faulty_clients_are_dropped_and_the_round_completes(tmp_path):
     run_dir = tmp_path / "run"
     proc = cli("simulate", "model=tiny", "federation.num_clients=4",

@@ -44,6 +44,7 @@ def two_runs(tmp_path_factory):
     return base, ledger, first, first_ledgers, second
 
 
+@pytest.mark.slow
 def test_lifetime_epsilon_composes_both_runs(two_runs):
     base, ledger, first, first_ledgers, second = two_runs
     final = read_ledger_dir(ledger)
@@ -61,6 +62,7 @@ def test_lifetime_epsilon_composes_both_runs(two_runs):
         assert second["example_level"]["clients"][cid]["epsilon"] < lifetime_2
 
 
+@pytest.mark.slow
 def test_report_is_rebuilt_from_run_files(two_runs):
     base = two_runs[0]
     run = base / "run2"
@@ -77,6 +79,7 @@ def test_report_is_rebuilt_from_run_files(two_runs):
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
 
+@pytest.mark.slow
 def test_html_report_renders_in_headless_browser(two_runs):
     browser = shutil.which("chromium") or shutil.which("chromium-browser")
     if browser is None:
@@ -99,6 +102,7 @@ def test_html_report_renders_in_headless_browser(two_runs):
     assert "Uncaught" not in proc.stderr
 
 
+@pytest.mark.slow
 def test_budget_stops_clients_in_round_two_and_run_completes(tmp_path):
     # Round 1 costs each client about 6.8-7 (target 8 over 2 rounds); round 2 would reach ~8.
     report = simulate(tmp_path / "run", "federation.rounds=2", "privacy.budget=7.5")
@@ -116,6 +120,7 @@ def test_budget_stops_clients_in_round_two_and_run_completes(tmp_path):
     assert "Budget" in (tmp_path / "run" / "adapter" / "README.md").read_text()
 
 
+@pytest.mark.slow
 def test_corrupt_ledger_client_refuses_and_round_continues(tmp_path):
     from fedllm.privacy.ledger import ledger_filename
 

@@ -29,6 +29,7 @@ def adapter(run_dir):
     return load_file(str(run_dir / "adapter" / "adapter_model.safetensors"))
 
 
+@pytest.mark.slow
 def test_all_three_protections_in_one_run(tmp_path):
     report, rows = simulate(tmp_path / "run", "federation.rounds=2",
                             "privacy.user.noise=distributed", "privacy.user.target_epsilon=30")
@@ -46,6 +47,7 @@ def test_all_three_protections_in_one_run(tmp_path):
     assert all(np.isfinite(v).all() for v in adapter(tmp_path / "run").values())
 
 
+@pytest.mark.slow
 def test_a_client_dropping_mid_round_is_unmasked_around(tmp_path):
     from fedllm.privacy.ledger import ledger_filename
 
