@@ -30,8 +30,6 @@ class CheckpointError(RuntimeError):
 
 def save(run_dir: Path, server_round: int, arrays: "OrderedDict[str, np.ndarray]",
          strategy, recorder) -> None:
-    from server.strategy import RoundInfo  # noqa: F401  (documents what rounds hold)
-
     state = {
         "version": VERSION,
         "round": server_round,

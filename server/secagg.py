@@ -13,11 +13,12 @@ from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 
 from fedllm import protocol
 from fedllm import secagg as sa
+from fedllm.privacy.updates import UpdateRejected
 from server.strategy import AdapterFedAvg, RoundInfo, array_bytes
 
 log = logging.getLogger(__name__)
@@ -115,33 +116,10 @@ class SecAggFedAvg(AdapterFedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
-        info = self.rounds[-1]
         st = self._round_state
         length = sum(v.size for v in self.global_arrays.values())
-        masked, losses = {}, []
-        replies = list(replies)
-        self.log_missing(info, replies)
-        for msg in replies:
-            node = msg.metadata.src_node_id
-            if msg.has_error():
-                info.rejected[f"node {node}"] = f"client error: {msg.error.reason}"
-                log.warning("round %d: node %d failed: %s", server_round, node, msg.error.reason)
-                continue
-            if self._declined(msg, info):
-                continue
-            try:
-                client_id, y, metrics = self._parse_masked(msg, length, st["dtype"])
-            except ValueError as exc:
-                info.rejected[f"node {node}"] = str(exc)
-                log.warning("round %d: rejected masked input from node %d: %s", server_round,
-                            node, exc)
-                continue
-            masked[node] = y
-            info.accepted.append(client_id)
-            info.bytes_up += y.nbytes
-            if np.isfinite(metrics["train_loss"]):
-                losses.append(metrics["train_loss"])
-        info.train_loss = float(np.mean(losses)) if losses else float("nan")
+        masked = self.collect(server_round, replies,
+                              lambda msg: self._parse_masked(msg, length, st["dtype"]))
         if len(masked) < max(st.get("threshold", 1), self.min_clients):
             log.warning("round %d: %d masked inputs: too few to unmask; global adapter unchanged",
                         server_round, len(masked))
@@ -169,29 +147,15 @@ class SecAggFedAvg(AdapterFedAvg):
             ref = self.global_arrays[k]
             total_dict[k] = flat[offset:offset + ref.size].reshape(ref.shape)
             offset += ref.size
-        average = self.finish_sum(total_dict, len(survivors), server_round)
-        if average is None:
-            return None, None
-        new = OrderedDict((k, (v + self.server_lr * average[k]).astype(np.float32))
-                          for k, v in self.global_arrays.items())
-        arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
-        return arrays, MetricRecord({"train_loss": info.train_loss, "num_clients": len(survivors)})
+        return self.apply(self.finish_sum(total_dict, len(survivors), server_round),
+                          len(survivors))
 
     def _parse_masked(self, msg: Message, length: int, dtype: np.dtype):
-        content = msg.content
-        for name in (protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.CLIENT_RECORD):
-            if name not in content:
-                raise ValueError(f"reply lacks the {name!r} record")
-        metrics = dict(content[protocol.METRICS_RECORD])
-        for key in ("train_loss", "steps", "sample_rate", "noise_multiplier", "dp"):
-            if key not in metrics:
-                raise ValueError(f"metrics lack {key!r}")
-        client_id = str(content[protocol.CLIENT_RECORD]["client_id"])
-        self._record_event(client_id, metrics, self.rounds[-1])  # released: account it
-        arrays = content[protocol.ARRAYS_RECORD]
+        client_id, metrics = self.parse_common(msg)
+        arrays = msg.content[protocol.ARRAYS_RECORD]
         if list(arrays.keys()) != [protocol.MASKED_KEY]:
-            raise ValueError(f"expected one masked vector, got {list(arrays.keys())[:3]}")
+            raise UpdateRejected(f"expected one masked vector, got {list(arrays.keys())[:3]}")
         y = arrays[protocol.MASKED_KEY].numpy()
         if y.dtype != dtype or y.shape != (length,):
-            raise ValueError(f"masked vector {y.dtype}{y.shape} != {dtype}({length},)")
-        return client_id, y, metrics
+            raise UpdateRejected(f"masked vector {y.dtype}{y.shape} != {dtype}({length},)")
+        return client_id, y, metrics, y.nbytes

@@ -122,8 +122,21 @@ class AdapterFedAvg(FedAvg):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
+        accepted = self.collect(server_round, replies, self._parse_reply)
+        if len(accepted) < self.min_clients:
+            log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
+                        "unchanged", server_round, len(accepted), self.min_clients)
+            return None, None
+        average = self.average(list(accepted.values()), server_round)
+        return self.apply(average, len(accepted))
+
+    def collect(self, server_round: int, replies: Iterable[Message], parse) -> dict:
+        """Accepted payloads by node; errors, declines and rejected updates are logged.
+
+        ``parse(msg) -> (client_id, payload, metrics, bytes)`` raises UpdateRejected.
+        """
         info = self.rounds[-1]
-        deltas, losses = [], []
+        accepted, losses = {}, []
         replies = list(replies)
         self.log_missing(info, replies)
         for msg in replies:
@@ -135,30 +148,31 @@ class AdapterFedAvg(FedAvg):
             if self._declined(msg, info):
                 continue
             try:
-                client_id, delta, metrics = self._parse_reply(msg)
+                client_id, payload, metrics, nbytes = parse(msg)
             except UpdateRejected as exc:
                 info.rejected[f"node {node}"] = str(exc)
                 log.warning("round %d: rejected update from node %d: %s", server_round, node, exc)
                 continue
             log.info("  client %s: train loss %.4f, q=%.4f, z=%.3f", client_id,
                      metrics["train_loss"], metrics["sample_rate"], metrics["noise_multiplier"])
-            info.bytes_up += array_bytes(msg.content[protocol.ARRAYS_RECORD])
+            info.bytes_up += nbytes
             info.accepted.append(client_id)
-            deltas.append(delta)
+            accepted[node] = payload
             if math.isfinite(metrics["train_loss"]):
                 losses.append(metrics["train_loss"])
         info.train_loss = float(np.mean(losses)) if losses else math.nan
-        if len(deltas) < self.min_clients:
-            log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
-                        "unchanged", server_round, len(deltas), self.min_clients)
-            return None, None
-        average = self.average(deltas, server_round)
+        return accepted
+
+    def apply(self, average: "dict[str, np.ndarray] | None", count: int
+              ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """New global adapter = global + server_lr * average (None: leave it unchanged)."""
         if average is None:
             return None, None
         new = OrderedDict((k, (v + self.server_lr * average[k]).astype(np.float32))
                           for k, v in self.global_arrays.items())
         arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
-        return arrays, MetricRecord({"train_loss": info.train_loss, "num_clients": len(deltas)})
+        return arrays, MetricRecord({"train_loss": self.rounds[-1].train_loss,
+                                     "num_clients": count})
 
     def average(self, deltas: list[dict], server_round: int) -> "dict[str, np.ndarray] | None":
         """Plain mean; or, with user-level DP, (sum + noise) / expected cohort size."""
@@ -202,7 +216,9 @@ class AdapterFedAvg(FedAvg):
         log.warning("round %d: client %s declined: %s", info.round, client["client_id"], reason)
         return True
 
-    def _parse_reply(self, msg: Message):
+    def parse_common(self, msg: Message) -> tuple[str, dict]:
+        """Client id and metrics of a reply; its DP event is accounted before any other check
+        (the client released a noised update whether or not we accept it)."""
         content = msg.content
         for name in (protocol.ARRAYS_RECORD, protocol.METRICS_RECORD, protocol.CLIENT_RECORD):
             if name not in content:
@@ -212,12 +228,16 @@ class AdapterFedAvg(FedAvg):
             if key not in metrics:
                 raise UpdateRejected(f"metrics lack {key!r}")
         client_id = str(content[protocol.CLIENT_RECORD]["client_id"])
-        # The client released a noised update whether or not we accept it: account it first.
         self._record_event(client_id, metrics, self.rounds[-1])
-        delta = {k: v.numpy() for k, v in content[protocol.ARRAYS_RECORD].items()}
+        return client_id, metrics
+
+    def _parse_reply(self, msg: Message):
+        client_id, metrics = self.parse_common(msg)
+        record = msg.content[protocol.ARRAYS_RECORD]
+        delta = {k: v.numpy() for k, v in record.items()}
         check_update(delta, self.global_arrays,
                      max_norm=self.user_dp.check_bound() if self.user_dp else None)
-        return client_id, delta, metrics
+        return client_id, delta, metrics, array_bytes(record)
 
     def _record_event(self, client_id: str, metrics: dict, info: RoundInfo) -> None:
         params = self.client_params.setdefault(client_id, {"rounds": 0, "steps": 0})
