@@ -201,6 +201,25 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- certs
+
+def cmd_certs(args) -> int:
+    from fedllm.certs import CertError, make_deployment_credentials
+
+    hosts = [h for group in args.server_host for h in group.split(",") if h]
+    try:
+        report = make_deployment_credentials(args.out_dir, hosts, args.nodes, days=args.days)
+    except (CertError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    for path in report.created:
+        print(f"created {path}")
+    for path in report.kept:
+        print(f"kept    {path} (exists; never overwritten)")
+    print("Give each site: ca.crt and its own node-N.key. Keep ca.key offline. Register each "
+          "node-N.pub with the SuperLink (see docs/deployment.md).")
+    return 0
+
+
 # --------------------------------------------------------------------------- accountant
 
 def cmd_accountant(args) -> int:
@@ -256,6 +275,14 @@ def _parser() -> argparse.ArgumentParser:
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny federation.rounds=2")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
     sim.set_defaults(func=cmd_simulate)
+
+    crt = sub.add_parser("certs", help="CA, SuperLink TLS certificate and node keys")
+    crt.add_argument("out_dir")
+    crt.add_argument("--server-host", action="append", required=True,
+                     help="name or IP the sites use to reach the SuperLink (repeatable)")
+    crt.add_argument("--nodes", type=int, default=0, help="number of site key pairs")
+    crt.add_argument("--days", type=int, default=365, help="certificate validity")
+    crt.set_defaults(func=cmd_certs)
 
     res = sub.add_parser("resume", help="continue a run directory from its last checkpoint")
     res.add_argument("run_dir")

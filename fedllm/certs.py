@@ -1,0 +1,154 @@
+"""Certificates and node keys for a multi-site deployment, made with ``cryptography``.
+
+``make_deployment_credentials(out_dir, server_hosts, nodes)`` writes:
+  ca.crt / ca.key            a private certificate authority (the key never leaves the admin)
+  server.crt / server.key    the SuperLink's TLS certificate, with every host name / IP the
+                             sites use to reach it as subject alternative names
+  node-N.key / node-N.pub    one SuperNode authentication key pair per site (ECDSA P-384,
+                             the private key PEM, the public key in OpenSSH format)
+Private keys are written with mode 0600. Existing files are never overwritten: re-running
+keeps them and only adds what is missing (e.g. keys for new sites).
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+
+class CertError(RuntimeError):
+    pass
+
+
+@dataclass
+class CredentialReport:
+    created: list[Path] = field(default_factory=list)
+    kept: list[Path] = field(default_factory=list)
+
+
+def _write(path: Path, data: bytes, private: bool, report: CredentialReport) -> None:
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL  # O_EXCL: never overwrite, even in a race
+    fd = os.open(path, flags, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+    report.created.append(path)
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _load_key(path: Path):
+    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedllm deployment"),
+                      x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+def _san(host: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _ca(out: Path, days: int, report: CredentialReport):
+    key_path, crt_path = out / "ca.key", out / "ca.crt"
+    if key_path.exists() and crt_path.exists():
+        report.kept += [key_path, crt_path]
+        return _load_key(key_path), x509.load_pem_x509_certificate(crt_path.read_bytes())
+    if key_path.exists() or crt_path.exists():
+        raise CertError(f"{out} has only half of the CA (ca.key / ca.crt); restore the other "
+                        "half or move both away deliberately")
+    key = rsa.generate_private_key(public_exponent=65537, key_size=3072)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name("fedllm CA"))
+            .issuer_name(_name("fedllm CA")).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True,
+                                         crl_sign=True, content_commitment=False,
+                                         key_encipherment=False, data_encipherment=False,
+                                         key_agreement=False, encipher_only=False,
+                                         decipher_only=False), critical=True)
+            .sign(key, hashes.SHA256()))
+    _write(key_path, _pem_key(key), True, report)
+    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM), False, report)
+    return key, cert
+
+
+def _server(out: Path, hosts: list[str], ca_key, ca_cert, days: int,
+            report: CredentialReport) -> None:
+    key_path, crt_path = out / "server.key", out / "server.crt"
+    if key_path.exists() and crt_path.exists():
+        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        have = {str(n.value) for n in names}
+        missing = [h for h in hosts if str(_san(h).value) not in have]
+        if missing:
+            raise CertError(f"existing server.crt does not cover {missing}; move server.crt and "
+                            "server.key away deliberately to issue a new one")
+        report.kept += [key_path, crt_path]
+        return
+    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(_name(hosts[0]))
+            .issuer_name(ca_cert.subject).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=days))
+            .add_extension(x509.SubjectAlternativeName([_san(h) for h in hosts]), critical=False)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]),
+                           critical=False)
+            .sign(ca_key, hashes.SHA256()))
+    _write(key_path, _pem_key(key), True, report)
+    _write(crt_path, cert.public_bytes(serialization.Encoding.PEM), False, report)
+
+
+def _node_keys(out: Path, index: int, report: CredentialReport) -> None:
+    key_path, pub_path = out / f"node-{index}.key", out / f"node-{index}.pub"
+    if key_path.exists():
+        report.kept.append(key_path)
+        if not pub_path.exists():  # the public half can always be re-derived
+            pub = _load_key(key_path).public_key()
+            _write(pub_path, pub.public_bytes(serialization.Encoding.OpenSSH,
+                                              serialization.PublicFormat.OpenSSH), False, report)
+        else:
+            report.kept.append(pub_path)
+        return
+    key = ec.generate_private_key(ec.SECP384R1())
+    _write(key_path, _pem_key(key), True, report)
+    _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                   serialization.PublicFormat.OpenSSH),
+           False, report)
+
+
+def make_deployment_credentials(out_dir: str | Path, server_hosts: list[str], nodes: int,
+                                days: int = 365) -> CredentialReport:
+    if not server_hosts:
+        raise CertError("give at least one --server-host (the name or IP sites connect to)")
+    if nodes < 0:
+        raise CertError(f"--nodes must be >= 0, got {nodes}")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    os.chmod(out, 0o700)
+    report = CredentialReport()
+    ca_key, ca_cert = _ca(out, days, report)
+    _server(out, list(dict.fromkeys(server_hosts)), ca_key, ca_cert, days, report)
+    for i in range(nodes):
+        _node_keys(out, i, report)
+    return report
