@@ -10,11 +10,13 @@ example-level DP mechanism that ran; ``client`` = the client's id.
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import secrets
 import time
 from collections import OrderedDict
+from pathlib import Path
 
 import numpy as np
 
@@ -22,9 +24,11 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricR
 from flwr.clientapp import ClientApp
 
 from fedllm import models, protocol
-from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences, to_yaml
+from fedllm.config import (DataConfig, FedLLMConfig, ModelConfig, from_yaml,
+                           min_client_sequences, to_yaml)
 from fedllm.config import ledger_dir as config_ledger_dir
-from fedllm.data.federated import FederatedData, build_federated_data
+from fedllm.data.federated import (ClientData, FederatedData, build_federated_data,
+                                   build_local_client)
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
 from fedllm.privacy.ledger import Ledger, load_release, save_release
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
@@ -42,21 +46,70 @@ def _config(text: str) -> FedLLMConfig:
     return from_yaml(text)
 
 
-def _runtime_key(cfg: FedLLMConfig) -> str:
-    """What the loaded model and data depend on (not rounds, lr, privacy...)."""
-    return to_yaml(cfg.model) + to_yaml(cfg.data) + f"{cfg.train.seq_len}|{cfg.run.seed}|" \
-        f"{min_client_sequences(cfg)}|{cfg.federation.num_clients}"
+def node_config_overrides(cfg: FedLLMConfig, node_config) -> FedLLMConfig:
+    """A deployed site's own settings win over the run's: model path, device, ledger dir."""
+    if not any(k in node_config for k in ("model-path", "device", "ledger-dir")):
+        return cfg
+    cfg = copy.deepcopy(cfg)
+    if "model-path" in node_config:
+        cfg.model.path = str(node_config["model-path"])
+        if cfg.model.name == "smollm2":
+            cfg.model.name = "hf"
+    if "device" in node_config:
+        cfg.model.device = str(node_config["device"])
+    if "ledger-dir" in node_config:
+        cfg.privacy.ledger_dir = str(node_config["ledger-dir"])
+    return cfg
+
+
+def _section(cls, text: str):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(cls), OmegaConf.create(text)))
+
+
+# Loaded once per process (a simulated client's Ray actor, or a SuperNode's ClientApp process)
+# and reused across rounds; keyed by the YAML of the config sections they depend on.
+@functools.lru_cache(maxsize=1)
+def _model(model_yaml: str, seed: int) -> models.LoadedModel:
+    model_cfg = _section(ModelConfig, model_yaml)
+    return models.build(model_cfg, seed=seed, device=model_cfg.device)
 
 
 @functools.lru_cache(maxsize=1)
-def _runtime(key: str, cfg_text: str) -> tuple[models.LoadedModel, FederatedData]:
-    cfg = _config(cfg_text)
-    loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
-    data = build_federated_data(
-        cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
-        min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
-        seed=cfg.run.seed)
-    return loaded, data
+def _simulated_clients(model_yaml: str, data_yaml: str, seq_len: int, seed: int,
+                       min_sequences: int, num_clients: int | None) -> FederatedData:
+    tokenizer = _model(model_yaml, seed).tokenizer
+    return build_federated_data(_section(DataConfig, data_yaml), tokenizer, seq_len=seq_len,
+                                min_sequences=min_sequences, num_clients=num_clients, seed=seed)
+
+
+@functools.lru_cache(maxsize=2)
+def _local_client(data_path: str, client_id: str, model_yaml: str, seq_len: int,
+                  eval_fraction: float, min_sequences: int, seed: int) -> ClientData:
+    tokenizer = _model(model_yaml, seed).tokenizer
+    return build_local_client(data_path, client_id, tokenizer, seq_len=seq_len,
+                              eval_fraction=eval_fraction, min_sequences=min_sequences, seed=seed)
+
+
+def this_client(cfg: FedLLMConfig, node_config) -> ClientData:
+    """Simulation: the partition-id-th client of the bundled/configured source. Deployment:
+    the site's own files at node config ``data-path`` (client id: ``client-id``)."""
+    if "partition-id" in node_config:
+        data = _simulated_clients(to_yaml(cfg.model), to_yaml(cfg.data),
+                                  cfg.train.seq_len, cfg.run.seed, min_client_sequences(cfg),
+                                  cfg.federation.num_clients)
+        index = int(node_config["partition-id"])
+        if index >= len(data.clients):
+            raise ValueError(f"partition-id {index} but only {len(data.clients)} clients exist")
+        return data.clients[index]
+    if "data-path" not in node_config:
+        raise ValueError("this SuperNode has no data: start it with --node-config "
+                         "\"data-path=/path/to/data client-id=NAME\"")
+    path = str(node_config["data-path"])
+    client_id = str(node_config.get("client-id", Path(path).stem))
+    return _local_client(path, client_id, to_yaml(cfg.model), cfg.train.seq_len,
+                         cfg.data.eval_fraction, min_client_sequences(cfg), cfg.run.seed)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -101,12 +154,9 @@ def local_update(msg: Message, context: Context
     """
     cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
     server_round = int(msg.content[protocol.CONFIG_RECORD][protocol.ROUND_KEY])
-    cfg = _config(cfg_text)
-    loaded, data = _runtime(_runtime_key(cfg), cfg_text)
-    index = int(context.node_config["partition-id"])
-    if index >= len(data.clients):
-        raise ValueError(f"partition-id {index} but only {len(data.clients)} clients exist")
-    client = data.clients[index]
+    cfg = node_config_overrides(_config(cfg_text), context.node_config)
+    loaded = _model(to_yaml(cfg.model), cfg.run.seed)
+    client = this_client(cfg, context.node_config)
     inject_fault_before(cfg, client.client_id)
     z = noise_multiplier_for(cfg, len(client.train))
     planned = planned_event(cfg, z, len(client.train))

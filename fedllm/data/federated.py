@@ -148,3 +148,41 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
         raise DataError(f"no client has at least {min_sequences} training sequences of "
                         f"{seq_len} tokens; lower train.batch_size or train.seq_len")
     return FederatedData(clients=clients, skipped=skipped)
+
+
+def load_local_units(data_path: str, client_id: str) -> list[Unit]:
+    """A site's own data: a .jsonl or .txt file, or a directory of them (all this client's)."""
+    from fedllm.data.sources import load_jsonl_dir, load_text_dir
+    from pathlib import Path
+
+    path = Path(data_path).expanduser()
+    if not path.exists():
+        raise DataError(f"node data path {path} does not exist")
+    if path.is_dir():
+        units = []
+        if any(path.glob("*.jsonl")):
+            units += load_jsonl_dir(str(path))
+        if any(path.glob("*.txt")):
+            units += load_text_dir(str(path))
+        if not units:
+            raise DataError(f"node data path {path} holds no .jsonl or .txt files")
+    elif path.suffix in (".jsonl", ".txt"):
+        loader = load_jsonl_dir if path.suffix == ".jsonl" else load_text_dir
+        units = [u for u in loader(str(path.parent)) if u.client_id == path.stem]
+    else:
+        raise DataError(f"node data path {path}: expected a .jsonl/.txt file or a directory")
+    return [Unit(client_id, u.text, u.prompt, u.response) for u in units]
+
+
+def build_local_client(data_path: str, client_id: str, tokenizer, *, seq_len: int,
+                       eval_fraction: float, min_sequences: int, seed: int) -> ClientData:
+    """ClientData for one deployed site from its local files (same split and packing)."""
+    units = load_local_units(data_path, client_id)
+    train, evals = split_units(client_id, units, eval_fraction, seed)
+    enc = tokenizer([UNIT_SEPARATOR.join(render(u, tokenizer) for u in part)
+                     for part in (train, evals)], add_special_tokens=False)["input_ids"]
+    client = ClientData(client_id, pack([enc[0]], seq_len), pack([enc[1]], seq_len))
+    if len(client.train) < min_sequences:
+        raise DataError(f"node data at {data_path} gives {len(client.train)} training sequences "
+                        f"of {seq_len} tokens; at least {min_sequences} are needed")
+    return client
