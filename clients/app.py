@@ -29,6 +29,7 @@ from fedllm.config import (DataConfig, FedLLMConfig, ModelConfig, from_yaml,
 from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import (ClientData, FederatedData, build_federated_data,
                                    build_local_client)
+from fedllm.evaluate import evaluate
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
 from fedllm.privacy.ledger import Ledger, load_release, save_release
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
@@ -144,6 +145,22 @@ def train(msg: Message, context: Context) -> Message:
         protocol.CLIENT_RECORD: client,
     })
     return Message(content=content, reply_to=msg)
+
+
+@app.evaluate()
+def evaluate_global(msg: Message, context: Context) -> Message:
+    """Held-out loss of the global adapter on this node's own held-out share."""
+    cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
+    cfg = node_config_overrides(_config(cfg_text), context.node_config)
+    loaded = _model(to_yaml(cfg.model), cfg.run.seed)
+    client = this_client(cfg, context.node_config)
+    models.load_adapter_state(loaded.model, {k: v.numpy() for k, v in
+                                             msg.content[protocol.ARRAYS_RECORD].items()})
+    result = evaluate(loaded.model, client.eval, cfg.eval.batch_size, loaded.device)
+    n = len(client.eval)
+    metrics = MetricRecord({"eval_loss_sum": result["eval_loss"] * n if n else 0.0,
+                            "num_sequences": n})
+    return Message(content=RecordDict({protocol.METRICS_RECORD: metrics}), reply_to=msg)
 
 
 def local_update(msg: Message, context: Context

@@ -128,6 +128,7 @@ class SecAggConfig:
 
 @dataclass
 class EvalConfig:
+    mode: str = "server"        # server (simulation: pooled held-out) | clients (deployment)
     max_sequences: int = 64
     batch_size: int = 16
 
@@ -357,6 +358,7 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
     _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)
+    _choice(cfg.eval.mode, "eval.mode", ("server", "clients"))
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
 

@@ -71,9 +71,13 @@ class RoundRecorder:
             return MetricRecord(self.base)
         server_round += self.strategy.round_offset
         current = OrderedDict((k, v.numpy()) for k, v in arrays.items())
-        models.load_adapter_state(self.loaded.model, current)
-        result = evaluate(self.loaded.model, self.eval_sequences, self.cfg.eval.batch_size,
-                          self.loaded.device)
+        if self.eval_sequences is not None:
+            models.load_adapter_state(self.loaded.model, current)
+            result = evaluate(self.loaded.model, self.eval_sequences, self.cfg.eval.batch_size,
+                              self.loaded.device)
+        else:
+            result = self.strategy.federated_evaluate(arrays, server_round,
+                                                      self.cfg.federation.client_timeout)
         if server_round == 0:
             self.base = result
             log.info("base model: held-out loss %.4f, perplexity %.2f",
@@ -190,18 +194,23 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
     loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
-    data = build_federated_data(
-        cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
-        min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
-        seed=cfg.run.seed)
-    eval_sequences = data.eval_sequences(cfg.eval.max_sequences)
+    if cfg.eval.mode == "server":  # simulation: the server can read the held-out share
+        data = build_federated_data(
+            cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
+            min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
+            seed=cfg.run.seed)
+        eval_sequences, population = data.eval_sequences(cfg.eval.max_sequences), len(data.clients)
+    else:  # deployment: data stays on the nodes; the federation is whoever is connected
+        eval_sequences, population = None, len(list(grid.get_node_ids()))
+        log.info("%d SuperNodes connected", population)
     initial = models.adapter_state(loaded.model)
 
-    strategy = make_strategy(cfg, cfg_text, len(data.clients))
-    recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, len(data.clients))
+    strategy = make_strategy(cfg, cfg_text, population)
+    strategy.grid = grid
+    recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, population)
     strategy.on_user_release = lambda rnd, survivors: append_jsonl(
         run_dir / EVENTS_FILE, user_release_record(cfg, strategy.user_dp, rnd, survivors,
-                                                   len(data.clients)))
+                                                   population))
     initial, done = prepare_run_files(cfg, run_dir, strategy, recorder, initial)
     if done >= cfg.federation.rounds:
         log.info("all %d rounds were already completed; writing the final files", done)

@@ -85,6 +85,7 @@ class AdapterFedAvg(FedAvg):
         # Called with each user-level release *before* the aggregate is applied (write-ahead).
         self.on_user_release = None
         self.expected_nodes: set[int] = set()
+        self.grid: Grid | None = None  # set by the ServerApp (federated evaluation)
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: list[int]) -> list[int]:
@@ -195,6 +196,28 @@ class AdapterFedAvg(FedAvg):
             total = add_noise(total, dp.noise_multiplier * dp.clip_norm)
         self.user_releases.append(server_round)
         return {k: (v / dp.expected_cohort).astype(np.float32) for k, v in total.items()}
+
+    def federated_evaluate(self, arrays: ArrayRecord, server_round: int, timeout: float) -> dict:
+        """Held-out loss on every connected node's own data (deployment: no data on the server).
+
+        Only the loss sum and sequence count leave a node (not DP-protected: aggregate
+        statistics of held-out data)."""
+        nodes = sorted(self.grid.get_node_ids())
+        config = ConfigRecord({protocol.CONFIG_KEY: self.cfg_text, protocol.ROUND_KEY: server_round})
+        record = RecordDict({protocol.ARRAYS_RECORD: arrays, protocol.CONFIG_RECORD: config})
+        replies = self.grid.send_and_receive(
+            self._construct_messages(record, nodes, "evaluate"), timeout=timeout)
+        total, count = 0.0, 0
+        for msg in replies:
+            if msg.has_error():
+                log.warning("evaluation on node %d failed: %s", msg.metadata.src_node_id,
+                            msg.error.reason)
+                continue
+            metrics = msg.content[protocol.METRICS_RECORD]
+            total += float(metrics["eval_loss_sum"])
+            count += int(metrics["num_sequences"])
+        loss = total / count if count else math.nan
+        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)) if count else math.nan}
 
     def log_missing(self, info: RoundInfo, replies: list[Message]) -> None:
         """Sampled nodes that sent nothing back within federation.client_timeout."""
