@@ -5,7 +5,7 @@
   server.crt / server.key    the SuperLink's TLS certificate, with every host name / IP the
                              sites use to reach it as subject alternative names
   node-N.key / node-N.pub    one SuperNode authentication key pair per site (ECDSA P-384,
-                             the private key PEM, the public key in OpenSSH format)
+                             OpenSSH format, as Flower's SuperNode authentication expects)
 Private keys are written with mode 0600. Existing files are never overwritten: re-running
 keeps them and only adds what is missing (e.g. keys for new sites).
 """
@@ -48,7 +48,10 @@ def _pem_key(key) -> bytes:
 
 
 def _load_key(path: Path):
-    return serialization.load_pem_private_key(path.read_bytes(), password=None)
+    data = path.read_bytes()
+    if b"OPENSSH PRIVATE KEY" in data:
+        return serialization.load_ssh_private_key(data, password=None)
+    return serialization.load_pem_private_key(data, password=None)
 
 
 def _name(common_name: str) -> x509.Name:
@@ -131,7 +134,11 @@ def _node_keys(out: Path, index: int, report: CredentialReport) -> None:
             report.kept.append(pub_path)
         return
     key = ec.generate_private_key(ec.SECP384R1())
-    _write(key_path, _pem_key(key), True, report)
+    # OpenSSH format for both halves: what `flower-supernode --auth-supernode-private-key`
+    # and `flwr supernode register` read.
+    _write(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                       serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()), True, report)
     _write(pub_path, key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                                    serialization.PublicFormat.OpenSSH),
            False, report)
@@ -148,7 +155,9 @@ def make_deployment_credentials(out_dir: str | Path, server_hosts: list[str], no
     os.chmod(out, 0o700)
     report = CredentialReport()
     ca_key, ca_cert = _ca(out, days, report)
-    _server(out, list(dict.fromkeys(server_hosts)), ca_key, ca_cert, days, report)
+    # The SuperLink's own SuperExec connects to it over 127.0.0.1: always a valid name.
+    hosts = list(dict.fromkeys([*server_hosts, "127.0.0.1", "localhost"]))
+    _server(out, hosts, ca_key, ca_cert, days, report)
     for i in range(nodes):
         _node_keys(out, i, report)
     return report

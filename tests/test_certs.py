@@ -31,6 +31,7 @@ def test_files_permissions_and_san(tmp_path):
     server.verify_directly_issued_by(ca)
     san = server.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert {str(v.value) for v in san} == {"superlink.example.org", "127.0.0.1", "localhost"}
+    assert (out / "node-0.key").read_bytes().startswith(b"-----BEGIN OPENSSH PRIVATE KEY")
     pub = (out / "node-1.pub").read_bytes()
     assert pub.startswith(b"ecdsa-sha2-nistp384 ")
     serialization.load_ssh_public_key(pub)
@@ -47,6 +48,9 @@ def test_rerun_never_overwrites_and_adds_missing_nodes(tmp_path):
                                                 "node-2.pub"}
     with pytest.raises(CertError, match="does not cover"):
         make_deployment_credentials(out, ["other-host"], 1)
+    (out / "node-0.pub").unlink()  # the public half is re-derived from the kept private key
+    make_deployment_credentials(out, ["localhost"], 1)
+    assert (out / "node-0.pub").read_bytes() == before["node-0.pub"]
     (out / "ca.crt").unlink()
     with pytest.raises(CertError, match="half of the CA"):
         make_deployment_credentials(out, ["localhost"], 1)
