@@ -13,6 +13,7 @@ import importlib
 import json
 import logging
 import math
+import os
 import sys
 import time
 import uuid
@@ -201,6 +202,69 @@ def cmd_report(args) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- deployment
+
+def project_dir() -> Path:
+    """The Flower app directory (pyproject.toml with [tool.flwr.app]): fedllm's checkout."""
+    root = Path(__file__).resolve().parent.parent
+    if not (root / "pyproject.toml").is_file():
+        raise CliError(f"no pyproject.toml at {root}: install fedllm from its checkout with "
+                       "`pip install -e .` to launch deployments")
+    return root
+
+
+def cmd_launch(args) -> int:
+    """Compose + validate the config here, then hand the run to Flower's `flwr run`."""
+    import subprocess
+
+    from fedllm import config as fcfg
+    from fedllm import protocol
+
+    cfg = fcfg.compose(["eval.mode=clients", *args.overrides])
+    if cfg.eval.mode != "clients":
+        raise fcfg.ConfigError("eval.mode: a deployment keeps data on the nodes; use clients")
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    cfg.run.id = cfg.run.id or uuid.uuid4().hex[:16]
+    text = fcfg.to_yaml(cfg)
+    Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.run.dir) / "config.yaml").write_text(text)
+    command = ["flwr", "run", str(args.app_dir or project_dir()), args.connection, "--stream",
+               "--run-config", f'{protocol.CONFIG_KEY}="{protocol.encode_config(text)}"']
+    print(f"fedllm launch: run {cfg.run.id} on '{args.connection}' → {cfg.run.dir} "
+          "(on the SuperLink's machine)", flush=True)
+    return subprocess.call(command)
+
+
+def cmd_connection(args) -> int:
+    """Write a SuperLink connection into $FLWR_HOME/config.toml (what `flwr run` reads)."""
+    import tomllib
+
+    import tomli_w
+
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    path = home / "config.toml"
+    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    links = data.setdefault("superlink", {})
+    if args.name in links and not args.replace:
+        raise CliError(f"connection '{args.name}' already exists in {path} (use --replace)")
+    entry = {"address": args.address}
+    if args.insecure:
+        print("fedllm: WARNING: insecure connection: traffic is not encrypted and the "
+              "SuperLink is not authenticated. Use only for local experiments.", file=sys.stderr)
+        entry["insecure"] = True
+    else:
+        if not args.root_certificates:
+            raise CliError("give --root-certificates CA.crt (or --insecure, for experiments)")
+        entry["root-certificates"] = str(Path(args.root_certificates).expanduser().resolve())
+    links[args.name] = entry
+    home.mkdir(parents=True, exist_ok=True)
+    path.write_text(tomli_w.dumps(data))
+    print(f"wrote connection '{args.name}' → {args.address} to {path}")
+    return 0
+
+
 # --------------------------------------------------------------------------- certs
 
 def cmd_certs(args) -> int:
@@ -283,6 +347,20 @@ def _parser() -> argparse.ArgumentParser:
     crt.add_argument("--nodes", type=int, default=0, help="number of site key pairs")
     crt.add_argument("--days", type=int, default=365, help="certificate validity")
     crt.set_defaults(func=cmd_certs)
+
+    lau = sub.add_parser("launch", help="start a run on a deployed federation (flwr run)")
+    lau.add_argument("connection", help="SuperLink connection name (see `fedllm connection`)")
+    lau.add_argument("overrides", nargs="*", help="Hydra overrides, as for simulate")
+    lau.add_argument("--app-dir", help="Flower app directory (default: fedllm's checkout)")
+    lau.set_defaults(func=cmd_launch)
+
+    con = sub.add_parser("connection", help="add a SuperLink connection for `flwr`/`launch`")
+    con.add_argument("name")
+    con.add_argument("--address", required=True, help="HOST:PORT of the SuperLink")
+    con.add_argument("--root-certificates", help="the federation's ca.crt")
+    con.add_argument("--insecure", action="store_true", help="no TLS (experiments only)")
+    con.add_argument("--replace", action="store_true")
+    con.set_defaults(func=cmd_connection)
 
     res = sub.add_parser("resume", help="continue a run directory from its last checkpoint")
     res.add_argument("run_dir")

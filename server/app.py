@@ -36,7 +36,7 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, str(context.run_config[protocol.CONFIG_KEY]))
+    run_federation(grid, protocol.decode_config(str(context.run_config[protocol.CONFIG_KEY])))
 
 
 def make_server_app(cfg_text: str) -> ServerApp:
@@ -188,6 +188,22 @@ def user_epsilon(cfg: FedLLMConfig, strategy: AdapterFedAvg, population: int) ->
     return epsilon([event], cfg.privacy.delta, cfg.privacy.accountant)
 
 
+def wait_for_nodes(grid: Grid, cfg: FedLLMConfig) -> int:
+    """Deployment: wait (up to federation.client_timeout) for the expected SuperNodes."""
+    wanted = cfg.federation.num_clients or cfg.federation.clients_per_round
+    deadline = time.time() + cfg.federation.client_timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= wanted or time.time() > deadline:
+            break
+        time.sleep(1)
+    log.info("%d SuperNodes connected (waiting for %d)", connected, wanted)
+    if connected < cfg.federation.min_clients:
+        raise RuntimeError(f"only {connected} SuperNodes connected; federation.min_clients="
+                           f"{cfg.federation.min_clients}")
+    return connected
+
+
 def run_federation(grid: Grid, cfg_text: str) -> dict:
     cfg = from_yaml(cfg_text)
     run_dir = Path(cfg.run.dir)
@@ -201,8 +217,7 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
             seed=cfg.run.seed)
         eval_sequences, population = data.eval_sequences(cfg.eval.max_sequences), len(data.clients)
     else:  # deployment: data stays on the nodes; the federation is whoever is connected
-        eval_sequences, population = None, len(list(grid.get_node_ids()))
-        log.info("%d SuperNodes connected", population)
+        eval_sequences, population = None, wait_for_nodes(grid, cfg)
     initial = models.adapter_state(loaded.model)
 
     strategy = make_strategy(cfg, cfg_text, population)
