@@ -48,8 +48,9 @@ def _config(text: str) -> FedLLMConfig:
 
 
 def node_config_overrides(cfg: FedLLMConfig, node_config) -> FedLLMConfig:
-    """A deployed site's own settings win over the run's: model path, device, ledger dir."""
-    if not any(k in node_config for k in ("model-path", "device", "ledger-dir")):
+    """A deployed site's own settings win over the run's: model path, device, ledger dir, and
+    its own privacy budget (the stricter of the site's and the run's applies)."""
+    if not any(k in node_config for k in ("model-path", "device", "ledger-dir", "budget")):
         return cfg
     cfg = copy.deepcopy(cfg)
     if "model-path" in node_config:
@@ -60,6 +61,10 @@ def node_config_overrides(cfg: FedLLMConfig, node_config) -> FedLLMConfig:
         cfg.model.device = str(node_config["device"])
     if "ledger-dir" in node_config:
         cfg.privacy.ledger_dir = str(node_config["ledger-dir"])
+    if "budget" in node_config:
+        site = float(node_config["budget"])
+        run = cfg.privacy.budget
+        cfg.privacy.budget = site if run is None else min(site, run)
     return cfg
 
 

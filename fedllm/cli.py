@@ -221,6 +221,8 @@ def cmd_launch(args) -> int:
     from fedllm import protocol
 
     cfg = fcfg.compose(["eval.mode=clients", *args.overrides])
+    if cfg.run.resume:
+        cfg = _resumed_config(cfg)
     if cfg.eval.mode != "clients":
         raise fcfg.ConfigError("eval.mode: a deployment keeps data on the nodes; use clients")
     if not cfg.run.dir:
@@ -229,7 +231,8 @@ def cmd_launch(args) -> int:
     cfg.run.id = cfg.run.id or uuid.uuid4().hex[:16]
     text = fcfg.to_yaml(cfg)
     Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-    (Path(cfg.run.dir) / "config.yaml").write_text(text)
+    if not cfg.run.resume:
+        (Path(cfg.run.dir) / "config.yaml").write_text(text)
     command = ["flwr", "run", str(args.app_dir or project_dir()), args.connection, "--stream",
                "--run-config", f'{protocol.CONFIG_KEY}="{protocol.encode_config(text)}"']
     print(f"fedllm launch: run {cfg.run.id} on '{args.connection}' → {cfg.run.dir} "

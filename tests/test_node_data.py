@@ -34,3 +34,15 @@ def test_node_settings_override_the_run(tiny_cfg, tmp_path):
     cfg = node_config_overrides(tiny_cfg, {"ledger-dir": str(tmp_path / "l"), "device": "cpu"})
     assert cfg.privacy.ledger_dir == str(tmp_path / "l") and cfg.model.device == "cpu"
     assert tiny_cfg.privacy.ledger_dir is None  # the shared run config is untouched
+
+
+def test_site_budget_is_enforced_even_if_the_run_asks_for_more(tiny_cfg):
+    import copy
+
+    generous = copy.deepcopy(tiny_cfg)
+    generous.privacy.budget = 100.0
+    assert node_config_overrides(generous, {"budget": 3.0}).privacy.budget == 3.0
+    assert node_config_overrides(tiny_cfg, {"budget": 3.0}).privacy.budget == 3.0
+    strict = copy.deepcopy(tiny_cfg)
+    strict.privacy.budget = 1.0
+    assert node_config_overrides(strict, {"budget": 3.0}).privacy.budget == 1.0
