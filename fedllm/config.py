@@ -164,7 +164,7 @@ def conf_dir() -> Path:
     env = os.environ.get("FEDLLM_CONF_DIR")
     if env:
         return Path(env)
-    path = Path(__file__).resolve().parent.parent / "conf"
+    path = Path(__file__).parent / "conf"  # link to ../conf in a checkout; files in a wheel
     if not (path / "config.yaml").is_file():
         raise ConfigError(f"config tree not found at {path}; install fedllm with `pip install -e .` "
                           "from its checkout or set FEDLLM_CONF_DIR")
