@@ -90,6 +90,9 @@ class ExamplePrivacyConfig:
     noise_multiplier: Optional[float] = None   # set: used as is; else calibrated
     max_grad_norm: float = 1.0
     target_epsilon: Optional[float] = 8.0
+    # Per-sample gradients: auto (LoRA fast path when it covers every trainable parameter,
+    # Opacus hooks otherwise) | lora_fast | opacus. Both are exact; see privacy/lora_fast.py.
+    per_sample_grads: str = "auto"
 
 
 @dataclass
@@ -317,6 +320,7 @@ def validate(cfg: FedLLMConfig) -> None:
     e = p.example
     # Values are checked even when their feature is off: a typo should not wait to bite.
     _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
+    _choice(e.per_sample_grads, "privacy.example.per_sample_grads", ("auto", "lora_fast", "opacus"))
     if e.enabled:
         _require(e.noise_multiplier is not None or e.target_epsilon is not None,
                  "privacy.example", "set target_epsilon or noise_multiplier")

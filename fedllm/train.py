@@ -61,7 +61,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     losses: list[float] = []
 
     if dp.enabled:
-        with dpsgd.grad_sample_module(model) as gsm:
+        with dpsgd.per_sample_gradients(model, dp.per_sample_grads) as gsm:
             optimizer = dpsgd.make_dp_optimizer(
                 make_optimizer(params, t), noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,

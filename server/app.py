@@ -28,6 +28,7 @@ from fedllm.privacy.updates import distributed_noise_std
 from server import checkpoint
 from server.secagg import SecAggFedAvg
 from server.strategy import AdapterFedAvg, UserDP
+from server.wire import MeteredGrid
 
 log = logging.getLogger("fedllm.server")
 
@@ -79,6 +80,7 @@ class RoundRecorder:
             result = self.strategy.federated_evaluate(arrays, server_round,
                                                       self.cfg.federation.client_timeout)
         if server_round == 0:
+            self._take_wire_counts()  # base evaluation is not part of round 1
             self.base = result
             log.info("base model: held-out loss %.4f, perplexity %.2f",
                      result["eval_loss"], result["perplexity"])
@@ -88,8 +90,13 @@ class RoundRecorder:
         self._round_start = time.time()
         return MetricRecord(result)
 
+    def _take_wire_counts(self) -> tuple[int | None, int | None]:
+        take = getattr(self.strategy.grid, "take_counts", None)
+        return take() if take is not None else (None, None)
+
     def _write_row(self, server_round: int, result: dict) -> None:
         info = self.strategy.rounds[-1]
+        wire_down, wire_up = self._take_wire_counts()
         for cid in set(info.accepted) | {c for c in self.strategy.events if c not in self.epsilons}:
             if cid in self.strategy.events:
                 self.epsilons[cid] = epsilon(self.strategy.events[cid], self.cfg.privacy.delta,
@@ -106,6 +113,8 @@ class RoundRecorder:
             "num_declined": len(info.declined),
             "bytes_up": info.bytes_up,
             "bytes_down": info.bytes_down,
+            "wire_bytes_up": wire_up,
+            "wire_bytes_down": wire_down,
             "seconds": round(time.time() - self._round_start, 3),
             "epsilon_example_max": eps_max if self.cfg.privacy.example.enabled else None,
             "epsilon_user": user_epsilon(self.cfg, self.strategy, self.population),
@@ -206,6 +215,7 @@ def wait_for_nodes(grid: Grid, cfg: FedLLMConfig) -> int:
 
 def run_federation(grid: Grid, cfg_text: str) -> dict:
     cfg = from_yaml(cfg_text)
+    grid = MeteredGrid(grid)  # counts every message's serialized bytes (metrics: wire_*)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -293,6 +303,7 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
         "epsilon_example_max": ex["max_epsilon"] if ex else None,
         "epsilon_example_median": ex["median_epsilon"] if ex else None,
         "epsilon_user": report["user_level"]["epsilon"] if report["user_level"] else None,
+        "population": recorder.population,
         "clients_trained": len(strategy.client_params),
         "clients_declined": sum(len(r.declined) for r in strategy.rounds),
         "delta": cfg.privacy.delta,

@@ -1,8 +1,11 @@
 """Opacus DP-SGD wiring for PEFT models.
 
 Hard-won details (see DESIGN.md §4):
-  * Per-sample gradients come from Opacus' ``GradSampleModule`` with hooks; only the
-    trainable (adapter) parameters get them. Ghost clipping is not used.
+  * Per-sample gradients of LoRA layers come from fedllm's fast path (``lora_fast``: a closed
+    form inside one autograd function per layer); anything else (other adapters, LoRA
+    variants) from Opacus' ``GradSampleModule`` with hooks. Either way only the trainable
+    (adapter) parameters get them, and Opacus' DPOptimizer clips and noises. Ghost clipping
+    is not used.
   * The loss is a per-sequence mean token loss averaged over the batch (``loss_reduction
     ="mean"``); Hugging Face's built-in loss averages over all tokens of the batch, which
     couples examples and breaks the per-sample analysis.
@@ -59,10 +62,46 @@ def grad_sample_module(model):
         yield gsm
     finally:
         gsm.remove_hooks()
-        for p in model.parameters():
-            for attr in ("grad_sample", "summed_grad", "_processed"):
-                if hasattr(p, attr):
-                    delattr(p, attr)
+        _clear_per_sample_state(model)
+
+
+ENGINES = ("auto", "lora_fast", "opacus")
+
+
+def resolve_engine(model, engine: str = "auto") -> str:
+    """The per-sample gradient engine that will run: ``auto`` picks the LoRA fast path
+    whenever it covers every trainable parameter, Opacus' hooks otherwise."""
+    from fedllm.privacy import lora_fast
+
+    if engine not in ENGINES:
+        raise ValueError(f"unknown per-sample gradient engine {engine!r}")
+    if engine == "auto":
+        return "lora_fast" if lora_fast.applies(model) else "opacus"
+    return engine
+
+
+@contextlib.contextmanager
+def per_sample_gradients(model, engine: str = "auto"):
+    """Yield the module to run forward passes on so that backward stores ``grad_sample``
+    on every trainable parameter (the fast path yields ``model`` itself)."""
+    from fedllm.privacy import lora_fast
+
+    if resolve_engine(model, engine) == "lora_fast":
+        with lora_fast.lora_per_sample_gradients(model) as fast:
+            try:
+                yield fast
+            finally:
+                _clear_per_sample_state(model)
+    else:
+        with grad_sample_module(model) as gsm:
+            yield gsm
+
+
+def _clear_per_sample_state(model) -> None:
+    for p in model.parameters():
+        for attr in ("grad_sample", "summed_grad", "_processed"):
+            if hasattr(p, attr):
+                delattr(p, attr)
 
 
 def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float,
@@ -76,6 +115,7 @@ def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: floa
 
 def dp_step(gsm, optimizer, batch: torch.Tensor, physical_batch_size: int | None,
             device: torch.device) -> float | None:
+    # ``gsm``: the module ``per_sample_gradients`` yielded (GradSampleModule or the model).
     """One DP-SGD step on a (possibly empty) Poisson batch. Returns the batch loss or None.
 
     A large logical batch is processed in physical chunks; the optimizer accumulates clipped
