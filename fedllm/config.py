@@ -32,6 +32,7 @@ class LoraConfig:
     alpha: float = 16.0
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
+    freeze_a: bool = False      # FFA-LoRA: train B only, A fixed at its seeded random init
 
 
 @dataclass
@@ -358,7 +359,7 @@ def validate(cfg: FedLLMConfig) -> None:
         _require(s_.reconstruction_threshold <= f.clients_per_round, "secagg.reconstruction_threshold",
                  f"({s_.reconstruction_threshold}) exceeds federation.clients_per_round "
                  f"({f.clients_per_round})")
-    _choice(cfg.strategy.name, "strategy.name", ("fedavg",))
+    _choice(cfg.strategy.name, "strategy.name", ("fedavg", "fedavgm", "fedadam", "fedyogi"))
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
     _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)

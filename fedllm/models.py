@@ -169,7 +169,15 @@ def attach_adapter(base_model, model_cfg, seed: int):
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                         target_modules=list(lora.target_modules), bias="none",
                         task_type="CAUSAL_LM")
-    return get_peft_model(base_model, config)
+    model = get_peft_model(base_model, config)
+    if lora.freeze_a:
+        # FFA-LoRA (Sun et al., ICLR 2024): A stays at its (seeded, shared) random init and
+        # only B trains. Half the trainable parameters, so less DP noise in total, and the
+        # update is linear in B, so averaging clients' deltas is exact.
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.requires_grad_(False)
+    return model
 
 
 def unwrap(model):

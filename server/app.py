@@ -174,7 +174,8 @@ def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterF
     common = dict(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
                   sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
                   seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
-                  user_dp=make_user_dp(cfg, population), run_id=cfg.run.id)
+                  user_dp=make_user_dp(cfg, population), run_id=cfg.run.id,
+                  server_optimizer=cfg.strategy.name)
     if not cfg.secagg.enabled:
         return AdapterFedAvg(**common)
     clip_range = secagg_range(cfg, common["user_dp"])

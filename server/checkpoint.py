@@ -44,8 +44,12 @@ def save(run_dir: Path, server_round: int, arrays: "OrderedDict[str, np.ndarray]
         "epsilons": recorder.epsilons,
         "order": list(arrays),
     }
+    # Server optimizer state (FedAdam/FedYogi moments, FedAvgM momentum): resumed exactly.
+    opt_state = strategy.server_opt.state_arrays()
+    state["server_opt_order"] = list(opt_state)
     buf = io.BytesIO()
     payload = {f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())}
+    payload.update({f"s{i}": np.asarray(v) for i, v in enumerate(opt_state.values())})
     np.savez(buf, **payload, **{STATE_KEY: np.frombuffer(json.dumps(state).encode(), np.uint8)})
     atomic_write_bytes(Path(run_dir) / CHECKPOINT, buf.getvalue())
 
@@ -59,6 +63,8 @@ def load(run_dir: Path) -> tuple[dict, "OrderedDict[str, np.ndarray]"] | None:
             state = json.loads(bytes(data[STATE_KEY]).decode())
             arrays = OrderedDict((name, data[f"a{i}"].copy())
                                  for i, name in enumerate(state["order"]))
+            state["server_opt_arrays"] = {name: data[f"s{i}"].copy() for i, name in
+                                          enumerate(state.get("server_opt_order", []))}
     except (OSError, ValueError, KeyError) as exc:
         raise CheckpointError(f"checkpoint {path} is unreadable: {exc}") from None
     if state.get("version") != VERSION:
@@ -76,6 +82,7 @@ def restore(state: dict, strategy, recorder) -> None:
     strategy.user_releases = list(state["user_releases"])
     strategy.rounds = [RoundInfo(**r) for r in state["rounds"]]
     strategy.round_offset = int(state["round"])
+    strategy.server_opt.load_state_arrays(state.get("server_opt_arrays", {}))
     recorder.history = state["history"]
     recorder.base = state["base"]
     recorder.epsilons = state["epsilons"]

@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 from fedllm import protocol
 from fedllm.privacy.accounting import PrivacyEvent
 from fedllm.privacy.updates import UpdateRejected, add_noise, check_update
+from fedllm.server_opt import ServerOptimizer
 
 log = logging.getLogger(__name__)
 
@@ -65,12 +66,14 @@ class UserDP:
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
                  server_lr: float, seed: int, min_clients: int = 1,
-                 user_dp: UserDP | None = None, run_id: str = "") -> None:
+                 user_dp: UserDP | None = None, run_id: str = "",
+                 server_optimizer: str = "fedavg") -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.cfg_text = cfg_text
         self.clients_per_round = clients_per_round
         self.sampling = sampling
         self.server_lr = server_lr
+        self.server_opt = ServerOptimizer(server_optimizer, server_lr)
         self.min_clients = min_clients
         self.rng = random.Random(seed)
         self.global_arrays: OrderedDict[str, np.ndarray] | None = None
@@ -166,11 +169,11 @@ class AdapterFedAvg(FedAvg):
 
     def apply(self, average: "dict[str, np.ndarray] | None", count: int
               ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """New global adapter = global + server_lr * average (None: leave it unchanged)."""
+        """New global adapter: the server optimizer's step along the average (FedAvg:
+        global + server_lr * average). None: leave it unchanged."""
         if average is None:
             return None, None
-        new = OrderedDict((k, (v + self.server_lr * average[k]).astype(np.float32))
-                          for k, v in self.global_arrays.items())
+        new = self.server_opt.step(self.global_arrays, average)
         arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
         return arrays, MetricRecord({"train_loss": self.rounds[-1].train_loss,
                                      "num_clients": count})

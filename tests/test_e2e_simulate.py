@@ -76,12 +76,18 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
 
 def test_tiny_simulation_without_dp(tmp_path):
     run_dir = tmp_path / "run"
-    proc = run_simulate(run_dir, "model=tiny", "privacy=none", "federation.rounds=1",
+    proc = run_simulate(run_dir, "model=tiny", "privacy=none", "strategy=fedadam",
+                        "federation.rounds=1",
                         "federation.num_clients=3", "federation.clients_per_round=3",
                         "train.local_steps=2")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = check_contract_files(run_dir, 1)
     assert rows[0]["epsilon_example_max"] is None
+    # Wire bytes count whole serialized messages: the adapter payload plus the resolved
+    # config that travels with every instruction.
+    config_bytes = len((run_dir / "config.yaml").read_bytes())
+    assert rows[0]["wire_bytes_down"] >= rows[0]["bytes_down"] + 3 * config_bytes
+    assert rows[0]["bytes_up"] > 0 and rows[0]["wire_bytes_up"] > rows[0]["bytes_up"]
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["example_level"] is None
     assert "without differential privacy" in (run_dir / "adapter" / "README.md").read_text()

@@ -124,3 +124,22 @@ def test_config_rejects_unknown_engine():
 
     with pytest.raises(ConfigError, match="privacy.example.per_sample_grads"):
         compose(["model=tiny", "privacy.example.per_sample_grads=magic"])
+
+
+def test_ffa_lora_trains_only_b_with_exact_per_sample_gradients(tiny_cfg, tiny_data):
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.model.lora.freeze_a = True
+    model = _lora(cfg)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_B" in n for n in trainable)
+    assert dpsgd.resolve_engine(model) == "lora_fast"
+    batch = torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(4))
+    fast, ref = _grad_samples(model, batch, "lora_fast"), _grad_samples(model, batch, "opacus")
+    assert fast.keys() == ref.keys() == set(trainable)
+    for n in trainable:
+        torch.testing.assert_close(fast[n], ref[n], rtol=1e-4, atol=1e-7)
+    loaded = models.LoadedModel(model=model, tokenizer=None, device=torch.device("cpu"))
+    res = local_round(loaded, models.adapter_state(model), tiny_data.clients[0].train, cfg,
+                      noise_multiplier=1.0, seed=0)
+    assert all(not d.any() for k, d in res.delta.items() if "lora_A" in k)
+    assert all(d.any() for k, d in res.delta.items() if "lora_B" in k)

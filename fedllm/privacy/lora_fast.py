@@ -94,11 +94,13 @@ class _LoraPerSample(torch.autograd.Function):
         x3 = x.reshape(n, -1, x.shape[-1])
         h3 = h.reshape(n, -1, h.shape[-1])
         f32 = torch.float32
-        gs_b = torch.einsum("nto,ntr->nor", g.to(f32), h3.to(f32)).mul_(s * n)
-        gs_a = torch.einsum("ntr,nti->nri", gh.to(f32), x3.to(f32)).mul_(n)
         param_a, param_b = ctx.weights
-        _store(param_a, gs_a.to(param_a.dtype))
-        _store(param_b, gs_b.to(param_b.dtype))
+        if param_b.requires_grad:
+            gs_b = torch.einsum("nto,ntr->nor", g.to(f32), h3.to(f32)).mul_(s * n)
+            _store(param_b, gs_b.to(param_b.dtype))
+        if param_a.requires_grad:  # frozen under FFA-LoRA (model.lora.freeze_a)
+            gs_a = torch.einsum("ntr,nti->nri", gh.to(f32), x3.to(f32)).mul_(n)
+            _store(param_a, gs_a.to(param_a.dtype))
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (gh @ weight_a.to(gh.dtype)).reshape(x.shape).to(x.dtype)

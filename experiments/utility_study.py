@@ -1,0 +1,186 @@
+"""What moves utility under DP at fixed epsilon and compute: a systematic study (issue 10).
+
+Run: python experiments/utility_study.py [--only NAME ...] [--epsilon 8] [--write]
+Each configuration is the demo (SmolLM2-135M, LoRA, the bundled plays' natural clients,
+3 rounds x 3 clients) plus hydra overrides. To afford many configurations on 2 cores the
+federation runs in one process: the same fedllm pieces as `fedllm simulate` (data
+partitioning, `fedllm.train.local_round` = the clients' DP-SGD with Poisson sampling,
+per-client noise calibrated exactly as the ClientApp does, unweighted FedAvg of deltas, the
+server optimizer of `fedllm.server_opt`), minus Flower's transport. Same sampled clients in
+every configuration (seeded), fresh DP noise. Results append to
+experiments/results/utility_study.jsonl; --write turns them into a BENCHMARKS.md section.
+The winners are then confirmed with real `fedllm simulate` runs (experiments/bench_utility.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import secrets
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "experiments"))
+
+RESULTS = ROOT / "experiments" / "results" / "utility_study.jsonl"
+
+# name -> overrides on top of the demo. "np:" prefixed names run without privacy.
+BASELINE = []
+STUDY: dict[str, list[str]] = {
+    "demo defaults (r=8 q,v, AdamW 2e-3, B=8, 4 steps, C=1)": BASELINE,
+    "r=1": ["model.lora.r=1", "model.lora.alpha=2"],
+    "FFA-LoRA (B only), r=8": ["model.lora.freeze_a=true"],
+    "FFA-LoRA, r=1": ["model.lora.freeze_a=true", "model.lora.r=1", "model.lora.alpha=2"],
+    "B=32, 1 step (same compute)": ["train.batch_size=32", "train.local_steps=1"],
+    "B=16, 2 steps (same compute)": ["train.batch_size=16", "train.local_steps=2"],
+    "B=32, 4 steps (4x compute)": ["train.batch_size=32", "train.local_steps=4",
+                                   "train.physical_batch_size=16"],
+    "B=32, 4 steps, FFA-LoRA r=1, lr 5e-3": ["train.batch_size=32", "train.local_steps=4",
+                                             "train.physical_batch_size=16",
+                                             "model.lora.freeze_a=true", "model.lora.r=1",
+                                             "model.lora.alpha=2", "train.lr=5e-3"],
+    "lr 5e-3": ["train.lr=5e-3"],
+    "lr 1e-2": ["train.lr=1e-2"],
+    "SGD+momentum lr 0.5, C=0.1": ["train.optimizer=sgd", "train.lr=0.5",
+                                   "privacy.example.max_grad_norm=0.1"],
+    "SGD+momentum lr 0.1, C=1": ["train.optimizer=sgd", "train.lr=0.1"],
+    "8 steps": ["train.local_steps=8"],
+    "server FedAdam lr 1e-2": ["strategy.name=fedadam", "strategy.server_lr=1e-2"],
+    "server lr 2": ["strategy.server_lr=2.0"],
+    "q,k,v,o,up,down targets": ["model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,up_proj,down_proj]"],
+}
+
+
+def run_config(name: str, overrides: list[str], private: bool, epsilon: float, cache: dict
+               ) -> dict:
+    from clients.app import noise_multiplier_for
+    from fedllm import models
+    from fedllm.config import compose, min_client_sequences, to_yaml
+    from fedllm.data.federated import build_federated_data
+    from fedllm.evaluate import evaluate
+    from fedllm.privacy.accounting import PrivacyEvent, epsilon as eps_of
+    from fedllm.server_opt import ServerOptimizer
+    from fedllm.train import local_round
+
+    privacy = [f"privacy.example.target_epsilon={epsilon:g}"] if private else ["privacy=none"]
+    cfg = compose([*overrides, *privacy])
+    started = time.time()
+    model_key = to_yaml(cfg.model)
+    if cache.get("model_key") != model_key:
+        cache.pop("loaded", None)
+        cache["loaded"] = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
+        cache["model_key"] = model_key
+        cache["initial"] = models.adapter_state(cache["loaded"].model)
+    loaded, initial = cache["loaded"], cache["initial"]
+    data_key = (to_yaml(cfg.data), cfg.train.seq_len, min_client_sequences(cfg))
+    if cache.get("data_key") != data_key:
+        cache["data"] = build_federated_data(
+            cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
+            min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
+            seed=cfg.run.seed)
+        cache["data_key"] = data_key
+        cache.pop("base", None)
+    data = cache["data"]
+    eval_seqs = data.eval_sequences(cfg.eval.max_sequences)
+    if "base" not in cache:
+        models.load_adapter_state(loaded.model, initial)
+        cache["base"] = evaluate(loaded.model, eval_seqs, cfg.eval.batch_size, loaded.device)
+    server = ServerOptimizer(cfg.strategy.name, cfg.strategy.server_lr)
+    rng = random.Random(cfg.run.seed)
+    weights = dict(initial)
+    events: dict[str, list] = {}
+    for _ in range(cfg.federation.rounds):
+        chosen = rng.sample(range(len(data.clients)), cfg.federation.clients_per_round)
+        deltas = []
+        for index in chosen:
+            client = data.clients[index]
+            z = noise_multiplier_for(cfg, len(client.train))
+            res = local_round(loaded, weights, client.train, cfg, noise_multiplier=z,
+                              seed=secrets.randbits(62))
+            deltas.append(res.delta)
+            if res.event is not None:
+                events.setdefault(client.client_id, []).append(res.event)
+        average = {k: np.mean([d[k] for d in deltas], axis=0) for k in weights}
+        weights = server.step(weights, average)
+    models.load_adapter_state(loaded.model, weights)
+    final = evaluate(loaded.model, eval_seqs, cfg.eval.batch_size, loaded.device)
+    eps = max((eps_of(e, cfg.privacy.delta, cfg.privacy.accountant) for e in events.values()),
+              default=None)
+    return {"name": name, "private": private, "target_epsilon": epsilon if private else None,
+            "overrides": overrides, "base_loss": cache["base"]["eval_loss"],
+            "final_loss": final["eval_loss"], "base_ppl": cache["base"]["perplexity"],
+            "final_ppl": final["perplexity"], "epsilon_max": eps,
+            "gain_nats": cache["base"]["eval_loss"] - final["eval_loss"],
+            "seconds": round(time.time() - started, 1),
+            "trainable": sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", nargs="*", help="names (or unique prefixes) to run")
+    parser.add_argument("--epsilon", type=float, default=8.0)
+    parser.add_argument("--nonprivate", action="store_true", help="also run each without DP")
+    parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md from results")
+    parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    if args.write:
+        return write_tables()
+    names = [n for n in STUDY if not args.only or any(n.startswith(o) for o in args.only)]
+    args.results.parent.mkdir(parents=True, exist_ok=True)
+    cache: dict = {}
+    for name in names:
+        for private in ([True, False] if args.nonprivate else [True]):
+            row = run_config(name, [*STUDY[name], *args.extra], private, args.epsilon, cache)
+            with open(args.results, "a") as fh:
+                fh.write(json.dumps(row) + "\n")
+            print(json.dumps(row), flush=True)
+
+
+def write_tables() -> None:
+    from benchmarks_md import write_section
+
+    rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
+    latest = {}
+    for r in rows:  # the latest result per (name, private, epsilon)
+        latest[(r["name"], r["private"], r["target_epsilon"])] = r
+    nonprivate = {r["name"]: r for r in latest.values() if not r["private"]}
+    best_np = max((r["gain_nats"] for r in nonprivate.values()), default=None)
+    lines = []
+    for r in sorted((r for r in latest.values() if r["private"]),
+                    key=lambda r: (r["target_epsilon"], -r["gain_nats"])):
+        np_row = nonprivate.get(r["name"])
+        same = f"{100 * r['gain_nats'] / np_row['gain_nats']:.0f}%" if np_row and \
+            np_row["gain_nats"] > 0 else "—"
+        best = f"{100 * r['gain_nats'] / best_np:.0f}%" if best_np else "—"
+        cmd = "python experiments/utility_study.py --only '" + r["name"] + "'"
+        lines.append(f"| {r['name']} | {r['target_epsilon']:g} | {r['epsilon_max']:.2f} | "
+                     f"{r['trainable']:,} | {r['base_ppl']:.2f} → {r['final_ppl']:.2f} | "
+                     f"{r['gain_nats']:+.4f} | "
+                     f"{np_row['gain_nats'] if np_row else float('nan'):+.4f} | {same} | {best} | "
+                     f"`{cmd}` |")
+    write_section("utility_study", "\n".join([
+        "## Utility study: what moves held-out loss under DP (issue 10)",
+        "",
+        "Command: `python experiments/utility_study.py --nonprivate` then `--write` (one "
+        "process: fedllm's data, DP-SGD `local_round`, per-client noise calibration and "
+        "FedAvg without Flower's transport; demo setup: SmolLM2-135M, 3 rounds x 3 natural "
+        "clients, seq 64, δ = 1e-5). *Gain*: base − final held-out loss (nats). *Kept*: DP "
+        "gain / non-private gain of the same configuration, and / the best non-private gain "
+        "in the table. One run per row (DP noise differs between runs).",
+        "",
+        "| configuration | target ε | ε max | trainable | perplexity | DP gain | non-private "
+        "gain | kept (same) | kept (best) | command |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+        *lines,
+    ]))
+
+
+if __name__ == "__main__":
+    main()
