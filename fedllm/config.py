@@ -35,11 +35,20 @@ class LoraConfig:
 
 
 @dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 8     # soft-prompt length (trainable: tokens x hidden size)
+    init: str = "sample_vocab"      # sample_vocab (random real tokens' embeddings) | random | text
+    init_text: Optional[str] = None  # init=text: the prompt whose token embeddings start it
+
+
+@dataclass
 class ModelConfig:
     name: str = "smollm2"           # tiny | smollm2 | hf
     path: Optional[str] = None      # local HF directory or .gguf file
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    adapter: str = "lora"           # lora | prompt_tuning (Hydra group `adapter=`)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -265,6 +274,7 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(m.lora.alpha, "model.lora.alpha")
     _require(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
     _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+    _validate_prompt_tuning(m)
     for key in ("hidden_size", "num_layers", "num_heads"):
         _positive_int(getattr(m.tiny, key), f"model.tiny.{key}")
     _require(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
@@ -361,6 +371,16 @@ def validate(cfg: FedLLMConfig) -> None:
     _choice(cfg.eval.mode, "eval.mode", ("server", "clients"))
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
+
+
+def _validate_prompt_tuning(m: ModelConfig) -> None:
+    _choice(m.adapter, "model.adapter", ("lora", "prompt_tuning"))
+    pt = m.prompt_tuning
+    _positive_int(pt.num_virtual_tokens, "model.prompt_tuning.num_virtual_tokens")
+    _choice(pt.init, "model.prompt_tuning.init", ("sample_vocab", "random", "text"))
+    if pt.init == "text":
+        _require(bool(pt.init_text and pt.init_text.strip()), "model.prompt_tuning.init_text",
+                 "is required (non-empty) for model.prompt_tuning.init=text")
 
 
 def ledger_dir(cfg: FedLLMConfig) -> Path:

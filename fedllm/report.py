@@ -338,7 +338,8 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background
 <h1>Privacy report</h1>
 <p class="summary">{plain_summary(cfg, report)}</p>
 <p>δ = {report['delta']:g} · accountant: {report['accountant'].upper()} · rounds: {report['rounds']}
-· clients per round: {cfg.federation.clients_per_round} ({cfg.federation.sampling} sampling)</p>
+· clients per round: {cfg.federation.clients_per_round} ({cfg.federation.sampling} sampling)
+· trained: {html.escape(describe_adapter(cfg.model))}</p>
 {img}
 <h2>Per-client privacy loss</h2>
 {table}
@@ -356,13 +357,12 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     lines = [
         "---",
         "library_name: peft",
-        "tags: [fedllm, federated-learning, differential-privacy, lora]",
+        f"tags: [fedllm, federated-learning, differential-privacy, {_adapter_tag(cfg)}]",
         "---",
         "",
         "# fedllm adapter",
         "",
-        f"A LoRA adapter (r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g}, targets "
-        f"{', '.join(cfg.model.lora.target_modules)}) for base model `{_base_name(cfg)}`, trained "
+        f"A {describe_adapter(cfg.model)} for base model `{_base_name(cfg)}`, trained "
         f"with federated averaging over {report['rounds']} rounds by fedllm.",
         "",
         "## Privacy guarantee",
@@ -408,6 +408,20 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     lines += ["", "See `privacy_report.json` / `privacy_report.html` in the run directory for "
               "per-client values.", ""]
     return "\n".join(lines)
+
+
+def describe_adapter(model_cfg) -> str:
+    """One phrase for reports and model cards, e.g. ``LoRA (r=8, alpha=16, targets q_proj)``."""
+    if getattr(model_cfg, "adapter", "lora") == "prompt_tuning":
+        pt = model_cfg.prompt_tuning
+        return f"prompt-tuning adapter ({pt.num_virtual_tokens} virtual tokens, init {pt.init})"
+    lora = model_cfg.lora
+    return (f"LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, targets "
+            f"{', '.join(lora.target_modules)})")
+
+
+def _adapter_tag(cfg) -> str:
+    return "prompt-tuning" if cfg.model.adapter == "prompt_tuning" else "lora"
 
 
 def _range(clients: dict, key: str) -> str:
