@@ -152,6 +152,19 @@ class FaultsConfig:
 
 
 @dataclass
+class AuditConfig:
+    """``fedllm audit``: canary membership audit of the example-level DP-SGD mechanism."""
+    canaries: int = 256             # one run: canaries, each included with probability 1/2
+    runs: int = 1                   # 1: one-run audit; > 1: multi-run, one canary per run
+    confidence: float = 0.95
+    client_data: bool = True        # canaries join the largest client's data (False: alone)
+    seed: int = 0                   # canaries and inclusion coins (never the DP noise)
+    # TEST / DRILL ONLY: run a deliberately broken mechanism (noise: no noise added; clipping:
+    # no per-sample clipping, noise still scaled to max_grad_norm) while claiming the same ε.
+    break_mechanism: str = "none"   # none | noise | clipping
+
+
+@dataclass
 class FedLLMConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -163,6 +176,7 @@ class FedLLMConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 SCHEMA_NAME = "fedllm_schema"
@@ -371,6 +385,18 @@ def validate(cfg: FedLLMConfig) -> None:
     _choice(cfg.eval.mode, "eval.mode", ("server", "clients"))
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
+    _validate_audit(cfg.audit)
+
+
+def _validate_audit(a: AuditConfig) -> None:
+    _positive_int(a.canaries, "audit.canaries")
+    _require(a.canaries >= 8, "audit.canaries", f"must be at least 8, got {a.canaries}")
+    _positive_int(a.runs, "audit.runs")
+    _require(a.runs == 1 or a.runs >= 8, "audit.runs",
+             f"must be 1 (one-run audit) or at least 8 (multi-run), got {a.runs}")
+    _require(isinstance(a.confidence, float) and 0.5 <= a.confidence < 1, "audit.confidence",
+             f"must be in [0.5, 1), got {a.confidence!r}")
+    _choice(a.break_mechanism, "audit.break_mechanism", ("none", "noise", "clipping"))
 
 
 def _validate_prompt_tuning(m: ModelConfig) -> None:
