@@ -3,6 +3,8 @@ example-level DP-SGD, user-level DP with distributed noise and SecAgg+ in one ti
 exported adapter loads with PEFT and reproduces the reported held-out loss."""
 
 import json
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -63,3 +65,19 @@ def test_tiny_prompt_tuning_with_all_protections(tmp_path):
     result = evaluate(model, data.eval_sequences(cfg.eval.max_sequences), cfg.eval.batch_size,
                       torch.device("cpu"))
     assert result["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)
+
+    # `fedllm audit run.dir=RUN` audits the run's own saved settings (prompt tuning here) and
+    # adds its section to that run's privacy report (reusing this run saves a simulation).
+    proc = subprocess.run([sys.executable, "-m", "fedllm.cli", "audit", f"run.dir={run_dir}",
+                           "audit.canaries=16"], capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    audit = json.loads((run_dir / "audit.json").read_text())
+    assert audit["adapter"] == "prompt_tuning" and audit["canaries"] == 16
+    assert audit["claimed_mechanism"]["steps"] == 4 and not audit["flag"]
+    page = (run_dir / "privacy_report.html").read_text()
+    assert "Empirical privacy audit" in page and "Per-client privacy loss" in page
+    from fedllm.cli import _audit_config
+    from fedllm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="train.lr"):  # would change what is audited
+        _audit_config([f"run.dir={run_dir}", "train.lr=1"])
