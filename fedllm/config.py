@@ -36,11 +36,20 @@ class LoraConfig:
 
 
 @dataclass
+class PromptTuningConfig:
+    num_virtual_tokens: int = 8     # soft-prompt length (trainable: tokens x hidden size)
+    init: str = "sample_vocab"      # sample_vocab (random real tokens' embeddings) | random | text
+    init_text: Optional[str] = None  # init=text: the prompt whose token embeddings start it
+
+
+@dataclass
 class ModelConfig:
     name: str = "smollm2"           # tiny | smollm2 | hf
     path: Optional[str] = None      # local HF directory or .gguf file
     device: str = "auto"            # auto | cpu | cuda | cuda:N
+    adapter: str = "lora"           # lora | prompt_tuning (Hydra group `adapter=`)
     lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
 
 
@@ -147,6 +156,19 @@ class FaultsConfig:
 
 
 @dataclass
+class AuditConfig:
+    """``fedllm audit``: canary membership audit of the example-level DP-SGD mechanism."""
+    canaries: int = 256             # one run: canaries, each included with probability 1/2
+    runs: int = 1                   # 1: one-run audit; > 1: multi-run, one canary per run
+    confidence: float = 0.95
+    client_data: bool = True        # canaries join the largest client's data (False: alone)
+    seed: int = 0                   # canaries and inclusion coins (never the DP noise)
+    # TEST / DRILL ONLY: run a deliberately broken mechanism (noise: no noise added; clipping:
+    # no per-sample clipping, noise still scaled to max_grad_norm) while claiming the same ε.
+    break_mechanism: str = "none"   # none | noise | clipping
+
+
+@dataclass
 class FedLLMConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -158,6 +180,7 @@ class FedLLMConfig:
     secagg: SecAggConfig = field(default_factory=SecAggConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    audit: AuditConfig = field(default_factory=AuditConfig)
 
 
 SCHEMA_NAME = "fedllm_schema"
@@ -269,6 +292,7 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(m.lora.alpha, "model.lora.alpha")
     _require(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
     _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+    _validate_prompt_tuning(m)
     for key in ("hidden_size", "num_layers", "num_heads"):
         _positive_int(getattr(m.tiny, key), f"model.tiny.{key}")
     _require(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
@@ -366,6 +390,28 @@ def validate(cfg: FedLLMConfig) -> None:
     _choice(cfg.eval.mode, "eval.mode", ("server", "clients"))
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
+    _validate_audit(cfg.audit)
+
+
+def _validate_audit(a: AuditConfig) -> None:
+    _positive_int(a.canaries, "audit.canaries")
+    _require(a.canaries >= 8, "audit.canaries", f"must be at least 8, got {a.canaries}")
+    _positive_int(a.runs, "audit.runs")
+    _require(a.runs == 1 or a.runs >= 8, "audit.runs",
+             f"must be 1 (one-run audit) or at least 8 (multi-run), got {a.runs}")
+    _require(isinstance(a.confidence, float) and 0.5 <= a.confidence < 1, "audit.confidence",
+             f"must be in [0.5, 1), got {a.confidence!r}")
+    _choice(a.break_mechanism, "audit.break_mechanism", ("none", "noise", "clipping"))
+
+
+def _validate_prompt_tuning(m: ModelConfig) -> None:
+    _choice(m.adapter, "model.adapter", ("lora", "prompt_tuning"))
+    pt = m.prompt_tuning
+    _positive_int(pt.num_virtual_tokens, "model.prompt_tuning.num_virtual_tokens")
+    _choice(pt.init, "model.prompt_tuning.init", ("sample_vocab", "random", "text"))
+    if pt.init == "text":
+        _require(bool(pt.init_text and pt.init_text.strip()), "model.prompt_tuning.init_text",
+                 "is required (non-empty) for model.prompt_tuning.init=text")
 
 
 def ledger_dir(cfg: FedLLMConfig) -> Path:

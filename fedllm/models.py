@@ -161,9 +161,11 @@ def load_base_model(model_cfg, vocab_size: int, seed: int):
 
 
 def attach_adapter(base_model, model_cfg, seed: int):
-    """Wrap ``base_model`` in a PEFT LoRA model; only adapter weights are trainable."""
+    """Wrap ``base_model`` in a PEFT model (LoRA or prompt tuning); only adapter weights train."""
     from peft import LoraConfig, get_peft_model
 
+    if getattr(model_cfg, "adapter", "lora") == "prompt_tuning":
+        return attach_prompt_tuning(base_model, model_cfg, seed)
     lora = model_cfg.lora
     torch.manual_seed(seed)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
@@ -178,6 +180,52 @@ def attach_adapter(base_model, model_cfg, seed: int):
             if "lora_A" in name:
                 p.requires_grad_(False)
     return model
+
+
+def attach_prompt_tuning(base_model, model_cfg, seed: int):
+    """PEFT prompt tuning: ``num_virtual_tokens`` trainable embeddings prepended to every input.
+
+    The model's logits then have ``num_virtual_tokens`` extra leading positions, which the
+    losses in ``fedllm.privacy.dpsgd`` drop. Per-sample gradients: see ``_per_example_prompts``.
+    """
+    import types
+
+    from peft import PromptTuningConfig, PromptTuningInit, get_peft_model
+
+    pt = model_cfg.prompt_tuning
+    kwargs = {}
+    if pt.init == "text":
+        kwargs = dict(prompt_tuning_init_text=pt.init_text,
+                      tokenizer_name_or_path=str(tokenizer_dir(model_cfg.name, model_cfg.path)))
+    init = {"sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM,
+            "text": PromptTuningInit.TEXT}[pt.init]
+    torch.manual_seed(seed)
+    config = PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=pt.num_virtual_tokens,
+                                prompt_tuning_init=init, **kwargs)
+    model = get_peft_model(base_model, config)
+    model.get_prompt = types.MethodType(_per_example_prompts, model)
+    return model
+
+
+def _per_example_prompts(self, batch_size: int, task_ids=None, max_cache_len=None):
+    """The soft prompt, looked up once *per example* (replaces ``PeftModel.get_prompt``).
+
+    PEFT 0.21 embeds a single copy of the virtual tokens and repeats the output over the
+    batch. Opacus' embedding grad sampler then sees a batch of one and returns the *batch's
+    summed* gradient as if it were one example's: per-sample clipping silently becomes
+    clipping of the sum. One lookup per example gives exact per-sample gradients (tested)
+    and the same forward values.
+    """
+    encoder = self.prompt_encoder[self.active_adapter]
+    tokens = self.prompt_tokens[self.active_adapter].unsqueeze(0).expand(batch_size, -1)
+    return encoder(tokens.to(encoder.embedding.weight.device))
+
+
+def num_virtual_tokens(model) -> int:
+    """Positions a PEFT prompt-learning adapter prepends to the input (0 for LoRA)."""
+    config = getattr(unwrap(model), "active_peft_config", None)
+    return int(getattr(config, "num_virtual_tokens", 0) or 0) if getattr(
+        config, "is_prompt_learning", False) else 0
 
 
 def unwrap(model):
@@ -201,6 +249,8 @@ def load_adapter_state(model, arrays: "dict[str, np.ndarray]") -> None:
     state = {k: torch.from_numpy(np.asarray(v, dtype=np.float32)) for k, v in arrays.items()}
     result = set_peft_model_state_dict(unwrap(model), state)
     unexpected = getattr(result, "unexpected_keys", [])
+    if num_virtual_tokens(model):  # PEFT loads prompt learning's tensor itself (strictly)
+        unexpected = [k for k in unexpected if k != "prompt_embeddings"]
     if unexpected:
         raise ModelError(f"adapter tensors not in the model: {unexpected[:3]}")
 
@@ -219,7 +269,7 @@ class LoadedModel:
 
 
 def build(model_cfg, seed: int, device: str = "auto") -> LoadedModel:
-    """Tokenizer + base model + fresh LoRA adapter, on the chosen device."""
+    """Tokenizer + base model + fresh adapter (LoRA or prompt tuning), on the chosen device."""
     tok = load_tokenizer(model_cfg)
     base = load_base_model(model_cfg, vocab_size=len(tok), seed=seed)
     model = attach_adapter(base, model_cfg, seed=seed)

@@ -208,7 +208,9 @@ def write_reports(run_dir: Path) -> dict:
     png = epsilon_plot(report)
     if png is not None:
         atomic_write_bytes(run_dir / "epsilon.png", png)
-    atomic_write_text(run_dir / "privacy_report.html", render_html(run, report, png))
+    audit = read_audit(run_dir)
+    atomic_write_text(run_dir / "privacy_report.html",
+                      render_html(run, report, png, audit_section_html(audit, run_dir)))
     if (run_dir / "adapter").is_dir():
         final = run.metrics[-1] if run.metrics else None
         atomic_write_text(run_dir / "adapter" / "README.md", model_card(run.cfg, report, final))
@@ -304,7 +306,7 @@ def user_sentence(report: dict, html_output: bool = False) -> str:
             f"{u['tolerated_dropouts']} dropouts per round.")
 
 
-def render_html(run: RunFiles, report: dict, png: bytes | None) -> str:
+def render_html(run: RunFiles, report: dict, png: bytes | None, audit_html: str = "") -> str:
     cfg, ex = run.cfg, report["example_level"]
     rows = []
     if ex is not None:
@@ -338,7 +340,8 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background
 <h1>Privacy report</h1>
 <p class="summary">{plain_summary(cfg, report)}</p>
 <p>δ = {report['delta']:g} · accountant: {report['accountant'].upper()} · rounds: {report['rounds']}
-· clients per round: {cfg.federation.clients_per_round} ({cfg.federation.sampling} sampling)</p>
+· clients per round: {cfg.federation.clients_per_round} ({cfg.federation.sampling} sampling)
+· trained: {html.escape(describe_adapter(cfg.model))}</p>
 {img}
 <h2>Per-client privacy loss</h2>
 {table}
@@ -346,6 +349,7 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background
 <h2>Rounds</h2>
 <table id="rounds"><thead><tr><th>round</th><th>clients</th><th>train loss</th>
 <th>held-out loss</th><th>perplexity</th><th>max ε</th></tr></thead><tbody>{metric_rows}</tbody></table>
+{audit_html}
 <h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in report['notes'])}</ul>
 </body></html>
 """
@@ -356,13 +360,12 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     lines = [
         "---",
         "library_name: peft",
-        "tags: [fedllm, federated-learning, differential-privacy, lora]",
+        f"tags: [fedllm, federated-learning, differential-privacy, {_adapter_tag(cfg)}]",
         "---",
         "",
         "# fedllm adapter",
         "",
-        f"A LoRA adapter (r={cfg.model.lora.r}, alpha={cfg.model.lora.alpha:g}, targets "
-        f"{', '.join(cfg.model.lora.target_modules)}) for base model `{_base_name(cfg)}`, trained "
+        f"A {describe_adapter(cfg.model)} for base model `{_base_name(cfg)}`, trained "
         f"with federated averaging over {report['rounds']} rounds by fedllm.",
         "",
         "## Privacy guarantee",
@@ -410,6 +413,20 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     return "\n".join(lines)
 
 
+def describe_adapter(model_cfg) -> str:
+    """One phrase for reports and model cards, e.g. ``LoRA (r=8, alpha=16, targets q_proj)``."""
+    if getattr(model_cfg, "adapter", "lora") == "prompt_tuning":
+        pt = model_cfg.prompt_tuning
+        return f"prompt-tuning adapter ({pt.num_virtual_tokens} virtual tokens, init {pt.init})"
+    lora = model_cfg.lora
+    return (f"LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, targets "
+            f"{', '.join(lora.target_modules)})")
+
+
+def _adapter_tag(cfg) -> str:
+    return "prompt-tuning" if cfg.model.adapter == "prompt_tuning" else "lora"
+
+
 def _range(clients: dict, key: str) -> str:
     values = [c[key] for c in clients.values() if c.get(key) is not None]
     if not values:
@@ -423,3 +440,112 @@ def _base_name(cfg) -> str:
         return cfg.model.path
     return {"smollm2": "SmolLM2-135M-Instruct", "tiny": "tiny random-init Llama"}.get(
         cfg.model.name, cfg.model.name)
+
+
+# ----------------------------------------------------------------------------- audit
+
+AUDIT_FILE = "audit.json"
+AUDIT_ROC_FILE = "audit_roc.png"
+
+
+def read_audit(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / AUDIT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_audit_files(run_dir: Path, audit: dict) -> list[Path]:
+    """``audit.json`` and ``audit_roc.png``; then the HTML: the run's privacy report gains an
+    audit section when ``run_dir`` is a simulation run, else a standalone ``audit.html``."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / AUDIT_FILE, json.dumps(audit, indent=2) + "\n")
+    atomic_write_bytes(run_dir / AUDIT_ROC_FILE, audit_roc_plot(audit))
+    written = [run_dir / AUDIT_FILE, run_dir / AUDIT_ROC_FILE]
+    if (run_dir / "config.yaml").is_file() and (run_dir / "metrics.jsonl").is_file():
+        write_reports(run_dir)
+        written.append(run_dir / "privacy_report.html")
+    else:
+        page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fedllm privacy "
+                "audit</title><style>body{font-family:system-ui,sans-serif;max-width:60em;"
+                "margin:2em auto;padding:0 1em;color:#222}table{border-collapse:collapse}td,th"
+                "{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}</style></head><body>"
+                "<h1>Privacy audit</h1>" + audit_section_html(audit, run_dir) + "</body></html>\n")
+        atomic_write_text(run_dir / "audit.html", page)
+        written.append(run_dir / "audit.html")
+    return written
+
+
+def audit_roc_plot(audit: dict) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fpr, tpr = audit["roc"]["fpr"], audit["roc"]["tpr"]
+    eps, delta = audit["claimed_epsilon"], audit["delta"]
+    fig, ax = plt.subplots(figsize=(5, 5), dpi=110)
+    ax.plot(fpr, tpr, label=f"canary membership test (AUC {audit['auc']:.3f})")
+    # The best any test can do against an (ε, δ)-DP mechanism: TPR ≤ e^ε·FPR + δ and
+    # TPR ≤ 1 − e^−ε·(1 − FPR − δ).
+    grid = [i / 200 for i in range(201)]
+    bound = [min(1.0, math.exp(eps) * x + delta, 1 - math.exp(-eps) * (1 - x - delta))
+             for x in grid]
+    ax.plot(grid, bound, linestyle="--", color="tab:red", label=f"limit at claimed ε={eps:.3g}")
+    ax.plot([0, 1], [0, 1], color="0.7", linewidth=0.8, label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(f"Privacy audit ({audit['method'].replace('_', '-')}, "
+                 f"break_mechanism={audit['break_mechanism']})")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.01)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="lower right", fontsize=8)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def audit_section_html(audit: dict | None, run_dir: Path) -> str:
+    """The report's "Empirical privacy audit" section ('' without an audit)."""
+    if audit is None:
+        return ""
+    png_path = Path(run_dir) / AUDIT_ROC_FILE
+    img = (f'<img alt="audit ROC" src="data:image/png;base64,'
+           f'{base64.b64encode(png_path.read_bytes()).decode()}">' if png_path.is_file() else "")
+    t = audit["test"]
+    verdict = (f"<strong>VIOLATION</strong>: the empirical lower bound exceeds the claimed ε, so "
+               f"with {audit['confidence']:.0%} confidence the mechanism that ran is not "
+               f"({_fmt(audit['claimed_epsilon'])}, {audit['delta']:g})-DP."
+               if audit["flag"] else
+               "Consistent: the lower bound does not exceed the claimed ε. (An audit can refute a "
+               "privacy claim, never prove one; bounds from small models are loose.)")
+    if audit["method"] == "one_run":
+        counts = (f"{t['canaries']} canaries, {t['included']} inserted (fair coins); "
+                  f"{t['correct']} of {t['guesses']} guesses correct")
+    else:
+        counts = (f"{audit['canaries']} independent runs, one canary each; best threshold: "
+                  f"TP {t['tp']}, FN {t['fn']}, FP {t['fp']}, TN {t['tn']}")
+    broken = audit["break_mechanism"]
+    drill = (f"<p><strong>Drill:</strong> <code>audit.break_mechanism={html.escape(broken)}</code> "
+             f"— a deliberately broken mechanism ran (test/drill only).</p>"
+             if broken != "none" else "")
+    m = audit["claimed_mechanism"]
+    return f"""<h2 id="audit">Empirical privacy audit</h2>
+<p class="summary">{verdict}</p>{drill}
+<table id="audit-table"><tbody>
+<tr><td>empirical ε lower bound ({audit['confidence']:.0%} confidence)</td>
+<td>{_fmt(audit['epsilon_lower_bound'])}</td></tr>
+<tr><td>claimed ε (same client and mechanism, δ = {audit['delta']:g},
+{audit['accountant'].upper()})</td><td>{_fmt(audit['claimed_epsilon'])}</td></tr>
+<tr><td>mechanism</td><td>q = {_fmt(m['sample_rate'], '.4f')}, z = {_fmt(m['noise_multiplier'])},
+C = {m['max_grad_norm']:g}, {m['steps']} steps</td></tr>
+<tr><td>game</td><td>{html.escape(counts)}</td></tr>
+<tr><td>membership AUC</td><td>{_fmt(audit['auc'])}</td></tr>
+</tbody></table>
+{img}
+<p>Method: {html.escape(audit['citation'])}. Score: {html.escape(audit['score'])}. The canary
+client trained in-process with fedllm's own client code (<code>local_round</code>: Poisson
+sampling, per-sample clipping, Gaussian noise), not through Flower/Ray.</p>
+"""

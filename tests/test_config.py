@@ -40,6 +40,11 @@ def test_defaults_compose_and_roundtrip():
     (["secagg.num_shares=3", "secagg.reconstruction_threshold=4"],
      "secagg.reconstruction_threshold"),
     (["privacy.budget=5", "privacy=none"], "privacy.budget"),
+    (["model.adapter=ia3"], "model.adapter"),
+    (["adapter=prompt_tuning", "model.prompt_tuning.num_virtual_tokens=0"],
+     "model.prompt_tuning.num_virtual_tokens"),
+    (["adapter=prompt_tuning", "model.prompt_tuning.init=zeros"], "model.prompt_tuning.init"),
+    (["adapter=prompt_tuning", "model.prompt_tuning.init=text"], "model.prompt_tuning.init_text"),
 ])
 def test_bad_values_name_the_key(overrides, key):
     with pytest.raises(ConfigError) as info:
@@ -57,3 +62,13 @@ def test_from_yaml_rejects_tampered_config():
     text = to_yaml(compose(["model=tiny"])).replace("rounds: 3", "rounds: -3")
     with pytest.raises(ConfigError, match="federation.rounds"):
         from_yaml(text)
+
+
+def test_adapter_group_selects_prompt_tuning_and_keeps_lora_keys():
+    cfg = compose(["model=tiny", "adapter=prompt_tuning", "model.lora.r=2"])
+    assert cfg.model.adapter == "prompt_tuning"
+    assert cfg.model.prompt_tuning.num_virtual_tokens == 8 and cfg.model.lora.r == 2
+    assert compose(["model=tiny"]).model.adapter == "lora"
+    assert from_yaml(to_yaml(cfg)) == cfg
+    with pytest.raises(ConfigError, match="prompt_tuning"):
+        compose(["adapter=nope"])

@@ -34,10 +34,29 @@ def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
     """Each sequence's mean next-token loss (sequences are packed: no padding)."""
     with autocast(input_ids.device):
         logits = model(input_ids=input_ids).logits
+    logits = real_token_logits(logits, input_ids)
     per_token = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
         input_ids[:, 1:].reshape(-1), reduction="none")
     return per_token.view(input_ids.size(0), -1).mean(dim=1)
+
+
+def real_token_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
+    """Drop the leading positions of virtual tokens (prompt tuning); only real tokens score."""
+    return logits[:, logits.size(1) - input_ids.size(1):]
+
+
+def check_per_sample(params, batch_size: int) -> None:
+    """Every per-sample gradient must have one row per example, or clipping is not per sample
+    (e.g. a layer that saw a batch of one and returned the batch's summed gradient)."""
+    for p in params:
+        sample = getattr(p, "grad_sample", None)  # None: Opacus' optimizer raises on its own
+        rows = None if sample is None else (
+            sum(len(s) for s in sample) if isinstance(sample, list) else sample.shape[0])
+        if rows is not None and rows != batch_size:
+            raise RuntimeError(
+                f"per-sample gradient of a {tuple(p.shape)} parameter has {rows} rows for "
+                f"{batch_size} examples: clipping would not be per example")
 
 
 def sequence_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
@@ -134,6 +153,7 @@ def dp_step(gsm, optimizer, batch: torch.Tensor, physical_batch_size: int | None
     for i, part in enumerate(chunks):
         loss = sequence_loss(gsm, part.to(device))
         loss.backward()
+        check_per_sample(params, len(part))
         total += loss.item() * len(part)
         if i < len(chunks) - 1:
             optimizer.signal_skip_step(do_skip=True)
