@@ -64,7 +64,7 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     from fedllm.config import compose, min_client_sequences, to_yaml
     from fedllm.data.federated import build_federated_data
     from fedllm.evaluate import evaluate
-    from fedllm.privacy.accounting import PrivacyEvent, epsilon as eps_of
+    from fedllm.privacy.accounting import epsilon as eps_of
     from fedllm.server_opt import ServerOptimizer
     from fedllm.train import local_round
 

@@ -28,6 +28,26 @@ def check_contract_files(run_dir, rounds):
     return rows
 
 
+def exported_adapter_eval_loss(run_dir) -> float:
+    """Held-out loss of the run's exported adapter, loaded with PEFT onto a fresh base model."""
+    from peft import PeftModel
+
+    from fedllm import models
+    from fedllm.config import from_yaml, min_client_sequences
+    from fedllm.data.federated import build_federated_data
+    from fedllm.evaluate import evaluate
+
+    cfg = from_yaml((run_dir / "config.yaml").read_text())
+    tok = models.load_tokenizer(cfg.model)
+    base = models.load_base_model(cfg.model, vocab_size=len(tok), seed=cfg.run.seed)
+    model = PeftModel.from_pretrained(base, run_dir / "adapter")
+    data = build_federated_data(cfg.data, tok, seq_len=cfg.train.seq_len,
+                                min_sequences=min_client_sequences(cfg),
+                                num_clients=cfg.federation.num_clients, seed=cfg.run.seed)
+    return evaluate(model, data.eval_sequences(cfg.eval.max_sequences), cfg.eval.batch_size,
+                    torch.device("cpu"))["eval_loss"]
+
+
 def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_simulate(run_dir, "model=tiny", "federation.rounds=2", "federation.num_clients=4",
@@ -55,23 +75,7 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert "Unit of privacy" in card and f"{ex['max_epsilon']:.3g}" in card
 
     # The exported adapter loads with PEFT and reproduces the reported held-out loss.
-    from peft import PeftModel
-
-    from fedllm import models
-    from fedllm.config import from_yaml, min_client_sequences
-    from fedllm.data.federated import build_federated_data
-    from fedllm.evaluate import evaluate
-
-    cfg = from_yaml((run_dir / "config.yaml").read_text())
-    tok = models.load_tokenizer(cfg.model)
-    base = models.load_base_model(cfg.model, vocab_size=len(tok), seed=cfg.run.seed)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    data = build_federated_data(cfg.data, tok, seq_len=cfg.train.seq_len,
-                                min_sequences=min_client_sequences(cfg),
-                                num_clients=cfg.federation.num_clients, seed=cfg.run.seed)
-    result = evaluate(model, data.eval_sequences(cfg.eval.max_sequences), cfg.eval.batch_size,
-                      torch.device("cpu"))
-    assert result["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)
+    assert exported_adapter_eval_loss(run_dir) == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)
 
 
 def test_tiny_simulation_without_dp(tmp_path):

@@ -8,9 +8,8 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
-from test_e2e_simulate import check_contract_files, run_simulate
+from test_e2e_simulate import check_contract_files, exported_adapter_eval_loss, run_simulate
 
 
 def test_tiny_prompt_tuning_with_all_protections(tmp_path):
@@ -36,13 +35,10 @@ def test_tiny_prompt_tuning_with_all_protections(tmp_path):
     adapter_cfg = json.loads((run_dir / "adapter" / "adapter_config.json").read_text())
     assert adapter_cfg["peft_type"] == "PROMPT_TUNING" and adapter_cfg["num_virtual_tokens"] == 4
 
-    from peft import PeftModel
     from safetensors.numpy import load_file
 
     from fedllm import models
-    from fedllm.config import from_yaml, min_client_sequences
-    from fedllm.data.federated import build_federated_data
-    from fedllm.evaluate import evaluate
+    from fedllm.config import from_yaml
 
     cfg = from_yaml((run_dir / "config.yaml").read_text())
     tok = models.load_tokenizer(cfg.model)
@@ -57,14 +53,7 @@ def test_tiny_prompt_tuning_with_all_protections(tmp_path):
     moved = float(np.linalg.norm(exported["prompt_embeddings"] - start))
     assert 0 < moved < 2 * (u.clip_norm + 2 * u.noise_multiplier * u.clip_norm * np.sqrt(d) / 3)
 
-    base = models.load_base_model(cfg.model, vocab_size=len(tok), seed=cfg.run.seed)
-    model = PeftModel.from_pretrained(base, run_dir / "adapter")
-    data = build_federated_data(cfg.data, tok, seq_len=cfg.train.seq_len,
-                                min_sequences=min_client_sequences(cfg),
-                                num_clients=cfg.federation.num_clients, seed=cfg.run.seed)
-    result = evaluate(model, data.eval_sequences(cfg.eval.max_sequences), cfg.eval.batch_size,
-                      torch.device("cpu"))
-    assert result["eval_loss"] == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)
+    assert exported_adapter_eval_loss(run_dir) == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)
 
     # `fedllm audit run.dir=RUN` audits the run's own saved settings (prompt tuning here) and
     # adds its section to that run's privacy report (reusing this run saves a simulation).
