@@ -45,6 +45,15 @@ STUDY: dict[str, list[str]] = {
                                              "train.physical_batch_size=16",
                                              "model.lora.freeze_a=true", "model.lora.r=1",
                                              "model.lora.alpha=2", "train.lr=5e-3"],
+    "B=32, 4 steps, FFA-LoRA r=1, lr 2e-2": ["train.batch_size=32", "train.local_steps=4",
+                                             "train.physical_batch_size=16",
+                                             "model.lora.freeze_a=true", "model.lora.r=1",
+                                             "model.lora.alpha=2", "train.lr=2e-2"],
+    "B=32, 4 steps, prompt tuning, lr 2e-1": ["train.batch_size=32", "train.local_steps=4",
+                                              "train.physical_batch_size=16",
+                                              "adapter=prompt_tuning", "train.lr=2e-1"],
+    "B=32, 4 steps, r=8, lr 1e-2": ["train.batch_size=32", "train.local_steps=4",
+                                    "train.physical_batch_size=16", "train.lr=1e-2"],
     "lr 5e-3": ["train.lr=5e-3"],
     "lr 1e-2": ["train.lr=1e-2"],
     "SGD+momentum lr 0.5, C=0.1": ["train.optimizer=sgd", "train.lr=0.5",
@@ -53,6 +62,8 @@ STUDY: dict[str, list[str]] = {
     "8 steps": ["train.local_steps=8"],
     "server FedAdam lr 1e-2": ["strategy.name=fedadam", "strategy.server_lr=1e-2"],
     "server lr 2": ["strategy.server_lr=2.0"],
+    "prompt tuning, 8 tokens, lr 2e-2": ["adapter=prompt_tuning", "train.lr=2e-2"],
+    "prompt tuning, 8 tokens, lr 2e-1": ["adapter=prompt_tuning", "train.lr=2e-1"],
     "q,k,v,o,up,down targets": ["model.lora.target_modules=[q_proj,k_proj,v_proj,o_proj,up_proj,down_proj]"],
 }
 
@@ -125,7 +136,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--only", nargs="*", help="names (or unique prefixes) to run")
     parser.add_argument("--epsilon", type=float, default=8.0)
-    parser.add_argument("--nonprivate", action="store_true", help="also run each without DP")
+    parser.add_argument("--modes", nargs="+", choices=("dp", "np"), default=["dp"],
+                        help="dp: with example-level DP at --epsilon; np: without privacy")
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md from results")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     parser.add_argument("--results", type=Path, default=RESULTS)
@@ -136,7 +148,7 @@ def main() -> None:
     args.results.parent.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
     for name in names:
-        for private in ([True, False] if args.nonprivate else [True]):
+        for private in [mode == "dp" for mode in args.modes]:
             row = run_config(name, [*STUDY[name], *args.extra], private, args.epsilon, cache)
             with open(args.results, "a") as fh:
                 fh.write(json.dumps(row) + "\n")
@@ -159,7 +171,7 @@ def write_tables() -> None:
         same = f"{100 * r['gain_nats'] / np_row['gain_nats']:.0f}%" if np_row and \
             np_row["gain_nats"] > 0 else "—"
         best = f"{100 * r['gain_nats'] / best_np:.0f}%" if best_np else "—"
-        cmd = "python experiments/utility_study.py --only '" + r["name"] + "'"
+        cmd = "python experiments/utility_study.py --modes dp np --only '" + r["name"] + "'"
         lines.append(f"| {r['name']} | {r['target_epsilon']:g} | {r['epsilon_max']:.2f} | "
                      f"{r['trainable']:,} | {r['base_ppl']:.2f} → {r['final_ppl']:.2f} | "
                      f"{r['gain_nats']:+.4f} | "
@@ -168,7 +180,7 @@ def write_tables() -> None:
     write_section("utility_study", "\n".join([
         "## Utility study: what moves held-out loss under DP (issue 10)",
         "",
-        "Command: `python experiments/utility_study.py --nonprivate` then `--write` (one "
+        "Command: `python experiments/utility_study.py --modes dp np` then `--write` (one "
         "process: fedllm's data, DP-SGD `local_round`, per-client noise calibration and "
         "FedAvg without Flower's transport; demo setup: SmolLM2-135M, 3 rounds x 3 natural "
         "clients, seq 64, δ = 1e-5). *Gain*: base − final held-out loss (nats). *Kept*: DP "
