@@ -14,7 +14,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 def tiny_cfg():
     from fedllm.config import compose
 
-    return compose(["model=tiny", "federation.num_clients=4", "federation.clients_per_round=2",
+    return compose(["model=tiny", "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
+                    "train.physical_batch_size=null",
+                    "federation.num_clients=4", "federation.clients_per_round=2",
                     "federation.rounds=2", "train.local_steps=2"])
 
 

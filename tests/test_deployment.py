@@ -126,6 +126,8 @@ def test_two_round_run_with_all_protections(federation):
     tmp, run = federation["tmp"], federation["run"]
     run_dir = tmp / "run"
     proc = run(sys.executable, "-m", "fedllm.cli", "launch", "fed", "model=tiny",
+               "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
+               "train.physical_batch_size=null",
                "federation.rounds=2", "federation.num_clients=3",
                "federation.clients_per_round=3", "federation.min_clients=2",
                "train.local_steps=2", "privacy.user.enabled=true",

@@ -13,7 +13,9 @@ import pytest
 from fedllm.config import ConfigError, compose
 from fedllm.privacy.ledger import read_ledger_dir
 
-TINY = ["model=tiny", "federation.num_clients=4", "federation.clients_per_round=2",
+TINY = ["model=tiny", "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
+        "train.physical_batch_size=null",
+        "federation.num_clients=4", "federation.clients_per_round=2",
         "train.local_steps=2"]
 
 
@@ -78,7 +80,7 @@ def test_sigkill_in_round_two_then_resume(tmp_path):
 @pytest.mark.slow
 def test_faulty_clients_are_dropped_and_the_round_completes(tmp_path):
     run_dir = tmp_path / "run"
-    proc = cli("simulate", "model=tiny", "federation.num_clients=4",
+    proc = cli("simulate", *TINY[:5], "federation.num_clients=4",
                "federation.clients_per_round=4", "train.local_steps=1", "federation.rounds=1",
                "run.parallel_clients=2", "federation.client_timeout=60",
                "faults.raise_clients=['othello/IAGO']",

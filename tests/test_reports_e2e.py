@@ -11,7 +11,9 @@ import pytest
 from fedllm.privacy.accounting import PrivacyEvent, epsilon
 from fedllm.privacy.ledger import read_ledger_dir
 
-TINY = ["model=tiny", "federation.num_clients=2", "federation.clients_per_round=2",
+TINY = ["model=tiny", "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
+        "train.physical_batch_size=null",
+        "federation.num_clients=2", "federation.clients_per_round=2",
         "train.local_steps=2"]
 
 

@@ -8,7 +8,9 @@ import sys
 import numpy as np
 import pytest
 
-BASE = ["model=tiny", "federation.num_clients=4", "federation.clients_per_round=3",
+BASE = ["model=tiny", "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
+        "train.physical_batch_size=null",
+        "federation.num_clients=4", "federation.clients_per_round=3",
         "train.local_steps=2", "privacy.example.enabled=true", "privacy.user.enabled=true",
         "secagg.enabled=true", "federation.min_clients=2"]
 
