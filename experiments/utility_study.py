@@ -30,8 +30,13 @@ sys.path.insert(0, str(ROOT / "experiments"))
 
 RESULTS = ROOT / "experiments" / "results" / "utility_study.jsonl"
 
-# name -> overrides on top of the demo. "np:" prefixed names run without privacy.
-BASELINE = []
+# Every configuration starts from the demo as it was before this study (LoRA r=8 on q,v,
+# AdamW 2e-3, batch 8, 4 local steps, C=1), pinned here so the commands stay reproducible
+# after the study changed the demo's defaults. name -> overrides on top of it.
+OLD_DEMO = ["adapter=lora", "model.lora.r=8", "model.lora.alpha=16", "train.lr=2e-3",
+            "train.batch_size=8", "train.physical_batch_size=null", "train.local_steps=4",
+            "train.optimizer=adamw", "privacy.example.max_grad_norm=1.0"]
+BASELINE: list[str] = []
 STUDY: dict[str, list[str]] = {
     "demo defaults (r=8 q,v, AdamW 2e-3, B=8, 4 steps, C=1)": BASELINE,
     "r=1": ["model.lora.r=1", "model.lora.alpha=2"],
@@ -64,6 +69,12 @@ STUDY: dict[str, list[str]] = {
     "B=32, 4 steps, r=8, C=0.5": ["train.batch_size=32", "train.local_steps=4",
                                   "train.physical_batch_size=16",
                                   "privacy.example.max_grad_norm=0.5"],
+    "B=32, 4 steps, prompt tuning, lr 5e-1": ["train.batch_size=32", "train.local_steps=4",
+                                              "train.physical_batch_size=16",
+                                              "adapter=prompt_tuning", "train.lr=5e-1"],
+    "B=32, 4 steps, prompt tuning 16 tokens, lr 2e-1": [
+        "train.batch_size=32", "train.local_steps=4", "train.physical_batch_size=16",
+        "adapter=prompt_tuning", "model.prompt_tuning.num_virtual_tokens=16", "train.lr=2e-1"],
     "lr 5e-3": ["train.lr=5e-3"],
     "lr 1e-2": ["train.lr=1e-2"],
     "SGD+momentum lr 0.5, C=0.1": ["train.optimizer=sgd", "train.lr=0.5",
@@ -90,7 +101,7 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     from fedllm.train import local_round
 
     privacy = [f"privacy.example.target_epsilon={epsilon:g}"] if private else ["privacy=none"]
-    cfg = compose([*overrides, *privacy])
+    cfg = compose([*OLD_DEMO, *overrides, *privacy])
     started = time.time()
     model_key = to_yaml(cfg.model)
     if cache.get("model_key") != model_key:

@@ -68,7 +68,11 @@ def test_adapter_group_selects_prompt_tuning_and_keeps_lora_keys():
     cfg = compose(["model=tiny", "adapter=prompt_tuning", "model.lora.r=2"])
     assert cfg.model.adapter == "prompt_tuning"
     assert cfg.model.prompt_tuning.num_virtual_tokens == 8 and cfg.model.lora.r == 2
-    assert compose(["model=tiny"]).model.adapter == "lora"
+    demo = compose([])
+    assert demo.model.adapter == "prompt_tuning" and demo.train.lr == 0.2  # the demo's adapter
+    lora = compose(["adapter=lora"])
+    assert lora.model.adapter == "lora" and lora.train.lr == 2e-3  # each adapter brings its lr
+    assert compose(["adapter=lora", "train.lr=1e-4"]).train.lr == 1e-4  # the command line wins
     assert from_yaml(to_yaml(cfg)) == cfg
     with pytest.raises(ConfigError, match="prompt_tuning"):
         compose(["adapter=nope"])
