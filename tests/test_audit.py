@@ -13,7 +13,8 @@ from fedllm.config import ConfigError, compose
 # Tuned for power at tiny cost: 128 random 8-token canaries, the client holds only canaries,
 # q = 1 (full batch), 8 steps, a small claimed epsilon (0.5) and a clip bound far below the
 # raw per-sample gradient norms (so that disabling clipping matters).
-AUDIT = ["model=tiny", "train.seq_len=8", "audit.client_data=false", "audit.canaries=128",
+AUDIT = ["model=tiny", "adapter=lora", "train.seq_len=8", "audit.client_data=false",
+         "audit.canaries=128",
          "train.batch_size=1000", "train.physical_batch_size=64", "federation.rounds=2",
          "train.local_steps=4", "privacy.example.target_epsilon=0.5", "train.lr=0.05",
          "privacy.example.max_grad_norm=0.001", "model.device=cpu"]
