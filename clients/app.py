@@ -161,7 +161,9 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     client = this_client(cfg, context.node_config)
     models.load_adapter_state(loaded.model, {k: v.numpy() for k, v in
                                              msg.content[protocol.ARRAYS_RECORD].items()})
-    result = evaluate(loaded.model, client.eval, cfg.eval.batch_size, loaded.device)
+    server_round = int(msg.content[protocol.CONFIG_RECORD].get(protocol.ROUND_KEY, 1))
+    result = evaluate(loaded.model, client.eval, cfg.eval.batch_size, loaded.device,
+                      base_model=server_round == 0)  # round 0: the bare base model
     n = len(client.eval)
     metrics = MetricRecord({"eval_loss_sum": result["eval_loss"] * n if n else 0.0,
                             "num_sequences": n})

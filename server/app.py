@@ -75,7 +75,7 @@ class RoundRecorder:
         if self.eval_sequences is not None:
             models.load_adapter_state(self.loaded.model, current)
             result = evaluate(self.loaded.model, self.eval_sequences, self.cfg.eval.batch_size,
-                              self.loaded.device)
+                              self.loaded.device, base_model=server_round == 0)
         else:
             result = self.strategy.federated_evaluate(arrays, server_round,
                                                       self.cfg.federation.client_timeout)
