@@ -122,7 +122,8 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     eval_seqs = data.eval_sequences(cfg.eval.max_sequences)
     if "base" not in cache:
         models.load_adapter_state(loaded.model, initial)
-        cache["base"] = evaluate(loaded.model, eval_seqs, cfg.eval.batch_size, loaded.device)
+        cache["base"] = evaluate(loaded.model, eval_seqs, cfg.eval.batch_size, loaded.device,
+                                 base_model=True)
     server = ServerOptimizer(cfg.strategy.name, cfg.strategy.server_lr)
     rng = random.Random(cfg.run.seed)
     weights = dict(initial)
@@ -162,9 +163,12 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write BENCHMARKS.md from results")
     parser.add_argument("--extra", nargs="*", default=[], help="overrides added to every run")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    parser.add_argument("--reference-gain", type=float, default=None,
+                        help="--write: a measured non-private gain (nats) to compare against")
+    parser.add_argument("--reference", default="", help="--write: where that gain comes from")
     args = parser.parse_args()
     if args.write:
-        return write_tables()
+        return write_tables(args.reference_gain, args.reference)
     names = [n for n in STUDY if not args.only or any(n.startswith(o) for o in args.only)]
     args.results.parent.mkdir(parents=True, exist_ok=True)
     cache: dict = {}
@@ -176,7 +180,7 @@ def main() -> None:
             print(json.dumps(row), flush=True)
 
 
-def write_tables() -> None:
+def write_tables(reference_gain: float | None = None, reference: str = "") -> None:
     from benchmarks_md import write_section
 
     rows = [json.loads(x) for x in RESULTS.read_text().splitlines() if x.strip()]
@@ -184,7 +188,8 @@ def write_tables() -> None:
     for r in rows:  # the latest result per (name, private, epsilon)
         latest[(r["name"], r["private"], r["target_epsilon"])] = r
     nonprivate = {r["name"]: r for r in latest.values() if not r["private"]}
-    best_np = max((r["gain_nats"] for r in nonprivate.values()), default=None)
+    best_np = max([r["gain_nats"] for r in nonprivate.values()] +
+                  ([reference_gain] if reference_gain else []), default=None)
     lines = []
     for r in sorted((r for r in latest.values() if r["private"]),
                     key=lambda r: (r["target_epsilon"], -r["gain_nats"])):
@@ -196,7 +201,7 @@ def write_tables() -> None:
         lines.append(f"| {r['name']} | {r['target_epsilon']:g} | {r['epsilon_max']:.2f} | "
                      f"{r['trainable']:,} | {r['base_ppl']:.2f} → {r['final_ppl']:.2f} | "
                      f"{r['gain_nats']:+.4f} | "
-                     f"{np_row['gain_nats'] if np_row else float('nan'):+.4f} | {same} | {best} | "
+                     f"{format(np_row['gain_nats'], '+.4f') if np_row else '—'} | {same} | {best} | "
                      f"`{cmd}` |")
     write_section("utility_study", "\n".join([
         "## Utility study: what moves held-out loss under DP (issue 10)",
@@ -206,7 +211,9 @@ def write_tables() -> None:
         "FedAvg without Flower's transport; demo setup: SmolLM2-135M, 3 rounds x 3 natural "
         "clients, seq 64, δ = 1e-5). *Gain*: base − final held-out loss (nats). *Kept*: DP "
         "gain / non-private gain of the same configuration, and / the best non-private gain "
-        "in the table. One run per row (DP noise differs between runs).",
+        "in the table" + (f" or of the reference, {reference} ({reference_gain:+.4f} nats)"
+                          if reference_gain else "") +
+        ". One run per row (DP noise differs between runs); rows sorted by DP gain.",
         "",
         "| configuration | target ε | ε max | trainable | perplexity | DP gain | non-private "
         "gain | kept (same) | kept (best) | command |",
