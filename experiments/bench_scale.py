@@ -57,9 +57,11 @@ def main() -> None:
         "|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Clients are read lazily in the sense that matters for memory: every process holds the "
-        "token ids of the corpus once (a few MB for the plays), and a client's model and "
-        "optimizer exist only while it trains; Flower's per-node state is small. Time per "
+        "Partitions are not loaded per sampled client: every process tokenizes the whole "
+        "corpus once (a few MB of token ids for the plays) and indexes its client in it. Memory "
+        "stays flat because that is small next to the model, a client's optimizer state exists "
+        "only while it trains, and Flower's per-node state is small; a corpus of many GB would "
+        "need per-client loading (not built). Time per "
         "round is dominated by the clients sampled for the first time: each calibrates its "
         "noise multiplier for its own sample rate (PLD bisection, 1-5 s on this machine; "
         "clients with q = 1 are cheap) and evaluates its ledger, so a federation where every "
