@@ -72,7 +72,6 @@ class AdapterFedAvg(FedAvg):
         self.cfg_text = cfg_text
         self.clients_per_round = clients_per_round
         self.sampling = sampling
-        self.server_lr = server_lr
         self.server_opt = ServerOptimizer(server_optimizer, server_lr)
         self.min_clients = min_clients
         self.rng = random.Random(seed)
