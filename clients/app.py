@@ -30,7 +30,7 @@ from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import (ClientData, FederatedData, build_federated_data,
                                    build_local_client)
 from fedllm.evaluate import evaluate
-from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
+from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise, epsilon
 from fedllm.privacy.ledger import Ledger, load_release, save_release
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
@@ -121,7 +121,7 @@ def this_client(cfg: FedLLMConfig, node_config) -> ClientData:
 @functools.lru_cache(maxsize=4096)
 def planned_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
                              planned_steps: int, accountant: str) -> float:
-    """Noise so that this client's epsilon stays <= target even if sampled every round."""
+    """Noise so that this client's epsilon stays <= target over all the steps it may run."""
     return calibrate_noise(target_epsilon, delta, steps=planned_steps, sample_rate=sample_rate,
                            accountant=accountant)
 
@@ -133,9 +133,16 @@ def noise_multiplier_for(cfg: FedLLMConfig, num_sequences: int) -> float:
     if ex.noise_multiplier is not None:
         return float(ex.noise_multiplier)
     q = example_sample_rate(cfg.train.batch_size, num_sequences)
-    steps = cfg.federation.rounds * cfg.train.local_steps
+    steps = max_participations(cfg) * cfg.train.local_steps
     return planned_noise_multiplier(ex.target_epsilon, cfg.privacy.delta, q, steps,
                                     cfg.privacy.accountant)
+
+
+def max_participations(cfg: FedLLMConfig) -> int:
+    """This client's participation cap in the run. The server resolves ``auto`` before the run;
+    a config that still says ``auto`` is read as every round (conservative: more noise)."""
+    cap = cfg.privacy.example.max_participations
+    return cfg.federation.rounds if cap == "auto" else min(int(cap), cfg.federation.rounds)
 
 
 @app.train()
@@ -200,6 +207,10 @@ def local_update(msg: Message, context: Context
                 return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
             lifetime = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
         else:
+            refusal = cap_refusal(cfg, ledger, planned)
+            if refusal is not None:
+                return _decline(client.client_id,
+                                ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), refusal)
             lifetime = ledger.epsilon_with(planned, cfg.privacy.delta, cfg.privacy.accountant)
             if cfg.privacy.budget is not None and lifetime > cfg.privacy.budget:
                 spent = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
@@ -234,6 +245,26 @@ def local_update(msg: Message, context: Context
     if planned is not None:
         save_release(ledger_dir, client.client_id, cfg.run.id, server_round, update, dict(metrics))
     return update, metrics, ConfigRecord({"client_id": client.client_id})
+
+
+def cap_refusal(cfg: FedLLMConfig, ledger: Ledger, planned: PrivacyEvent) -> str | None:
+    """Why this client must not take part in another round of this run, or None.
+
+    Its noise was calibrated for ``max_participations`` rounds: one more would exceed the
+    target ε. The ledger, not the server, is the judge: a server that resends, changes the cap
+    or samples too often meets a refusal. With a target ε the run's ε is checked too."""
+    this_run = [e.event for e in ledger.entries if e.run_id == cfg.run.id]
+    cap = max_participations(cfg)
+    if len(this_run) >= cap:
+        return (f"participation cap: already took part in {len(this_run)} round(s) of this run "
+                f"(privacy.example.max_participations={cap})")
+    ex = cfg.privacy.example
+    if ex.noise_multiplier is None and ex.target_epsilon is not None:
+        run_eps = epsilon(this_run + [planned], cfg.privacy.delta, cfg.privacy.accountant)
+        if run_eps > ex.target_epsilon:
+            return (f"run epsilon would reach {run_eps:.3f} > privacy.example.target_epsilon="
+                    f"{ex.target_epsilon:g}")
+    return None
 
 
 def inject_fault_before(cfg: FedLLMConfig, client_id: str) -> None:

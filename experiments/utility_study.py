@@ -89,19 +89,23 @@ STUDY: dict[str, list[str]] = {
 }
 
 
-def run_config(name: str, overrides: list[str], private: bool, epsilon: float, cache: dict
-               ) -> dict:
+def run_config(name: str, overrides: list[str], private: bool, epsilon: float, cache: dict,
+               *, prefix: list[str] = OLD_DEMO, repeat: int = 0) -> dict:
+    """One federation, in process. ``repeat`` seeds the cohort sampling only (model init and
+    data split stay those of run.seed), so repeats differ in their clients and DP noise, and a
+    configuration and its non-private twin see the same clients."""
     from clients.app import noise_multiplier_for
     from fedllm import models
-    from fedllm.config import compose, min_client_sequences, to_yaml
+    from fedllm.config import compose, min_client_sequences, participation_cap, to_yaml
     from fedllm.data.federated import build_federated_data
     from fedllm.evaluate import evaluate
     from fedllm.privacy.accounting import epsilon as eps_of
+    from fedllm.privacy.participation import CohortSampler
     from fedllm.server_opt import ServerOptimizer
     from fedllm.train import local_round
 
     privacy = [f"privacy.example.target_epsilon={epsilon:g}"] if private else ["privacy=none"]
-    cfg = compose([*OLD_DEMO, *overrides, *privacy])
+    cfg = compose([*prefix, *overrides, *privacy])
     started = time.time()
     model_key = to_yaml(cfg.model)
     if cache.get("model_key") != model_key:
@@ -125,11 +129,16 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
         cache["base"] = evaluate(loaded.model, eval_seqs, cfg.eval.batch_size, loaded.device,
                                  base_model=True)
     server = ServerOptimizer(cfg.strategy.name, cfg.strategy.server_lr)
-    rng = random.Random(cfg.run.seed)
+    # As the ServerApp does: resolve the participation cap, sample only clients under it.
+    cap = participation_cap(cfg, len(data.clients))
+    cfg.privacy.example.max_participations = cap
+    sampler = CohortSampler(cohort=cfg.federation.clients_per_round,
+                            sampling=cfg.federation.sampling, cap=cap, narrow=True,
+                            rng=random.Random(cfg.run.seed + 1000 * repeat))
     weights = dict(initial)
     events: dict[str, list] = {}
     for _ in range(cfg.federation.rounds):
-        chosen = rng.sample(range(len(data.clients)), cfg.federation.clients_per_round)
+        chosen = sampler.sample(range(len(data.clients)))
         deltas = []
         for index in chosen:
             client = data.clients[index]
@@ -146,7 +155,8 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     eps = max((eps_of(e, cfg.privacy.delta, cfg.privacy.accountant) for e in events.values()),
               default=None)
     return {"name": name, "private": private, "target_epsilon": epsilon if private else None,
-            "overrides": overrides, "base_loss": cache["base"]["eval_loss"],
+            "overrides": overrides, "repeat": repeat, "participation_cap": cap,
+            "rounds": cfg.federation.rounds, "cohort": cfg.federation.clients_per_round, "base_loss": cache["base"]["eval_loss"],
             "final_loss": final["eval_loss"], "base_ppl": cache["base"]["perplexity"],
             "final_ppl": final["perplexity"], "epsilon_max": eps,
             "gain_nats": cache["base"]["eval_loss"] - final["eval_loss"],

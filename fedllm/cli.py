@@ -87,15 +87,17 @@ def _prepare_run(overrides: list[str]):
     if ex.enabled and ex.noise_multiplier is None:
         smallest = min(len(c.train) for c in data.clients)
         q = example_sample_rate(cfg.train.batch_size, smallest)
-        steps = cfg.federation.rounds * cfg.train.local_steps
+        cap = fcfg.participation_cap(cfg, len(data.clients))
+        steps = cap * cfg.train.local_steps
         try:
             z = calibrate_noise(ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
                                 accountant=cfg.privacy.accountant)
         except AccountingError as exc:
             raise fcfg.ConfigError(f"privacy.example.target_epsilon: {exc}") from None
         logging.getLogger("fedllm").info(
-            "Noise calibrated per client for ε ≤ %g over %d planned steps (smallest client: "
-            "q=%.3f, z=%.3f)", ex.target_epsilon, steps, q, z)
+            "Noise calibrated per client for ε ≤ %g over %d steps (at most %d of %d rounds per "
+            "client; smallest client: q=%.3f, z=%.3f)", ex.target_epsilon, steps, cap,
+            cfg.federation.rounds, q, z)
     return cfg, data
 
 

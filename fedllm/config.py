@@ -103,6 +103,9 @@ class ExamplePrivacyConfig:
     # Per-sample gradients: auto (LoRA fast path when it covers every trainable parameter,
     # Opacus hooks otherwise) | lora_fast | opacus. Both are exact; see privacy/lora_fast.py.
     per_sample_grads: str = "auto"
+    # Participations a client may make in one run; its noise is calibrated for this many
+    # (x train.local_steps steps). auto: derived from the plan (fedllm/privacy/participation.py).
+    max_participations: Any = "auto"    # auto | positive integer (<= federation.rounds)
 
 
 @dataclass
@@ -353,6 +356,9 @@ def validate(cfg: FedLLMConfig) -> None:
             _positive(e.noise_multiplier, "privacy.example.noise_multiplier", allow_zero=True)
         if e.target_epsilon is not None:
             _positive(e.target_epsilon, "privacy.example.target_epsilon")
+    cap = e.max_participations
+    _require(cap == "auto" or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0),
+             "privacy.example.max_participations", f"must be auto or a positive integer, got {cap!r}")
     u = p.user
     _positive(u.clip_norm, "privacy.user.clip_norm")
     _choice(u.noise, "privacy.user.noise", ("central", "distributed"))
@@ -416,6 +422,15 @@ def _validate_prompt_tuning(m: ModelConfig) -> None:
 
 def ledger_dir(cfg: FedLLMConfig) -> Path:
     return Path(cfg.privacy.ledger_dir or Path(cfg.run.dir) / "ledger").expanduser()
+
+
+def participation_cap(cfg: FedLLMConfig, population: int) -> int:
+    """Participations per client in this run (``privacy.example.max_participations``)."""
+    from fedllm.privacy.participation import resolve_cap
+
+    return resolve_cap(cfg.privacy.example.max_participations, rounds=cfg.federation.rounds,
+                       cohort=cfg.federation.clients_per_round, population=population,
+                       user_level=cfg.privacy.user.enabled)
 
 
 def min_client_sequences(cfg: FedLLMConfig) -> int:

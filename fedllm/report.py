@@ -276,7 +276,8 @@ def plain_summary(cfg, report: dict) -> str:
         f"<strong>{_fmt(ex['max_epsilon'])}</strong> (median {_fmt(ex['median_epsilon'])}), "
         f"computed with the {ex['accountant'].upper()} accountant from the exact mechanism run: "
         f"{cfg.train.local_steps} DP-SGD steps per round with Poisson sampling, per-sample "
-        f"clipping to {cfg.privacy.example.max_grad_norm:g} and Gaussian noise. Smaller ε is "
+        f"clipping to {cfg.privacy.example.max_grad_norm:g} and Gaussian noise; "
+        f"{participation_text(cfg)}. Smaller ε is "
         f"stronger privacy; ε ≤ 1 is strong, ε ≈ 8 is a common practical compromise.")
     if ex.get("budget") is not None:
         text += (f" Each client enforces a lifetime budget of ε = {ex['budget']:g} across all "
@@ -284,6 +285,16 @@ def plain_summary(cfg, report: dict) -> str:
                  f"declined to train because of it.")
     text += " " + user_sentence(report, html_output=True)
     return text
+
+
+def participation_text(cfg) -> str:
+    cap = cfg.privacy.example.max_participations
+    if cap == "auto":  # a run that ended before its server resolved the cap
+        cap = cfg.federation.rounds
+    calibrated = ("" if cfg.privacy.example.noise_multiplier is not None else
+                  f"its noise is calibrated for {int(cap) * cfg.train.local_steps} steps and ")
+    return (f"each client takes part in at most {cap} of {cfg.federation.rounds} rounds; "
+            f"{calibrated}its own ledger refuses any further participation")
 
 
 def user_sentence(report: dict, html_output: bool = False) -> str:
@@ -391,6 +402,7 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
             f"- **Training:** {report['rounds']} rounds, {cfg.federation.clients_per_round} clients "
             f"per round ({cfg.federation.sampling} sampling), {cfg.train.local_steps} local "
             f"steps per round, expected batch {cfg.train.batch_size}.",
+            f"- **Participation cap:** {participation_text(cfg)}.",
         ]
         if ex.get("budget") is not None:
             lines.append(f"- **Budget:** each client's lifetime ε is capped at {ex['budget']:g} by "

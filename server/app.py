@@ -18,7 +18,8 @@ from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from fedllm import models, protocol
-from fedllm.config import FedLLMConfig, from_yaml, min_client_sequences
+from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, participation_cap,
+                           to_yaml)
 from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
@@ -175,7 +176,8 @@ def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterF
                   sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
                   seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
                   user_dp=make_user_dp(cfg, population), run_id=cfg.run.id,
-                  server_optimizer=cfg.strategy.name)
+                  server_optimizer=cfg.strategy.name,
+                  participation_cap=participation_cap(cfg, population))
     if not cfg.secagg.enabled:
         return AdapterFedAvg(**common)
     clip_range = secagg_range(cfg, common["user_dp"])
@@ -230,6 +232,7 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     else:  # deployment: data stays on the nodes; the federation is whoever is connected
         eval_sequences, population = None, wait_for_nodes(grid, cfg)
     initial = models.adapter_state(loaded.model)
+    cfg, cfg_text = resolve_participation_cap(cfg, cfg_text, population, run_dir)
 
     strategy = make_strategy(cfg, cfg_text, population)
     strategy.grid = grid
@@ -247,6 +250,22 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     final = OrderedDict((k, v.numpy()) for k, v in result.arrays.items()) \
         if result.arrays is not None and len(result.arrays) else initial
     return finalize(cfg, run_dir, loaded, final, strategy, recorder, started)
+
+
+def resolve_participation_cap(cfg: FedLLMConfig, cfg_text: str, population: int, run_dir: Path
+                              ) -> tuple[FedLLMConfig, str]:
+    """Replace ``max_participations=auto`` by its value for this population, in the config
+    that travels to the clients (they calibrate their noise for it and enforce it) and in the
+    run's saved config.yaml (the report and a resume read it)."""
+    cap = participation_cap(cfg, population)
+    if cfg.privacy.example.max_participations == cap:
+        return cfg, cfg_text
+    cfg.privacy.example.max_participations = cap
+    cfg_text = to_yaml(cfg)
+    atomic_write_text(run_dir / "config.yaml", cfg_text)
+    log.info("participation cap: each client trains in at most %d of %d rounds (noise calibrated "
+             "for %d local steps)", cap, cfg.federation.rounds, cap * cfg.train.local_steps)
+    return cfg, cfg_text
 
 
 def user_release_record(cfg: FedLLMConfig, dp: UserDP, server_round: int, survivors: int,

@@ -35,6 +35,7 @@ def save(run_dir: Path, server_round: int, arrays: "OrderedDict[str, np.ndarray]
         "round": server_round,
         "run_id": strategy.run_id,
         "rng": _rng_to_json(strategy.rng.getstate()),
+        "sampler": strategy.sampler.state(),
         "events": {cid: [e.to_dict() for e in evs] for cid, evs in strategy.events.items()},
         "client_params": strategy.client_params,
         "user_releases": strategy.user_releases,
@@ -76,6 +77,7 @@ def restore(state: dict, strategy, recorder) -> None:
     from server.strategy import RoundInfo
 
     strategy.rng.setstate(_rng_from_json(state["rng"]))
+    strategy.sampler.restore(state.get("sampler", {}))
     strategy.events = {cid: [PrivacyEvent.from_dict(e) for e in evs]
                        for cid, evs in state["events"].items()}
     strategy.client_params = state["client_params"]

@@ -2,8 +2,9 @@
 
 Hooks on Flower's ``FedAvg`` (``flwr.serverapp.strategy``):
   * ``configure_train``: sample the cohort (``fixed``: k of N without replacement;
-    ``poisson``: each client independently with probability k/N) and send the global
-    adapter plus the resolved config.
+    ``poisson``: each client independently with probability k/N; without user-level DP only
+    among clients still under their participation cap, ``fedllm.privacy.participation``) and
+    send the global adapter plus the resolved config.
   * ``aggregate_train``: reject malformed updates (logged, the round goes on), average the
     accepted deltas *unweighted* (weights by client size would leak sizes and change the
     sensitivity), apply them to the global adapter, and record each client's DP event.
@@ -25,6 +26,7 @@ from flwr.serverapp.strategy import FedAvg
 
 from fedllm import protocol
 from fedllm.privacy.accounting import PrivacyEvent
+from fedllm.privacy.participation import CohortSampler
 from fedllm.privacy.updates import UpdateRejected, add_noise, check_update
 from fedllm.server_opt import ServerOptimizer
 
@@ -67,7 +69,7 @@ class AdapterFedAvg(FedAvg):
     def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
                  server_lr: float, seed: int, min_clients: int = 1,
                  user_dp: UserDP | None = None, run_id: str = "",
-                 server_optimizer: str = "fedavg") -> None:
+                 server_optimizer: str = "fedavg", participation_cap: int | None = None) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.cfg_text = cfg_text
         self.clients_per_round = clients_per_round
@@ -75,6 +77,11 @@ class AdapterFedAvg(FedAvg):
         self.server_opt = ServerOptimizer(server_optimizer, server_lr)
         self.min_clients = min_clients
         self.rng = random.Random(seed)
+        # Example-level only: sample among clients that can still train (cap, budget). With
+        # user-level DP every client stays in the pool, so q = k/N is exact every round.
+        self.sampler = CohortSampler(cohort=clients_per_round, sampling=sampling,
+                                     cap=participation_cap or 2 ** 31, narrow=user_dp is None,
+                                     rng=self.rng)
         self.global_arrays: OrderedDict[str, np.ndarray] | None = None
         self.events: dict[str, list[PrivacyEvent]] = {}
         self.client_params: dict[str, dict] = {}
@@ -91,12 +98,7 @@ class AdapterFedAvg(FedAvg):
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: list[int]) -> list[int]:
-        node_ids = sorted(node_ids)
-        k = min(self.clients_per_round, len(node_ids))
-        if self.sampling == "poisson":
-            q = k / len(node_ids)
-            return [n for n in node_ids if self.rng.random() < q]
-        return self.rng.sample(node_ids, k)
+        return self.sampler.sample(node_ids)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -237,6 +239,7 @@ class AdapterFedAvg(FedAvg):
             return False
         client = content[protocol.CLIENT_RECORD]
         reason = str(client.get("reason", "declined"))
+        self.sampler.declined(msg.metadata.src_node_id)  # cap or budget: it cannot train again
         info.declined[str(client["client_id"])] = reason
         log.warning("round %d: client %s declined: %s", info.round, client["client_id"], reason)
         return True

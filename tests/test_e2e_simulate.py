@@ -60,7 +60,13 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert report["delta"] == 1e-5 and report["accountant"] == "pld"
     ex = report["example_level"]
     assert report["user_level"] is None
-    assert 2 <= len(ex["clients"]) <= 4
+    # Budget-exact calibration: 2 rounds x 2 of 4 clients gives a cap of one participation,
+    # so every client trains exactly once and spends its target (within 10% below, never above).
+    assert sorted(ex["clients"]) == sorted(set(ex["clients"])) and len(ex["clients"]) == 4
+    assert all(c["rounds"] == 1 for c in ex["clients"].values())
+    assert all(0.9 * 8.0 <= c["epsilon"] <= 8.0 for c in ex["clients"].values())
+    from fedllm.config import from_yaml
+    assert from_yaml((run_dir / "config.yaml").read_text()).privacy.example.max_participations == 1
     # The reported epsilon is recomputed from the reported mechanism, and meets the target.
     from fedllm.privacy.accounting import PrivacyEvent, epsilon
     for client in ex["clients"].values():
@@ -110,3 +116,24 @@ def test_smollm2_simulation(tmp_path):
     assert summary["base_perplexity"] < 1000  # a real pretrained model, not random init
     assert summary["epsilon_example_max"] <= 8.0
     assert rows[0]["num_clients"] == 2
+
+
+def test_clients_refuse_participations_beyond_their_cap(tmp_path):
+    """User-level DP keeps every client in the sampling pool (q = k/N exactly), so the server
+    asks capped clients again: their ledgers refuse, the report lists the refusals, and no
+    client's epsilon exceeds the target."""
+    run_dir = tmp_path / "run"
+    proc = run_simulate(run_dir, "model=tiny", "federation.rounds=2", "federation.num_clients=2",
+                        "federation.clients_per_round=2", "train.local_steps=1",
+                        "privacy.example.max_participations=1", "privacy.user.enabled=true",
+                        "privacy.user.noise_multiplier=1.0")
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = check_contract_files(run_dir, 2)
+    assert [r["num_clients"] for r in rows] == [2, 0]
+    assert rows[1]["num_declined"] == 2
+    events = [json.loads(x) for x in (run_dir / "privacy_events.jsonl").read_text().splitlines()]
+    declined = [e for e in events if e["kind"] == "declined"]
+    assert len(declined) == 2 and all("participation cap" in e["reason"] for e in declined)
+    ex = json.loads((run_dir / "privacy_report.json").read_text())["example_level"]
+    assert all(0.9 * 8.0 <= c["epsilon"] <= 8.0 and c["rounds"] == 1
+               for c in ex["clients"].values())
