@@ -81,3 +81,19 @@ def test_epsilon_with_planned_event(tmp_path):
     ledger.record("r", 1, ev())
     assert ledger.epsilon_with(ev(), 1e-5) == pytest.approx(epsilon([ev(), ev()], 1e-5))
     assert ledger.epsilon_with(ev(), 1e-5) > ledger.epsilon(1e-5)
+
+
+def test_release_cache_is_kept_per_run_and_client(tmp_path):
+    """Two runs share a ledger directory: a later run's release must not evict the copy that a
+    resumed earlier run needs (without it the client would retrain that round with fresh noise
+    under the same ledger entry: a second, unaccounted release)."""
+    import numpy as np
+
+    from fedllm.privacy.ledger import load_release, save_release
+
+    save_release(tmp_path, "alice", "run-a", 2, {"w": np.ones(3)}, {"m": 1})
+    save_release(tmp_path, "alice", "run-b", 1, {"w": np.zeros(3)}, {"m": 2})
+    update, metrics = load_release(tmp_path, "alice", "run-a", 2)
+    assert np.array_equal(update["w"], np.ones(3)) and metrics == {"m": 1}
+    assert load_release(tmp_path, "alice", "run-b", 1)[1] == {"m": 2}
+    assert load_release(tmp_path, "bob", "run-a", 2) is None

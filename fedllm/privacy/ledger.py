@@ -157,12 +157,15 @@ def read_ledger_dir(directory: str | Path) -> dict[str, list[LedgerEntry]]:
 
 
 # ----------------------------------------------------------------------------- release cache
-# Exactly-once releases across a server crash: a client keeps the last update it released.
-# If the resumed server asks again for the same (run, round), the client resends that same
-# update instead of training again, so one ledger entry still describes everything released.
+# Exactly-once releases across a server crash: a client keeps the last update it released in
+# each run. If the resumed server asks again for the same (run, round), the client resends that
+# same update instead of training again, so one ledger entry still describes everything
+# released. One file per (client, run): runs sharing a ledger directory never evict each
+# other's copy (a resumed run's interrupted round is always its latest one).
 
-def _release_path(directory: str | Path, client_id: str) -> Path:
-    return Path(directory) / (ledger_filename(client_id)[:-5] + ".last-release.npz")
+def _release_path(directory: str | Path, client_id: str, run_id: str) -> Path:
+    run_tag = hashlib.sha256(run_id.encode()).hexdigest()[:12]
+    return Path(directory) / (ledger_filename(client_id)[:-5] + f".{run_tag}.last-release.npz")
 
 
 def save_release(directory: str | Path, client_id: str, run_id: str, round_: int,
@@ -176,14 +179,14 @@ def save_release(directory: str | Path, client_id: str, run_id: str, round_: int
     buf = io.BytesIO()
     np.savez(buf, __meta__=np.frombuffer(meta, np.uint8),
              **{f"a{i}": np.asarray(v) for i, v in enumerate(update.values())})
-    atomic_write_bytes(_release_path(directory, client_id), buf.getvalue())
+    atomic_write_bytes(_release_path(directory, client_id, run_id), buf.getvalue())
 
 
 def load_release(directory: str | Path, client_id: str, run_id: str, round_: int
                  ) -> "tuple[dict, dict] | None":
     import numpy as np
 
-    path = _release_path(directory, client_id)
+    path = _release_path(directory, client_id, run_id)
     if not path.exists():
         return None
     try:
