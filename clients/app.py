@@ -191,10 +191,12 @@ def local_update(msg: Message, context: Context
     inject_fault_before(cfg, client.client_id)
     z = noise_multiplier_for(cfg, len(client.train))
     planned = planned_event(cfg, z, len(client.train))
+    # Without example-level DP the ledger still records the participation, as epsilon = inf.
+    recorded = planned or unprotected_event(cfg, len(client.train))
 
     lifetime = None
     ledger_dir = config_ledger_dir(cfg)
-    if planned is not None:
+    if recorded is not None:
         ledger = Ledger.open(ledger_dir, client.client_id)  # corrupt: raises
         if ledger.has(cfg.run.id, server_round):
             # A resumed server asks again for a round we already released: resend that same
@@ -207,18 +209,18 @@ def local_update(msg: Message, context: Context
                 return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
             lifetime = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
         else:
-            refusal = cap_refusal(cfg, ledger, planned)
+            refusal = cap_refusal(cfg, ledger, planned) if planned is not None else None
             if refusal is not None:
                 return _decline(client.client_id,
                                 ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), refusal)
-            lifetime = ledger.epsilon_with(planned, cfg.privacy.delta, cfg.privacy.accountant)
+            lifetime = ledger.epsilon_with(recorded, cfg.privacy.delta, cfg.privacy.accountant)
             if cfg.privacy.budget is not None and lifetime > cfg.privacy.budget:
                 spent = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
                 return _decline(client.client_id, spent,
                                 f"budget: lifetime epsilon would reach {lifetime:.3f} > "
                                 f"privacy.budget={cfg.privacy.budget:g} (spent {spent:.3f})")
             # Write-ahead: the release is on disk before a noised update can leave this node.
-            ledger.record(cfg.run.id, server_round, planned)
+            ledger.record(cfg.run.id, server_round, recorded)
 
     global_adapter = OrderedDict(
         (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
@@ -240,9 +242,9 @@ def local_update(msg: Message, context: Context
         "dp": int(result.event is not None),
         "declined": 0,
     })
-    if lifetime is not None:
+    if lifetime is not None and planned is not None:
         metrics["lifetime_epsilon"] = lifetime
-    if planned is not None:
+    if recorded is not None:
         save_release(ledger_dir, client.client_id, cfg.run.id, server_round, update, dict(metrics))
     return update, metrics, ConfigRecord({"client_id": client.client_id})
 
@@ -294,6 +296,16 @@ def planned_event(cfg: FedLLMConfig, z: float, num_sequences: int) -> PrivacyEve
     if not cfg.privacy.example.enabled:
         return None
     return PrivacyEvent(noise_multiplier=z, steps=cfg.train.local_steps, sampling="poisson",
+                        sample_rate=example_sample_rate(cfg.train.batch_size, num_sequences))
+
+
+def unprotected_event(cfg: FedLLMConfig, num_sequences: int) -> PrivacyEvent | None:
+    """A participation without example-level DP, as the ledger records it: noise 0, so its
+    epsilon (and the client's lifetime epsilon from then on) is infinite. A site's budget then
+    refuses it. None with example-level DP on (the planned DP event is recorded instead)."""
+    if cfg.privacy.example.enabled:
+        return None
+    return PrivacyEvent(noise_multiplier=0.0, steps=cfg.train.local_steps, sampling="poisson",
                         sample_rate=example_sample_rate(cfg.train.batch_size, num_sequences))
 
 

@@ -101,6 +101,14 @@ def test_tiny_simulation_without_dp(tmp_path):
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["example_level"] is None
     assert "without differential privacy" in (run_dir / "adapter" / "README.md").read_text()
+    # The clients' ledgers still record these participations, as epsilon = inf: a later run
+    # that shares the ledger (or a site budget) sees that this data was used without DP.
+    from fedllm.privacy.accounting import epsilon
+    from fedllm.privacy.ledger import read_ledger_dir
+    ledgers = read_ledger_dir(run_dir / "ledger")
+    assert len(ledgers) == 3
+    assert all(len(e) == 1 and epsilon([x.event for x in e], 1e-5) == float("inf")
+               for e in ledgers.values())
 
 
 @pytest.mark.slow
