@@ -176,7 +176,11 @@ def _print_summary(console, s: dict, seconds: float) -> None:
         table.add_row("privacy", "none (privacy.example.enabled=false)")
     if s.get("epsilon_user") is not None:
         table.add_row("user-level ε", f"{s['epsilon_user']:.3f} at δ={s['delta']:g} (one client's "
-                      "whole data)")
+                      "whole data, against observers of the model)")
+        if s.get("epsilon_user_vs_server") is not None:
+            table.add_row("user-level ε vs the server",
+                          f"{s['epsilon_user_vs_server']:.3f} (it knows the cohorts: no "
+                          "amplification by sampling)")
     table.add_row("wall time", f"{seconds:.0f} s")
     table.add_row("run directory", s["run_dir"])
     table.add_row("privacy report", str(Path(s["run_dir"]) / "privacy_report.html"))

@@ -159,7 +159,7 @@ def build_privacy_report(run: RunFiles) -> dict:
 
 def user_level_section(run: RunFiles) -> dict | None:
     """DP-FedAvg guarantee: unit = one client's whole data, over the rounds released."""
-    from fedllm.privacy.accounting import user_level_event
+    from fedllm.privacy.accounting import user_level_epsilons, user_level_event
 
     cfg = run.cfg
     user = cfg.privacy.user
@@ -168,19 +168,22 @@ def user_level_section(run: RunFiles) -> dict | None:
     rels = run.user_releases
     z = rels[-1]["noise_multiplier"] if rels else None
     population = rels[-1]["population"] if rels else None
-    eps = 0.0
-    if rels:
-        event = user_level_event(z, len(rels), sampling=rels[-1]["sampling"],
-                                 cohort=rels[-1]["cohort"], population=population)
-        eps = epsilon([event], cfg.privacy.delta, cfg.privacy.accountant)
-        accountant = effective_accountant([event], cfg.privacy.accountant)
-    else:
-        accountant = cfg.privacy.accountant
+    eps = user_level_epsilons(rels, cfg.privacy.delta, cfg.privacy.accountant)
+    if any("clients" not in r for r in rels):  # records of an older fedllm: cohorts unknown
+        eps["server"] = eps["max_rounds_per_client"] = None
+    accountant = (effective_accountant([user_level_event(z, 1, sampling=rels[-1]["sampling"],
+                                                         cohort=rels[-1]["cohort"],
+                                                         population=population)],
+                                       cfg.privacy.accountant)
+                  if rels else cfg.privacy.accountant)
     cohort = cfg.federation.clients_per_round
     return {
         "unit": "all data of one client (add/remove one client)"
         if cfg.federation.sampling == "poisson" else "all data of one client (replace one client)",
-        "epsilon": eps,
+        "epsilon": eps["observers"],
+        "epsilon_vs_server": eps["server"],
+        "max_rounds_per_client": eps["max_rounds_per_client"],
+        "skipped_rounds": sum(1 for r in rels if r.get("applied") is False),
         "noise_multiplier": z,
         "clip_norm": user.clip_norm,
         "noise": user.noise,
@@ -309,12 +312,17 @@ def user_sentence(report: dict, html_output: bool = False) -> str:
               "their sum." if u["secure_aggregation"] else
               "Without secure aggregation the server sees each clipped update.")
     eps = f"<strong>{_fmt(u['epsilon'])}</strong>" if html_output else _fmt(u["epsilon"])
+    server = ("unknown (records of an older fedllm)" if u.get("epsilon_vs_server") is None else
+              f"{_fmt(u['epsilon_vs_server'])} (a client's update entered at most "
+              f"{u['max_rounds_per_client']} round(s))")
     return (f"User level: all data of any one client is protected with ε = {eps} at "
-            f"δ = {report['delta']:g} over {u['rounds']} released rounds ({u['sampling']} client "
+            f"δ = {report['delta']:g} against parties that see only the models, amplified by "
+            f"client sampling over {u['rounds']} rounds ({u['sampling']} client "
             f"sampling, each update clipped to L2 norm {u['clip_norm']:g}, Gaussian noise "
             f"multiplier {_fmt(u['noise_multiplier'])} {where}; averages divide by the expected "
-            f"cohort {u['expected_cohort']}). {secagg} The noise guarantee holds with up to "
-            f"{u['tolerated_dropouts']} dropouts per round.")
+            f"cohort {u['expected_cohort']}). Against the server, which picks the cohorts and "
+            f"so knows who took part, sampling amplifies nothing: ε = {server}. {secagg} The "
+            f"noise guarantee holds with up to {u['tolerated_dropouts']} dropouts per round.")
 
 
 def render_html(run: RunFiles, report: dict, png: bytes | None, audit_html: str = "") -> str:
@@ -411,7 +419,9 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     if report["user_level"] is not None:
         u = report["user_level"]
         lines += [f"- **User level:** ({_fmt(u['epsilon'], '.3g')}, {report['delta']:g})-DP for all "
-                  f"data of any one client ({u['unit']}), {u['accountant'].upper()} accountant.",
+                  f"data of any one client ({u['unit']}) against observers of the model; "
+                  f"{_fmt(u.get('epsilon_vs_server'), '.3g')} against the server (it knows the "
+                  f"cohorts); {u['accountant'].upper()} accountant.",
                   f"  {user_sentence(report)}"]
     elif ex is not None:
         lines.append("- **Not covered:** user-level (whole-client) privacy is not provided by "

@@ -23,7 +23,7 @@ from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, partic
 from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
-from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
+from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_epsilons
 from fedllm.report import EVENTS_FILE, write_reports
 from fedllm.privacy.updates import distributed_noise_std
 from server import checkpoint
@@ -118,8 +118,8 @@ class RoundRecorder:
             "wire_bytes_down": wire_down,
             "seconds": round(time.time() - self._round_start, 3),
             "epsilon_example_max": eps_max if self.cfg.privacy.example.enabled else None,
-            "epsilon_user": user_epsilon(self.cfg, self.strategy, self.population),
         }
+        row.update(user_epsilon_columns(self.cfg, self.strategy, self.run_dir, server_round))
         for release in info.releases:
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
         for client_id, reason in info.declined.items():
@@ -129,7 +129,8 @@ class RoundRecorder:
         self.history.append(row)
         eps_text = f" · ε max {eps_max:.2f}" if row["epsilon_example_max"] is not None else ""
         if row["epsilon_user"] is not None:
-            eps_text += f" · user ε {row['epsilon_user']:.2f}"
+            eps_text += (f" · user ε {row['epsilon_user']:.2f} (vs the server "
+                         f"{row['epsilon_user_vs_server']:.2f})")
         loss_text = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
         log.info("round %d/%d · %d clients · train loss %s · held-out loss %.4f · ppl %.2f%s · "
                  "%.0f s", server_round, self.cfg.federation.rounds, row["num_clients"],
@@ -174,7 +175,7 @@ def secagg_range(cfg: FedLLMConfig, user_dp: UserDP | None) -> float:
 def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterFedAvg:
     common = dict(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
                   sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
-                  seed=cfg.run.seed, min_clients=cfg.federation.min_clients,
+                  min_clients=cfg.federation.min_clients,
                   user_dp=make_user_dp(cfg, population), run_id=cfg.run.id,
                   server_optimizer=cfg.strategy.name,
                   participation_cap=participation_cap(cfg, population))
@@ -190,14 +191,21 @@ def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterF
                         timeout=cfg.federation.client_timeout, **common)
 
 
-def user_epsilon(cfg: FedLLMConfig, strategy: AdapterFedAvg, population: int) -> float | None:
+def user_epsilon_columns(cfg: FedLLMConfig, strategy: AdapterFedAvg, run_dir: Path,
+                         server_round: int) -> dict:
+    """User-level ε so far, for both adversaries, from the run's per-round records. A round
+    that released nothing (too few survivors, unmasking failed) is recorded and counted as if
+    it had released (conservative: whether it was skipped can depend on who was sampled)."""
     dp = strategy.user_dp
     if dp is None:
-        return None
-    event = user_level_event(dp.noise_multiplier, len(strategy.user_releases),
-                             sampling=cfg.federation.sampling,
-                             cohort=cfg.federation.clients_per_round, population=population)
-    return epsilon([event], cfg.privacy.delta, cfg.privacy.accountant)
+        return {"epsilon_user": None, "epsilon_user_vs_server": None}
+    if server_round not in strategy.user_releases:
+        append_jsonl(run_dir / EVENTS_FILE, user_release_record(
+            cfg, strategy, server_round, survivors=0, applied=False))
+        strategy.user_releases.append(server_round)
+    records = [r for r in read_jsonl(run_dir / EVENTS_FILE) if r.get("kind") == "user_release"]
+    eps = user_level_epsilons(records, cfg.privacy.delta, cfg.privacy.accountant)
+    return {"epsilon_user": eps["observers"], "epsilon_user_vs_server": eps["server"]}
 
 
 def wait_for_nodes(grid: Grid, cfg: FedLLMConfig) -> int:
@@ -238,8 +246,7 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     strategy.grid = grid
     recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, population)
     strategy.on_user_release = lambda rnd, survivors: append_jsonl(
-        run_dir / EVENTS_FILE, user_release_record(cfg, strategy.user_dp, rnd, survivors,
-                                                   population))
+        run_dir / EVENTS_FILE, user_release_record(cfg, strategy, rnd, survivors, applied=True))
     initial, done = prepare_run_files(cfg, run_dir, strategy, recorder, initial)
     if done >= cfg.federation.rounds:
         log.info("all %d rounds were already completed; writing the final files", done)
@@ -268,12 +275,16 @@ def resolve_participation_cap(cfg: FedLLMConfig, cfg_text: str, population: int,
     return cfg, cfg_text
 
 
-def user_release_record(cfg: FedLLMConfig, dp: UserDP, server_round: int, survivors: int,
-                        population: int) -> dict:
+def user_release_record(cfg: FedLLMConfig, strategy: AdapterFedAvg, server_round: int,
+                        survivors: int, applied: bool) -> dict:
+    """One user-level round as the accountant needs it: the population this round's cohort
+    was drawn from (its real q), and whose updates entered the sum (the server's view)."""
+    dp = strategy.user_dp
     return {"kind": "user_release", "round": server_round, "noise_multiplier": dp.noise_multiplier,
             "clip_norm": dp.clip_norm, "noise": dp.noise, "sampling": cfg.federation.sampling,
-            "cohort": dp.expected_cohort, "population": population,
-            "min_survivors": dp.min_survivors, "survivors": survivors}
+            "cohort": dp.expected_cohort, "population": strategy.sampler.last_pool,
+            "min_survivors": dp.min_survivors, "survivors": survivors, "applied": applied,
+            "clients": sorted(strategy.rounds[-1].accepted) if applied else []}
 
 
 def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: AdapterFedAvg,
@@ -323,6 +334,8 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
         "epsilon_example_max": ex["max_epsilon"] if ex else None,
         "epsilon_example_median": ex["median_epsilon"] if ex else None,
         "epsilon_user": report["user_level"]["epsilon"] if report["user_level"] else None,
+        "epsilon_user_vs_server": (report["user_level"]["epsilon_vs_server"]
+                                   if report["user_level"] else None),
         "population": recorder.population,
         "clients_trained": len(strategy.client_params),
         "clients_declined": sum(len(r.declined) for r in strategy.rounds),

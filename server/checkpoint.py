@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+import random
 from collections import OrderedDict
 from dataclasses import asdict
 from pathlib import Path
@@ -34,7 +35,9 @@ def save(run_dir: Path, server_round: int, arrays: "OrderedDict[str, np.ndarray]
         "version": VERSION,
         "round": server_round,
         "run_id": strategy.run_id,
-        "rng": _rng_to_json(strategy.rng.getstate()),
+        # OS entropy (the server's cohorts) has no state to save; a seeded test RNG does.
+        "rng": None if isinstance(strategy.rng, random.SystemRandom)
+        else _rng_to_json(strategy.rng.getstate()),
         "sampler": strategy.sampler.state(),
         "events": {cid: [e.to_dict() for e in evs] for cid, evs in strategy.events.items()},
         "client_params": strategy.client_params,
@@ -76,7 +79,8 @@ def load(run_dir: Path) -> tuple[dict, "OrderedDict[str, np.ndarray]"] | None:
 def restore(state: dict, strategy, recorder) -> None:
     from server.strategy import RoundInfo
 
-    strategy.rng.setstate(_rng_from_json(state["rng"]))
+    if state["rng"] is not None and not isinstance(strategy.rng, random.SystemRandom):
+        strategy.rng.setstate(_rng_from_json(state["rng"]))
     strategy.sampler.restore(state.get("sampler", {}))
     strategy.events = {cid: [PrivacyEvent.from_dict(e) for e in evs]
                        for cid, evs in state["events"].items()}

@@ -67,7 +67,7 @@ class UserDP:
 
 class AdapterFedAvg(FedAvg):
     def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
-                 server_lr: float, seed: int, min_clients: int = 1,
+                 server_lr: float, seed: int | None = None, min_clients: int = 1,
                  user_dp: UserDP | None = None, run_id: str = "",
                  server_optimizer: str = "fedavg", participation_cap: int | None = None) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
@@ -76,7 +76,9 @@ class AdapterFedAvg(FedAvg):
         self.sampling = sampling
         self.server_opt = ServerOptimizer(server_optimizer, server_lr)
         self.min_clients = min_clients
-        self.rng = random.Random(seed)
+        # The cohort comes from OS entropy: run.seed travels to every client, and a cohort
+        # that anyone holding it can replay gives no amplification. A seed is for tests only.
+        self.rng = random.SystemRandom() if seed is None else random.Random(seed)
         # Example-level only: sample among clients that can still train (cap, budget). With
         # user-level DP every client stays in the pool, so q = k/N is exact every round.
         self.sampler = CohortSampler(cohort=clients_per_round, sampling=sampling,
@@ -128,7 +130,7 @@ class AdapterFedAvg(FedAvg):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         server_round += self.round_offset
         accepted = self.collect(server_round, replies, self._parse_reply)
-        if len(accepted) < self.min_clients:
+        if len(accepted) < self.min_clients and not self.always_releases():
             log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
                         "unchanged", server_round, len(accepted), self.min_clients)
             return None, None
@@ -181,9 +183,15 @@ class AdapterFedAvg(FedAvg):
 
     def average(self, deltas: list[dict], server_round: int) -> "dict[str, np.ndarray] | None":
         """Plain mean; or, with user-level DP, (sum + noise) / expected cohort size."""
-        total = {k: np.sum([d[k] for d in deltas], axis=0, dtype=np.float64)
-                 for k in self.global_arrays}
+        total = {k: np.sum([d[k] for d in deltas], axis=0, dtype=np.float64) if deltas
+                 else np.zeros(v.shape, np.float64) for k, v in self.global_arrays.items()}
         return self.finish_sum(total, len(deltas), server_round)
+
+    def always_releases(self) -> bool:
+        """Central user-level noise: every round releases a noised sum, even of fewer than
+        min_clients updates (or none). A skip would depend on who was sampled and would leak
+        it; the accountant assumes every round releases."""
+        return self.user_dp is not None and self.user_dp.noise == "central"
 
     def finish_sum(self, total: "dict[str, np.ndarray]", count: int, server_round: int
                    ) -> "dict[str, np.ndarray] | None":

@@ -156,3 +156,52 @@ def test_client_side_user_update_clips_and_adds_its_share(tiny_cfg):
 def test_check_update_directly():
     with pytest.raises(UpdateRejected, match="dtype"):
         check_update({k: v.astype(np.float64) for k, v in zeros().items()}, zeros())
+
+
+def test_central_noise_releases_even_below_min_clients():
+    """A skipped round would depend on who was sampled; with central noise every round
+    releases (noise alone if need be), as the accountant assumes."""
+    dp = UserDP(noise_multiplier=1.0, clip_norm=0.5, noise="central", expected_cohort=3,
+                min_survivors=3)
+    s = strategy(user_dp=dp, min_clients=3)
+    result = s.aggregate_train(1, [reply(1, zeros(0.001))])
+    assert result[0] is not None and s.user_releases == [1]
+    s = strategy(user_dp=dp, min_clients=3)
+    assert s.aggregate_train(1, [])[0] is not None  # nobody: a noise-only release
+    assert strategy(min_clients=3).aggregate_train(1, [reply(1, zeros(0.001))]) == (None, None)
+
+
+def test_cohorts_come_from_os_entropy_not_the_run_seed(tiny_cfg):
+    """run.seed travels to every client: cohorts drawn from it could be replayed by anyone."""
+    from server.app import make_strategy
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.federation.clients_per_round = 10
+    cfg.privacy.user.enabled, cfg.privacy.user.noise_multiplier = True, 1.0
+
+    def cohorts():
+        s = make_strategy(cfg, "", population=1000)
+        return [tuple(sorted(s.sample(list(range(1000))))) for _ in range(3)]
+
+    assert cohorts() != cohorts()  # same config, same run.seed: different cohorts
+
+
+def test_user_level_epsilons_for_both_adversaries_match_dp_accounting():
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedllm.privacy.accounting import user_level_epsilons
+
+    # Round 3 sampled from a smaller population (nodes left): its own, larger q.
+    pops = [100, 100, 50, 100]
+    rounds = [{"noise_multiplier": 1.2, "sampling": "poisson", "cohort": 10, "population": p,
+               "clients": ["a", "b"] if i < 3 else ["b"]} for i, p in enumerate(pops)]
+    got = user_level_epsilons(rounds, 1e-5)
+    observers = pld_privacy_accountant.PLDAccountant().compose(dp_event.ComposedDpEvent([
+        dp_event.PoissonSampledDpEvent(10 / p, dp_event.GaussianDpEvent(1.2)) for p in pops]))
+    assert got["observers"] == pytest.approx(observers.get_epsilon(1e-5), rel=1e-3)
+    # The server knows "b" was in all 4 sums: 4 unsampled Gaussians.
+    server = pld_privacy_accountant.PLDAccountant().compose(
+        dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(1.2), 4))
+    assert got["server"] == pytest.approx(server.get_epsilon(1e-5), rel=1e-3)
+    assert got["max_rounds_per_client"] == 4 and got["server"] > got["observers"]

@@ -301,3 +301,34 @@ def calibrate_user_noise(target_epsilon: float, delta: float, rounds: int, *, sa
                         sample_rate=probe.sample_rate, sample_size=probe.sample_size,
                         population=probe.population, accountant=accountant)
     return z * 2 if sampling == "fixed" else z
+
+
+def user_level_epsilons(rounds: list[dict], delta: float, accountant: str = "pld") -> dict:
+    """User-level ε of a run from its per-round records, against two adversaries.
+
+    Each record describes one round *run* (released or skipped: a skipped round is counted as
+    if released, since whether it was skipped can depend on who was sampled): its
+    ``noise_multiplier``, ``sampling``, ``cohort``, the ``population`` actually sampled from
+    that round (its real q) and the ids of the ``clients`` whose updates entered the sum.
+
+    * ``observers``: parties that see only the models (not who was sampled): ε amplified by
+      client sampling, composed over every round with that round's own sampling rate.
+    * ``server``: the server, or anyone who knows the cohorts (it picks them): no
+      amplification; each client's ε composes an unsampled Gaussian over the rounds its
+      update was in (multiplier z, or z/2 under replace-one adjacency with fixed sampling,
+      as in ``user_level_event``); the maximum over clients.
+    """
+    if not rounds:
+        return {"observers": 0.0, "server": 0.0, "max_rounds_per_client": 0}
+    events = [user_level_event(r["noise_multiplier"], 1, sampling=r["sampling"],
+                               cohort=r["cohort"], population=r["population"]) for r in rounds]
+    per_client: dict[str, list[float]] = {}
+    for r in rounds:
+        z = r["noise_multiplier"] if r["sampling"] == "poisson" else r["noise_multiplier"] / 2
+        for client in r.get("clients", []):
+            per_client.setdefault(str(client), []).append(z)
+    server = max((epsilon([PrivacyEvent(noise_multiplier=z, steps=1, sample_rate=1.0)
+                           for z in zs], delta, accountant)
+                  for zs in per_client.values()), default=0.0)
+    return {"observers": epsilon(events, delta, accountant), "server": server,
+            "max_rounds_per_client": max(map(len, per_client.values()), default=0)}

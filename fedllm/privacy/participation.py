@@ -79,6 +79,7 @@ class CohortSampler:
         self.rng = rng
         self.participations: dict[str, int] = {}
         self.exhausted: set[str] = set()   # declined: cannot train again in this run
+        self.last_pool = 0
 
     def eligible(self, clients: Iterable) -> list:
         clients = sorted(clients)
@@ -89,6 +90,7 @@ class CohortSampler:
 
     def sample(self, clients: Sequence) -> list:
         pool = self.eligible(clients)
+        self.last_pool = len(pool)  # this round's real population (user-level q = k / pool)
         if not pool:
             return []
         k = min(self.cohort, len(pool))
