@@ -95,3 +95,13 @@ def test_federation_skips_small_clients_and_orders_by_size(tiny_loaded):
     with pytest.raises(DataError, match="federation.num_clients"):
         build_federated_data(cfg.data, tiny_loaded.tokenizer, seq_len=64, min_sequences=8,
                              num_clients=10_000, seed=0)
+
+
+def test_iid_partitions_mix_owners():
+    """Units arrive grouped by owner (a play's speeches are contiguous). IidPartitioner shards
+    contiguously, so without a shuffle first each partition would be one speaker."""
+    units = [Unit(f"speaker{i // 10}", text=str(i)) for i in range(40)]
+    groups = group_units(units, "iid", 4, seed=0)
+    assert all(len({u.client_id for u in g}) >= 2 for g in groups.values())
+    assert group_units(units, "iid", 4, seed=0) == groups  # seeded: reproducible
+    assert group_units(units, "iid", 4, seed=1) != groups

@@ -66,15 +66,13 @@ def group_units(units: list[Unit], partitioning: str, num_partitions: int | None
     if n > len(units):
         raise DataError(f"cannot split {len(units)} units into {n} IID partitions")
     partitioner = IidPartitioner(num_partitions=n)
-    partitioner.dataset = Dataset.from_dict({"index": list(range(len(units)))})
+    # IidPartitioner shards contiguously (flwr-datasets shuffles in FederatedDataset, which we
+    # bypass): shuffle first, with the run seed, or each partition is one owner's units.
+    partitioner.dataset = Dataset.from_dict({"index": list(range(len(units)))}).shuffle(seed=seed)
     groups = OrderedDict()
     for pid in range(n):
         idx = partitioner.load_partition(pid)["index"]
         groups[f"iid-{pid:05d}"] = [units[i] for i in idx]
-    # IidPartitioner shuffles with its own fixed seed; re-shuffle units per our run seed.
-    rng = random.Random(seed)
-    for members in groups.values():
-        rng.shuffle(members)
     return groups
 
 
