@@ -426,6 +426,7 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     elif ex is not None:
         lines.append("- **Not covered:** user-level (whole-client) privacy is not provided by "
                      "this run.")
+    lines += threat_model_lines(report)
     if final_metrics:
         lines += ["", "## Evaluation", "",
                   f"Held-out loss {final_metrics['eval_loss']:.4f}, perplexity "
@@ -433,6 +434,30 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
     lines += ["", "See `privacy_report.json` / `privacy_report.html` in the run directory for "
               "per-client values.", ""]
     return "\n".join(lines)
+
+
+def threat_model_lines(report: dict) -> list[str]:
+    """Whom each guarantee of this run holds against (the README's threat model, applied)."""
+    ex, u = report["example_level"], report["user_level"]
+    if ex is None and u is None:
+        return []
+    lines = ["", "## Threat model", ""]
+    if ex is not None:
+        lines.append("- Example level holds against anyone who sees what a client sent (the "
+                     "server, other clients, users of this adapter), assuming the client ran "
+                     "fedllm's client code and kept its ledger.")
+    if u is not None:
+        lines.append("- User level, amplified by client sampling, holds against users of this "
+                     "adapter, who do not know the cohorts. The server picks the cohorts: "
+                     f"against it the user-level ε is {_fmt(u.get('epsilon_vs_server'), '.3g')}"
+                     + ("" if u["noise"] == "distributed" and u["secure_aggregation"] else
+                        ", and only for what the released models reveal: without distributed "
+                        "noise under SecAgg+ it sees un-noised updates or sums") + ".")
+        if u["secure_aggregation"]:
+            lines.append("- SecAgg+ hides single updates from an honest-but-curious server "
+                         "only; it does not hold against a malicious server (see the "
+                         "project README's threat model).")
+    return lines
 
 
 def describe_adapter(model_cfg) -> str:

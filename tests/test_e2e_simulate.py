@@ -79,6 +79,7 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert rows[-1]["epsilon_example_max"] == pytest.approx(ex["max_epsilon"])
     card = (run_dir / "adapter" / "README.md").read_text()
     assert "Unit of privacy" in card and f"{ex['max_epsilon']:.3g}" in card
+    assert "## Threat model" in card and "at most 1 of 2 rounds" in card
 
     # The exported adapter loads with PEFT and reproduces the reported held-out loss.
     assert exported_adapter_eval_loss(run_dir) == pytest.approx(rows[-1]["eval_loss"], abs=1e-4)

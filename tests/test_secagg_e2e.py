@@ -49,6 +49,8 @@ def test_all_three_protections_in_one_run(tmp_path):
     assert rows[0]["bytes_up"] > 0
     card = (tmp_path / "run" / "adapter" / "README.md").read_text()
     assert "User level" in card and "SecAgg+" in card
+    assert f"against it the user-level ε is {user['epsilon_vs_server']:.3g}" in card
+    assert "does not hold against a malicious server" in card
     assert all(np.isfinite(v).all() for v in adapter(tmp_path / "run").values())
 
 
