@@ -92,10 +92,12 @@ def _simulated_clients(model_yaml: str, data_yaml: str, seq_len: int, seed: int,
 
 @functools.lru_cache(maxsize=2)
 def _local_client(data_path: str, client_id: str, model_yaml: str, seq_len: int,
-                  eval_fraction: float, min_sequences: int, seed: int) -> ClientData:
+                  eval_fraction: float, min_sequences: int, seed: int,
+                  unit: str = "sequence") -> ClientData:
     tokenizer = _model(model_yaml, seed).tokenizer
     return build_local_client(data_path, client_id, tokenizer, seq_len=seq_len,
-                              eval_fraction=eval_fraction, min_sequences=min_sequences, seed=seed)
+                              eval_fraction=eval_fraction, min_sequences=min_sequences, seed=seed,
+                              unit=unit)
 
 
 def this_client(cfg: FedLLMConfig, node_config) -> ClientData:
@@ -115,7 +117,8 @@ def this_client(cfg: FedLLMConfig, node_config) -> ClientData:
     path = str(node_config["data-path"])
     client_id = str(node_config.get("client-id", Path(path).stem))
     return _local_client(path, client_id, to_yaml(cfg.model), cfg.train.seq_len,
-                         cfg.data.eval_fraction, min_client_sequences(cfg), cfg.run.seed)
+                         cfg.data.eval_fraction, min_client_sequences(cfg), cfg.run.seed,
+                         cfg.data.unit)
 
 
 @functools.lru_cache(maxsize=4096)

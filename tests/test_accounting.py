@@ -1,4 +1,4 @@
-"""Accountant against dp_accounting and the reference values of DESIGN.md §5."""
+"""Accountant against dp_accounting and reference values computed with it."""
 
 import math
 

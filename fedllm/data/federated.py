@@ -21,12 +21,16 @@ from fedllm.data.sources import DataError, Unit, load_units
 log = logging.getLogger(__name__)
 
 UNIT_SEPARATOR = "\n\n"
+# data.unit=record: positions after a record's last token hold PAD_ID (never a real token id);
+# the loss skips them (``dpsgd.per_sequence_losses``).
+PAD_ID = -1
+UNIT_MODES = ("sequence", "record")
 
 
 @dataclass
 class ClientData:
     client_id: str
-    train: torch.Tensor   # [n, seq_len] token ids
+    train: torch.Tensor   # [n, seq_len] token ids (record mode: right-padded with PAD_ID)
     eval: torch.Tensor    # [m, seq_len] held-out token ids
 
 
@@ -107,6 +111,35 @@ def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
     return torch.tensor(flat[: n * seq_len], dtype=torch.long).view(n, seq_len)
 
 
+def pad_records(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
+    """One row per record (the unit of privacy with data.unit=record): truncated to seq_len,
+    right-padded with PAD_ID; records under two tokens have nothing to predict and are
+    dropped. Causal attention means the padding never changes a real token's loss."""
+    rows = [ids[:seq_len] + [PAD_ID] * (seq_len - len(ids[:seq_len]))
+            for ids in token_lists if len(ids) >= 2]
+    if not rows:
+        return torch.empty((0, seq_len), dtype=torch.long)
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def encode(parts: list[list[Unit]], tokenizer, seq_len: int, unit: str = "sequence"
+           ) -> list[torch.Tensor]:
+    """Each part's units as training examples: ``sequence`` packs the units' text into
+    seq_len-token sequences (one record may span several, several records share one);
+    ``record`` makes each unit exactly one example."""
+    if unit == "sequence":
+        joined = [UNIT_SEPARATOR.join(render(u, tokenizer) for u in part) for part in parts]
+        enc = tokenizer(joined, add_special_tokens=False)["input_ids"]
+        return [pack([e], seq_len) for e in enc]
+    flat = [render(u, tokenizer) for part in parts for u in part]
+    enc = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+    out, i = [], 0
+    for part in parts:
+        out.append(pad_records(enc[i:i + len(part)], seq_len))
+        i += len(part)
+    return out
+
+
 def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: int,
                          num_clients: int | None, seed: int) -> FederatedData:
     units = load_units(data_cfg)
@@ -114,23 +147,22 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
         raise DataError(f"data source {data_cfg.name!r} yielded no text")
     groups = group_units(units, data_cfg.partitioning,
                          num_clients if data_cfg.partitioning == "iid" else None, seed)
-    ids, train_texts, eval_texts = [], [], []
+    ids, train_parts, eval_parts = [], [], []
     for cid, members in groups.items():
         train, evals = split_units(cid, members, data_cfg.eval_fraction, seed)
         ids.append(cid)
-        train_texts.append(UNIT_SEPARATOR.join(render(u, tokenizer) for u in train))
-        eval_texts.append(UNIT_SEPARATOR.join(render(u, tokenizer) for u in evals))
-    enc_train = tokenizer(train_texts, add_special_tokens=False)["input_ids"]
-    enc_eval = tokenizer(eval_texts, add_special_tokens=False)["input_ids"]
+        train_parts.append(train)
+        eval_parts.append(evals)
+    unit = getattr(data_cfg, "unit", "sequence")
+    enc_train = encode(train_parts, tokenizer, seq_len, unit)
+    enc_eval = encode(eval_parts, tokenizer, seq_len, unit)
 
     clients, skipped = [], {}
-    for cid, tr, ev in zip(ids, enc_train, enc_eval):
-        train = pack([tr], seq_len)
+    for cid, train, ev in zip(ids, enc_train, enc_eval):
         if len(train) < min_sequences:
-            skipped[cid] = (f"{len(train)} training sequences of {seq_len} tokens "
-                            f"< {min_sequences} needed")
+            skipped[cid] = f"{_count(len(train), unit, seq_len)} < {min_sequences} needed"
             continue
-        clients.append(ClientData(cid, train, pack([ev], seq_len)))
+        clients.append(ClientData(cid, train, ev))
     clients.sort(key=lambda c: (-len(c.train), c.client_id))
     if skipped:
         log.info("Skipped %d of %d clients with too little data (e.g. %s: %s)", len(skipped),
@@ -172,15 +204,19 @@ def load_local_units(data_path: str, client_id: str) -> list[Unit]:
     return [Unit(client_id, u.text, u.prompt, u.response) for u in units]
 
 
+def _count(n: int, unit: str, seq_len: int) -> str:
+    return (f"{n} training records" if unit == "record"
+            else f"{n} training sequences of {seq_len} tokens")
+
+
 def build_local_client(data_path: str, client_id: str, tokenizer, *, seq_len: int,
-                       eval_fraction: float, min_sequences: int, seed: int) -> ClientData:
+                       eval_fraction: float, min_sequences: int, seed: int,
+                       unit: str = "sequence") -> ClientData:
     """ClientData for one deployed site from its local files (same split and packing)."""
     units = load_local_units(data_path, client_id)
     train, evals = split_units(client_id, units, eval_fraction, seed)
-    enc = tokenizer([UNIT_SEPARATOR.join(render(u, tokenizer) for u in part)
-                     for part in (train, evals)], add_special_tokens=False)["input_ids"]
-    client = ClientData(client_id, pack([enc[0]], seq_len), pack([enc[1]], seq_len))
+    client = ClientData(client_id, *encode([train, evals], tokenizer, seq_len, unit))
     if len(client.train) < min_sequences:
-        raise DataError(f"node data at {data_path} gives {len(client.train)} training sequences "
-                        f"of {seq_len} tokens; at least {min_sequences} are needed")
+        raise DataError(f"node data at {data_path} gives {_count(len(client.train), unit, seq_len)}"
+                        f"; at least {min_sequences} are needed")
     return client

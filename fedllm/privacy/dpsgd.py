@@ -1,6 +1,6 @@
 """Opacus DP-SGD wiring for PEFT models.
 
-Hard-won details (see DESIGN.md §4):
+Hard-won details:
   * Per-sample gradients of LoRA layers come from fedllm's fast path (``lora_fast``: a closed
     form inside one autograd function per layer); anything else (other adapters, LoRA
     variants) from Opacus' ``GradSampleModule`` with hooks. Either way only the trainable
@@ -31,14 +31,22 @@ def autocast(device: torch.device):
 
 
 def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Each sequence's mean next-token loss (sequences are packed: no padding)."""
-    with autocast(input_ids.device):
-        logits = model(input_ids=input_ids).logits
-    logits = real_token_logits(logits, input_ids)
+    """Each sequence's mean next-token loss over its real tokens.
+
+    Packed sequences have no padding. Records (``data.unit=record``) are right-padded with a
+    negative id: those positions are fed as token 0 and score nothing; under causal attention
+    they cannot change a real position's logits, so a padded record's loss (and gradient) is
+    the record's own."""
+    real = input_ids >= 0
+    ids = input_ids.clamp(min=0)
+    with autocast(ids.device):
+        logits = model(input_ids=ids).logits
+    logits = real_token_logits(logits, ids)
     per_token = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
-        input_ids[:, 1:].reshape(-1), reduction="none")
-    return per_token.view(input_ids.size(0), -1).mean(dim=1)
+        ids[:, 1:].reshape(-1), reduction="none").view(ids.size(0), -1)
+    scored = real[:, 1:].to(per_token.dtype)
+    return (per_token * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
 
 
 def real_token_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
