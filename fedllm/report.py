@@ -124,7 +124,7 @@ def build_privacy_report(run: RunFiles) -> dict:
         values = [c["epsilon"] for c in clients.values()]
         all_events = [_event(r) for r in run.releases]
         example = {
-            "unit": ("one record of a client (one speech, JSONL line or text file; add/remove "
+            "unit": ("one record of a client (one speech, JSONL line or paragraph of a text file; add/remove "
                      f"one; truncated to {cfg.train.seq_len} tokens)"
                      if cfg.data.unit == "record" else
                      f"one packed {cfg.train.seq_len}-token training sequence of a client "
