@@ -157,6 +157,9 @@ def _range(s: dict, fmt: str) -> str:
 
 
 def table(summaries: list[dict], command: str) -> list[str]:
+    if not summaries:
+        return ["_Not measured yet: no configuration has both its DP runs and its non-private "
+                "twin in the results._", "", f"Command: `{command}`"]
     lines = ["| configuration | fed. | target ε | ε max | DP gain (nats) | twin gain (nats) | "
              "kept (nats) | perplexity: DP / twin | kept (ppl) | runs |",
              "|---|---|---|---|---|---|---|---|---|---|"]
