@@ -111,6 +111,7 @@ class RoundRecorder:
             "num_sampled": info.sampled,
             "num_rejected": len(info.rejected),
             "num_declined": len(info.declined),
+            "aggregate_discarded": info.discarded or None,
             "bytes_up": info.bytes_up,
             "bytes_down": info.bytes_down,
             "wire_bytes_up": wire_up,

@@ -42,6 +42,7 @@ class RoundInfo:
     train_loss: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
+    discarded: str = ""    # why the round's aggregate was thrown away ("" if it was not)
 
 
 def array_bytes(record: ArrayRecord) -> int:

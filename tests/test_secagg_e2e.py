@@ -68,3 +68,16 @@ def test_a_client_dropping_mid_round_is_unmasked_around(tmp_path):
     # the clip bound. B started at zero and moved by at most S per round.
     lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
     assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5
+
+
+@pytest.mark.slow
+def test_a_nan_update_is_refused_by_its_client_and_the_round_goes_on(tmp_path):
+    report, rows = simulate(tmp_path / "run", "federation.rounds=1",
+                            "federation.clients_per_round=4", "privacy.example.enabled=false",
+                            "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null",
+                            "faults.nan_clients=['henry-v/KING HENRY V']")
+    assert rows[0]["num_sampled"] == 4 and rows[0]["num_clients"] == 3
+    assert rows[0]["num_rejected"] == 1 and rows[0]["aggregate_discarded"] is None
+    assert report["user_level"]["rounds"] == 1  # the other three were unmasked and applied
+    lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
+    assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5
