@@ -110,7 +110,21 @@ def _resumed_config(cfg):
         raise fcfg.ConfigError(f"run.resume: {saved} not found (nothing to resume)")
     resumed = fcfg.from_yaml(saved.read_text())
     resumed.run.resume = True
+    _check_run_records(Path(cfg.run.dir).expanduser())
     return resumed
+
+
+def _check_run_records(run_dir: Path) -> None:
+    """A resume continues the run's metrics and privacy events: refuse damaged ones up front."""
+    from fedllm import config as fcfg
+    from fedllm.io import JsonlError, read_jsonl
+    from fedllm.report import EVENTS_FILE
+
+    for name in ("metrics.jsonl", EVENTS_FILE):
+        try:
+            read_jsonl(run_dir / name)
+        except JsonlError as exc:
+            raise fcfg.ConfigError(f"run.resume: {exc}") from None
 
 
 def cmd_resume(args) -> int:
