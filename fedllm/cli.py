@@ -133,13 +133,22 @@ def cmd_resume(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from fedllm import config as fcfg
+    from fedllm.io import RunDirBusy, run_dir_lock
 
     _setup_logging(args.verbose)
-    console = _console()
     cfg, data = _prepare_run(args.overrides)
+    try:
+        with run_dir_lock(Path(cfg.run.dir)):  # one run per run directory, for its whole life
+            return _run_simulation(cfg, data, args.verbose)
+    except RunDirBusy as exc:
+        raise CliError(str(exc)) from None
+
+
+def _run_simulation(cfg, data, verbose: bool) -> int:
+    from fedllm import config as fcfg
+
+    console = _console()
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg_text = fcfg.to_yaml(cfg)
     if not cfg.run.resume:
         (run_dir / "config.yaml").write_text(cfg_text)
@@ -152,7 +161,7 @@ def cmd_simulate(args) -> int:
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
     simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
-                        verbose=args.verbose, parallel_clients=cfg.run.parallel_clients)
+                        verbose=verbose, parallel_clients=cfg.run.parallel_clients)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise CliError(f"the simulation ended without a result; see the log above ({run_dir})")

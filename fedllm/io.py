@@ -1,8 +1,11 @@
 """Atomic file writes (temp file in the same directory, fsync, rename) and append-only JSON
-lines that tolerate a torn last line and nothing else."""
+lines that tolerate a torn last line and nothing else; the lock that keeps one run per run
+directory."""
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import logging
 import os
@@ -115,3 +118,35 @@ def read_jsonl(path: Path) -> list[dict]:
         else:
             out.append(record)
     return out
+
+
+RUN_LOCK = ".fedllm.lock"
+
+
+class RunDirBusy(RuntimeError):
+    """Another process holds the run directory's lock."""
+
+
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path):
+    """Hold an exclusive lock on ``run_dir`` for the life of a run (released by the kernel
+    if the process dies). A second run on the same directory gets RunDirBusy at once."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fh = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")  # "a+": never clobber the holder's pid
+    try:
+        fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        fh.seek(0)
+        holder = fh.read().strip() or "unknown"
+        fh.close()
+        raise RunDirBusy(f"run.dir {run_dir} is in use by another fedllm run (pid {holder}); "
+                         "wait for it to end or choose another run.dir") from None
+    try:
+        fh.truncate(0)
+        fh.write(f"{os.getpid()}\n")
+        fh.flush()
+        yield
+    finally:
+        fcntl.flock(fh, fcntl.LOCK_UN)
+        fh.close()

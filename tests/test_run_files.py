@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -112,3 +113,42 @@ def test_resume_refuses_a_damaged_events_file(tmp_path):
     proc = cli("resume", str(run_dir))
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"run.resume: {events}:3: damaged line" in proc.stderr
+
+
+# ----------------------------------------------------------------------------- run directory lock
+
+HOLD = ("import sys, time; from fedllm.io import run_dir_lock\n"
+        "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)")
+
+
+def test_a_second_run_on_a_busy_run_dir_is_refused_in_one_line(tmp_path):
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = cli("simulate", "model=tiny", "federation.rounds=1", f"run.dir={run_dir}")
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        err = proc.stderr.strip()
+        assert "\n" not in err and "Traceback" not in err
+        assert f"run.dir {run_dir} is in use by another fedllm run (pid {holder.pid})" in err
+        assert not (run_dir / "config.yaml").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_the_lock_is_released_when_its_holder_dies(tmp_path):
+    from fedllm.io import RunDirBusy, run_dir_lock
+
+    run_dir = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(run_dir)], stdout=subprocess.PIPE,
+                              text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with pytest.raises(RunDirBusy):
+        with run_dir_lock(run_dir):
+            pass
+    holder.kill()  # SIGKILL: no cleanup; the kernel drops the lock
+    holder.wait()
+    with run_dir_lock(run_dir):
+        assert (run_dir / ".fedllm.lock").read_text().strip() == str(os.getpid())
