@@ -79,6 +79,7 @@ def _prepare_run(overrides: list[str]):
             seed=cfg.run.seed)
     except (DataError, models.ModelError, OSError) as exc:
         raise fcfg.ConfigError(str(exc)) from None
+    _check_fault_clients(cfg, data.client_ids)
     if cfg.federation.clients_per_round > len(data.clients):
         raise fcfg.ConfigError(
             f"federation.clients_per_round ({cfg.federation.clients_per_round}) exceeds the "
@@ -97,6 +98,19 @@ def _prepare_run(overrides: list[str]):
             "Noise calibrated per client for ε ≤ %g over %d planned steps (smallest client: "
             "q=%.3f, z=%.3f)", ex.target_epsilon, steps, q, z)
     return cfg, data
+
+
+def _check_fault_clients(cfg, client_ids: list[str]) -> None:
+    """faults.* must name clients of this run: a typo would silently inject nothing."""
+    from fedllm import config as fcfg
+
+    known = set(client_ids)
+    for key in ("raise_clients", "hang_clients", "nan_clients"):
+        unknown = [c for c in getattr(cfg.faults, key) if c not in known]
+        if unknown:
+            raise fcfg.ConfigError(
+                f"faults.{key}: {unknown[:3]} not among this run's {len(client_ids)} clients "
+                f"(e.g. {', '.join(client_ids[:3])})")
 
 
 def _resumed_config(cfg):
