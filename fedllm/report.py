@@ -2,7 +2,7 @@
 
 Inputs (all written during the run): ``config.yaml``, ``metrics.jsonl`` and
 ``privacy_events.jsonl`` (one line per DP release the server saw, and per client that
-declined for budget). Outputs: ``privacy_report.json``, ``epsilon.png``,
+declined for budget or refused to train, e.g. over an unreadable ledger). Outputs: ``privacy_report.json``, ``epsilon.png``,
 ``privacy_report.html`` (self-contained), and the model card ``adapter/README.md``.
 ``fedllm report RUN_DIR`` calls ``write_reports`` too, so a report can always be rebuilt.
 
@@ -35,6 +35,7 @@ class RunFiles:
     metrics: list[dict]
     releases: list[dict]
     declines: list[dict]
+    refusals: list[dict]
     user_releases: list[dict]
 
 
@@ -54,6 +55,7 @@ def load_run(run_dir: Path) -> RunFiles:
                     metrics=read_jsonl(run_dir / "metrics.jsonl"),
                     releases=list(releases.values()),
                     declines=[r for r in records if r.get("kind") == "declined"],
+                    refusals=[r for r in records if r.get("kind") == "refused"],
                     user_releases=[r for r in records if r.get("kind") == "user_release"])
 
 
@@ -144,6 +146,8 @@ def build_privacy_report(run: RunFiles) -> dict:
         "rounds": rounds,
         "example_level": example,
         "user_level": user_level_section(run),
+        "refused_clients": [{"client_id": r["client_id"], "round": r["round"],
+                             "reason": r["reason"]} for r in run.refusals],
         "notes": [
             "Epsilons are computed with Google dp_accounting from the mechanism run: Poisson "
             "sampling at each client's rate q, Gaussian noise, every local step composed.",
@@ -319,6 +323,9 @@ def render_html(run: RunFiles, report: dict, png: bytes | None, audit_html: str 
     exhausted = "".join(
         f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
         f"{html.escape(d['reason'])}</li>" for d in (ex or {}).get("exhausted_clients", []))
+    refused = "".join(
+        f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
+        f"{html.escape(d['reason'])}</li>" for d in report.get("refused_clients", []))
     img = (f'<img alt="epsilon per round" src="data:image/png;base64,'
            f'{base64.b64encode(png).decode()}">' if png else "")
     metric_rows = "".join(
@@ -346,6 +353,7 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background
 <h2>Per-client privacy loss</h2>
 {table}
 {"<h2>Clients stopped by their budget</h2><ul id='exhausted'>" + exhausted + "</ul>" if exhausted else ""}
+{"<h2>Clients that refused to train</h2><ul id='refused'>" + refused + "</ul>" if refused else ""}
 <h2>Rounds</h2>
 <table id="rounds"><thead><tr><th>round</th><th>clients</th><th>train loss</th>
 <th>held-out loss</th><th>perplexity</th><th>max ε</th></tr></thead><tbody>{metric_rows}</tbody></table>

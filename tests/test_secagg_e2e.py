@@ -55,13 +55,14 @@ def test_a_client_dropping_mid_round_is_unmasked_around(tmp_path):
 
     ledger = tmp_path / "ledger"
     ledger.mkdir()
-    # A corrupt ledger makes this client fail *after* the key exchange: a real dropout.
+    # A corrupt ledger makes this client refuse *after* the key exchange: a real dropout.
     (ledger / ledger_filename("hamlet/HAMLET")).write_text("corrupt")
     report, rows = simulate(tmp_path / "run", "federation.rounds=1",
                             "federation.num_clients=3", f"privacy.ledger_dir={ledger}",
                             "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null")
     assert rows[0]["num_sampled"] == 3 and rows[0]["num_clients"] == 2
-    assert rows[0]["num_rejected"] == 1
+    assert rows[0]["num_rejected"] == 0 and rows[0]["num_refused"] == 1
+    assert [r["client_id"] for r in report["refused_clients"]] == ["hamlet/HAMLET"]
     assert report["user_level"]["rounds"] == 1  # the survivors' sum was unmasked and applied
     assert "hamlet/HAMLET" not in report["example_level"]["clients"]
     # A wrong unmasking leaves masks in the sum: values ~2^32 quantization steps, far above
