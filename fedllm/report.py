@@ -2,8 +2,9 @@
 
 Inputs (all written during the run): ``config.yaml``, ``metrics.jsonl`` and
 ``privacy_events.jsonl`` (one line per DP release the server saw, and per client that
-declined for budget or refused to train, e.g. over an unreadable ledger). Outputs: ``privacy_report.json``, ``epsilon.png``,
-``privacy_report.html`` (self-contained), and the model card ``adapter/README.md``.
+declined for budget or refused to train, e.g. over an unreadable ledger). Outputs:
+``privacy_report.json``, ``epsilon.png``, ``privacy_report.html`` (self-contained), and the
+model card ``adapter/README.md``.
 ``fedllm report RUN_DIR`` calls ``write_reports`` too, so a report can always be rebuilt.
 
 Every epsilon is computed by ``fedllm.privacy.accounting`` from the events of the mechanism

@@ -141,7 +141,8 @@ def test_corrupt_ledger_client_refuses_and_round_continues(tmp_path):
     assert rows[0]["num_rejected"] == 0 and rows[0]["num_refused"] == 1
     [refusal] = report["refused_clients"]
     assert refusal["client_id"] == "hamlet/HAMLET" and refusal["round"] == 1
-    assert refusal["reason"].startswith("ledger: privacy ledger") and "unreadable" in refusal["reason"]
+    assert refusal["reason"].startswith("ledger: privacy ledger")
+    assert "unreadable" in refusal["reason"]
     assert "Clients that refused to train" in (tmp_path / "run" / "privacy_report.html").read_text()
     assert "Traceback" not in proc_log(tmp_path / "run")
     assert "hamlet/HAMLET" not in report["example_level"]["clients"]
