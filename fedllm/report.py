@@ -124,6 +124,7 @@ def build_privacy_report(run: RunFiles) -> dict:
                 "sampling": last.get("sampling", "poisson"),
                 "lifetime_epsilon": last.get("lifetime_epsilon"),
             }
+            clients[cid]["ledger_consistent"] = ledger_consistent(clients[cid])
         values = [c["epsilon"] for c in clients.values()]
         all_events = [_event(r) for r in run.releases]
         example = {
@@ -137,6 +138,8 @@ def build_privacy_report(run: RunFiles) -> dict:
             "max_lifetime_epsilon": max((c["lifetime_epsilon"] for c in clients.values()
                                          if c["lifetime_epsilon"] is not None), default=None),
             "clients": clients,
+            "ledger_mismatches": [cid for cid, c in clients.items()
+                                  if c["ledger_consistent"] is False],
             "exhausted_clients": [{"client_id": d["client_id"], "round": d["round"],
                                    "reason": d["reason"]} for d in run.declines],
             "epsilon_by_round": epsilon_by_round(run.releases, rounds, delta, accountant),
@@ -154,12 +157,29 @@ def build_privacy_report(run: RunFiles) -> dict:
             "sampling at each client's rate q, Gaussian noise, every local step composed.",
             "'epsilon' covers this run; 'lifetime_epsilon' is what the client's own ledger "
             "holds over all runs that used it, as the client reported it in its last round.",
+            "'ledger_mismatches' lists clients whose reported lifetime epsilon is below this "
+            "run's epsilon: their ledger lost entries during the run (deleted or replaced). A "
+            "ledger deleted between runs cannot be detected from one run's records.",
             "A release is counted as soon as the client sends it, even if the server then "
             "rejects the update (conservative).",
             "Clients are averaged unweighted: a client's dataset size does not influence the "
             "aggregate.",
         ],
     }
+
+
+LEDGER_TOLERANCE = 1e-3  # relative: both sides use the same accountant, composed in any order
+
+
+def ledger_consistent(client: dict) -> bool | None:
+    """Cross-check of a client's own ledger against the server's record of this run: the
+    lifetime ε it reported in its last round covers all its ledger entries, so it can never be
+    below this run's ε from the releases the server saw. If it is, the ledger lost entries
+    (deleted or replaced since the run started). None: the client reported no lifetime ε."""
+    lifetime = client.get("lifetime_epsilon")
+    if lifetime is None:
+        return None
+    return lifetime >= client["epsilon"] * (1 - LEDGER_TOLERANCE)
 
 
 def user_level_section(run: RunFiles) -> dict | None:
@@ -287,6 +307,10 @@ def plain_summary(cfg, report: dict) -> str:
         text += (f" Each client enforces a lifetime budget of ε = {ex['budget']:g} across all "
                  f"runs that used its ledger; {len(ex['exhausted_clients'])} time(s) a client "
                  f"declined to train because of it.")
+    if ex.get("ledger_mismatches"):
+        text += (f" <strong>Warning:</strong> the ledgers of {len(ex['ledger_mismatches'])} "
+                 "client(s) hold less than this run released (deleted or replaced during the "
+                 "run): their lifetime ε and budget are understated.")
     text += " " + user_sentence(report, html_output=True)
     return text
 

@@ -152,3 +152,29 @@ def test_the_lock_is_released_when_its_holder_dies(tmp_path):
     holder.wait()
     with run_dir_lock(run_dir):
         assert (run_dir / ".fedllm.lock").read_text().strip() == str(os.getpid())
+
+
+# ----------------------------------------------------------------------------- ledger cross-check
+
+def test_report_flags_a_ledger_that_lost_entries(tmp_path):
+    """A client's reported lifetime ε below the run's ε (from the server's events) means its
+    ledger was deleted or replaced during the run: flagged, not silently trusted."""
+    run_dir = hand_made_run(tmp_path / "run")
+    events = run_dir / "privacy_events.jsonl"
+    records = read_jsonl(events)
+    for r in records:
+        r["lifetime_epsilon"] = 100.0
+    records[-1]["lifetime_epsilon"] = 0.5  # the ledger restarted from scratch in round 4
+    events.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli("report", str(run_dir)).returncode == 0
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    ex = report["example_level"]
+    assert ex["clients"]["hamlet/HAMLET"]["ledger_consistent"] is False
+    assert ex["ledger_mismatches"] == ["hamlet/HAMLET"]
+    assert "hold less than this run released" in (run_dir / "privacy_report.html").read_text()
+
+    records[-1]["lifetime_epsilon"] = 100.0
+    events.write_text("".join(json.dumps(r) + "\n" for r in records))
+    assert cli("report", str(run_dir)).returncode == 0
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert report["example_level"]["ledger_mismatches"] == []
