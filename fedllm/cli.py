@@ -105,7 +105,7 @@ def _check_fault_clients(cfg, client_ids: list[str]) -> None:
     from fedllm import config as fcfg
 
     known = set(client_ids)
-    for key in ("raise_clients", "hang_clients", "nan_clients"):
+    for key in ("raise_clients", "hang_clients", "nan_clients", "unmask_drop_clients"):
         unknown = [c for c in getattr(cfg.faults, key) if c not in known]
         if unknown:
             raise fcfg.ConfigError(

@@ -82,3 +82,17 @@ def test_a_nan_update_is_refused_by_its_client_and_the_round_goes_on(tmp_path):
     assert report["user_level"]["rounds"] == 1  # the other three were unmasked and applied
     lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
     assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5
+
+
+@pytest.mark.slow
+def test_a_client_vanishing_after_its_masked_input_is_unmasked_without_it(tmp_path):
+    """Drill: a client sends its masked input, then drops before revealing any share. Its
+    neighbours' shares still remove its self mask, so its input stays in the sum."""
+    report, rows = simulate(tmp_path / "run", "federation.rounds=1", "federation.num_clients=3",
+                            "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null",
+                            "faults.unmask_drop_clients=['hamlet/HAMLET']")
+    assert rows[0]["num_sampled"] == 3 and rows[0]["num_clients"] == 3
+    assert rows[0]["num_rejected"] == 1 and rows[0]["aggregate_discarded"] is None
+    assert report["user_level"]["rounds"] == 1
+    lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
+    assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5
