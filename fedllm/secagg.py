@@ -161,8 +161,9 @@ def check_sum_range(total: np.ndarray, count: int, bits: int) -> None:
     most count * (2^bits - 1); a larger one means some client did not follow the protocol
     (or the masks did not cancel), and the whole sum must be discarded.
 
-    This bounds each coordinate of the *sum*, not each client's input: a client can still
-    send any in-range values (e.g. every coordinate at +R) without being detected."""
+    This bounds each coordinate of the *sum*, not each client's input: since sums wrap mod
+    2^k, a deviating client that keeps the sum in range (adding, or subtracting by wrapping)
+    is not detected."""
     limit = count * (2**bits - 1)
     over = int(np.count_nonzero(total > limit))
     if over:

@@ -144,7 +144,8 @@ def test_an_out_of_range_input_is_caught_in_the_unmasked_sum():
 
 
 def test_in_range_hostile_inputs_pass_the_range_check():
-    """The check bounds the sum, not each input: a client at the top level is not detected."""
+    """The check bounds the sum, not each input: a client at the top level is not detected
+    (the README says so)."""
     inputs = make_inputs(4)
     ids = sorted(inputs)
     top = np.full(1000, 2**16 - 1)
