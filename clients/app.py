@@ -31,7 +31,7 @@ from fedllm.data.federated import (ClientData, FederatedData, build_federated_da
                                    build_local_client)
 from fedllm.evaluate import evaluate
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise, epsilon
-from fedllm.privacy.ledger import Ledger, load_release, save_release
+from fedllm.privacy.ledger import Ledger, LedgerError, load_release, save_release
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
@@ -200,7 +200,10 @@ def local_update(msg: Message, context: Context
     lifetime = None
     ledger_dir = config_ledger_dir(cfg)
     if recorded is not None:
-        ledger = Ledger.open(ledger_dir, client.client_id)  # corrupt: raises
+        try:
+            ledger = Ledger.open(ledger_dir, client.client_id)
+        except LedgerError as exc:  # corrupt: refuse to train and say why; never reset it
+            return _refuse(client.client_id, f"ledger: {exc}")
         if ledger.has(cfg.run.id, server_round):
             # A resumed server asks again for a round we already released: resend that same
             # update (one ledger entry covers it). No copy means it never left: train now.
@@ -316,6 +319,13 @@ def _decline(client_id: str, spent: float, reason: str
              ) -> tuple[None, MetricRecord, ConfigRecord]:
     log.warning("client %s declines: %s", client_id, reason)
     return (None, MetricRecord({"declined": 1, "lifetime_epsilon": spent}),
+            ConfigRecord({"client_id": client_id, "reason": reason}))
+
+
+def _refuse(client_id: str, reason: str) -> tuple[None, MetricRecord, ConfigRecord]:
+    """No update this round for a reason other than budget (an unreadable ledger)."""
+    log.error("client %s refuses to train: %s", client_id, reason)
+    return (None, MetricRecord({"declined": 1, "refused": 1}),
             ConfigRecord({"client_id": client_id, "reason": reason}))
 
 

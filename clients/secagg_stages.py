@@ -11,6 +11,7 @@ Secrets live in the node's ``Context.state`` for the duration of one round only.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable
 
@@ -19,6 +20,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordD
 
 from fedllm import protocol
 from fedllm import secagg as sa
+from fedllm.config import from_yaml
 
 log = logging.getLogger(__name__)
 
@@ -96,6 +98,8 @@ def masked(msg: Message, context: Context, config: ConfigRecord,
     y = sa.masked_input(me, mine, q, {u: state[f"s_pk:{u}"] for u in senders},
                         state["run"], state["round"])
     state["masked_sent"] = 1
+    if str(client["client_id"]) in _unmask_drop_clients(str(config[protocol.CONFIG_KEY])):
+        state["drop_at_unmask"] = 1
     arrays = ArrayRecord({protocol.MASKED_KEY: Array(y)})
     return Message(content=RecordDict({protocol.ARRAYS_RECORD: arrays,
                                        protocol.METRICS_RECORD: metrics,
@@ -105,6 +109,9 @@ def masked(msg: Message, context: Context, config: ConfigRecord,
 def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
     state = _state(context)
     _check_round(state, config)
+    if state.get("drop_at_unmask"):
+        state.clear()
+        raise sa.SecAggError("injected fault: this client vanishes before revealing its shares")
     survivors = {int(v) for v in config["survivors"]}
     dropped = {int(v) for v in config["dropped"]}
     if survivors & dropped:
@@ -123,6 +130,12 @@ def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
             out[f"s:{sender}"] = blob[SHARE_HALF:]
     state.clear()  # the round's secrets are not needed any more
     return _reply(msg, out)
+
+
+@functools.lru_cache(maxsize=4)
+def _unmask_drop_clients(cfg_text: str) -> frozenset[str]:
+    """``faults.unmask_drop_clients`` (test-only): who vanishes after sending its masked input."""
+    return frozenset(from_yaml(cfg_text).faults.unmask_drop_clients)
 
 
 def secagg_stage(stage: str, msg: Message, context: Context, local_update: Callable) -> Message:

@@ -79,6 +79,7 @@ def _prepare_run(overrides: list[str]):
             seed=cfg.run.seed)
     except (DataError, models.ModelError, OSError) as exc:
         raise fcfg.ConfigError(str(exc)) from None
+    _check_fault_clients(cfg, data.client_ids)
     if cfg.federation.clients_per_round > len(data.clients):
         raise fcfg.ConfigError(
             f"federation.clients_per_round ({cfg.federation.clients_per_round}) exceeds the "
@@ -101,6 +102,19 @@ def _prepare_run(overrides: list[str]):
     return cfg, data
 
 
+def _check_fault_clients(cfg, client_ids: list[str]) -> None:
+    """faults.* must name clients of this run: a typo would silently inject nothing."""
+    from fedllm import config as fcfg
+
+    known = set(client_ids)
+    for key in ("raise_clients", "hang_clients", "nan_clients", "unmask_drop_clients"):
+        unknown = [c for c in getattr(cfg.faults, key) if c not in known]
+        if unknown:
+            raise fcfg.ConfigError(
+                f"faults.{key}: {unknown[:3]} not among this run's {len(client_ids)} clients "
+                f"(e.g. {', '.join(client_ids[:3])})")
+
+
 def _resumed_config(cfg):
     """Resume uses the run's own saved config (same run id, same plan), not the overrides."""
     from fedllm import config as fcfg
@@ -112,7 +126,21 @@ def _resumed_config(cfg):
         raise fcfg.ConfigError(f"run.resume: {saved} not found (nothing to resume)")
     resumed = fcfg.from_yaml(saved.read_text())
     resumed.run.resume = True
+    _check_run_records(Path(cfg.run.dir).expanduser())
     return resumed
+
+
+def _check_run_records(run_dir: Path) -> None:
+    """A resume continues the run's metrics and privacy events: refuse damaged ones up front."""
+    from fedllm import config as fcfg
+    from fedllm.io import JsonlError, read_jsonl
+    from fedllm.report import EVENTS_FILE
+
+    for name in ("metrics.jsonl", EVENTS_FILE):
+        try:
+            read_jsonl(run_dir / name)
+        except JsonlError as exc:
+            raise fcfg.ConfigError(f"run.resume: {exc}") from None
 
 
 def cmd_resume(args) -> int:
@@ -121,13 +149,22 @@ def cmd_resume(args) -> int:
 
 
 def cmd_simulate(args) -> int:
-    from fedllm import config as fcfg
+    from fedllm.io import RunDirBusy, run_dir_lock
 
     _setup_logging(args.verbose)
-    console = _console()
     cfg, data = _prepare_run(args.overrides)
+    try:
+        with run_dir_lock(Path(cfg.run.dir)):  # one run per run directory, for its whole life
+            return _run_simulation(cfg, data, args.verbose)
+    except RunDirBusy as exc:
+        raise CliError(str(exc)) from None
+
+
+def _run_simulation(cfg, data, verbose: bool) -> int:
+    from fedllm import config as fcfg
+
+    console = _console()
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     cfg_text = fcfg.to_yaml(cfg)
     if not cfg.run.resume:
         (run_dir / "config.yaml").write_text(cfg_text)
@@ -140,7 +177,7 @@ def cmd_simulate(args) -> int:
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
     simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
-                        verbose=args.verbose, parallel_clients=cfg.run.parallel_clients)
+                        verbose=verbose, parallel_clients=cfg.run.parallel_clients)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise CliError(f"the simulation ended without a result; see the log above ({run_dir})")

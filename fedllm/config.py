@@ -160,6 +160,8 @@ class FaultsConfig:
     hang_clients: list[str] = field(default_factory=list)    # sleep hang_seconds first
     hang_seconds: float = 0.0
     nan_clients: list[str] = field(default_factory=list)     # send a NaN update
+    # SecAgg+ only: send the masked input, then vanish before revealing any share
+    unmask_drop_clients: list[str] = field(default_factory=list)
 
 
 @dataclass

@@ -121,14 +121,25 @@ def tokenizer_dir(name: str, path: str | None) -> Path:
     """Tiny models borrow SmolLM2's tokenizer (real BPE, 49k vocab) unless given a path."""
     if name == "tiny" and not path:
         return resolve_model_dir("smollm2", None)
-    return resolve_model_dir(name, path) if name != "tiny" else Path(path)
+    if name != "tiny":
+        return resolve_model_dir(name, path)
+    p = Path(path).expanduser()
+    if not p.is_dir():
+        raise ModelError(f"model.path {p} does not exist (model=tiny takes only a tokenizer "
+                         "directory from model.path)")
+    return p
 
 
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
     offline_env()
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir(model_cfg.name, model_cfg.path))
+    directory = tokenizer_dir(model_cfg.name, model_cfg.path)
+    try:
+        tok = AutoTokenizer.from_pretrained(directory)
+    except (OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"model.path {directory}: no usable tokenizer ({first})") from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok

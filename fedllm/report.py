@@ -2,8 +2,9 @@
 
 Inputs (all written during the run): ``config.yaml``, ``metrics.jsonl`` and
 ``privacy_events.jsonl`` (one line per DP release the server saw, and per client that
-declined for budget). Outputs: ``privacy_report.json``, ``epsilon.png``,
-``privacy_report.html`` (self-contained), and the model card ``adapter/README.md``.
+declined for budget or refused to train, e.g. over an unreadable ledger). Outputs:
+``privacy_report.json``, ``epsilon.png``, ``privacy_report.html`` (self-contained), and the
+model card ``adapter/README.md``.
 ``fedllm report RUN_DIR`` calls ``write_reports`` too, so a report can always be rebuilt.
 
 Every epsilon is computed by ``fedllm.privacy.accounting`` from the events of the mechanism
@@ -35,6 +36,7 @@ class RunFiles:
     metrics: list[dict]
     releases: list[dict]
     declines: list[dict]
+    refusals: list[dict]
     user_releases: list[dict]
 
 
@@ -54,6 +56,7 @@ def load_run(run_dir: Path) -> RunFiles:
                     metrics=read_jsonl(run_dir / "metrics.jsonl"),
                     releases=list(releases.values()),
                     declines=[r for r in records if r.get("kind") == "declined"],
+                    refusals=[r for r in records if r.get("kind") == "refused"],
                     user_releases=[r for r in records if r.get("kind") == "user_release"])
 
 
@@ -121,6 +124,7 @@ def build_privacy_report(run: RunFiles) -> dict:
                 "sampling": last.get("sampling", "poisson"),
                 "lifetime_epsilon": last.get("lifetime_epsilon"),
             }
+            clients[cid]["ledger_consistent"] = ledger_consistent(clients[cid])
         values = [c["epsilon"] for c in clients.values()]
         all_events = [_event(r) for r in run.releases]
         example = {
@@ -139,6 +143,8 @@ def build_privacy_report(run: RunFiles) -> dict:
             "max_lifetime_epsilon": max((c["lifetime_epsilon"] for c in clients.values()
                                          if c["lifetime_epsilon"] is not None), default=None),
             "clients": clients,
+            "ledger_mismatches": [cid for cid, c in clients.items()
+                                  if c["ledger_consistent"] is False],
             "exhausted_clients": [{"client_id": d["client_id"], "round": d["round"],
                                    "reason": d["reason"]} for d in run.declines],
             "epsilon_by_round": epsilon_by_round(run.releases, rounds, delta, accountant),
@@ -149,17 +155,36 @@ def build_privacy_report(run: RunFiles) -> dict:
         "rounds": rounds,
         "example_level": example,
         "user_level": user_level_section(run),
+        "refused_clients": [{"client_id": r["client_id"], "round": r["round"],
+                             "reason": r["reason"]} for r in run.refusals],
         "notes": [
             "Epsilons are computed with Google dp_accounting from the mechanism run: Poisson "
             "sampling at each client's rate q, Gaussian noise, every local step composed.",
             "'epsilon' covers this run; 'lifetime_epsilon' is what the client's own ledger "
             "holds over all runs that used it, as the client reported it in its last round.",
+            "'ledger_mismatches' lists clients whose reported lifetime epsilon is below this "
+            "run's epsilon: their ledger lost entries during the run (deleted or replaced). A "
+            "ledger deleted between runs cannot be detected from one run's records.",
             "A release is counted as soon as the client sends it, even if the server then "
             "rejects the update (conservative).",
             "Clients are averaged unweighted: a client's dataset size does not influence the "
             "aggregate.",
         ],
     }
+
+
+LEDGER_TOLERANCE = 1e-3  # relative: both sides use the same accountant, composed in any order
+
+
+def ledger_consistent(client: dict) -> bool | None:
+    """Cross-check of a client's own ledger against the server's record of this run: the
+    lifetime ε it reported in its last round covers all its ledger entries, so it can never be
+    below this run's ε from the releases the server saw. If it is, the ledger lost entries
+    (deleted or replaced since the run started). None: the client reported no lifetime ε."""
+    lifetime = client.get("lifetime_epsilon")
+    if lifetime is None:
+        return None
+    return lifetime >= client["epsilon"] * (1 - LEDGER_TOLERANCE)
 
 
 def user_level_section(run: RunFiles) -> dict | None:
@@ -291,6 +316,10 @@ def plain_summary(cfg, report: dict) -> str:
         text += (f" Each client enforces a lifetime budget of ε = {ex['budget']:g} across all "
                  f"runs that used its ledger; {len(ex['exhausted_clients'])} time(s) a client "
                  f"declined to train because of it.")
+    if ex.get("ledger_mismatches"):
+        text += (f" <strong>Warning:</strong> the ledgers of {len(ex['ledger_mismatches'])} "
+                 "client(s) hold less than this run released (deleted or replaced during the "
+                 "run): their lifetime ε and budget are understated.")
     text += " " + user_sentence(report, html_output=True)
     return text
 
@@ -343,6 +372,9 @@ def render_html(run: RunFiles, report: dict, png: bytes | None, audit_html: str 
     exhausted = "".join(
         f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
         f"{html.escape(d['reason'])}</li>" for d in (ex or {}).get("exhausted_clients", []))
+    refused = "".join(
+        f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
+        f"{html.escape(d['reason'])}</li>" for d in report.get("refused_clients", []))
     img = (f'<img alt="epsilon per round" src="data:image/png;base64,'
            f'{base64.b64encode(png).decode()}">' if png else "")
     metric_rows = "".join(
@@ -370,6 +402,7 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background
 <h2>Per-client privacy loss</h2>
 {table}
 {"<h2>Clients stopped by their budget</h2><ul id='exhausted'>" + exhausted + "</ul>" if exhausted else ""}
+{"<h2>Clients that refused to train</h2><ul id='refused'>" + refused + "</ul>" if refused else ""}
 <h2>Rounds</h2>
 <table id="rounds"><thead><tr><th>round</th><th>clients</th><th>train loss</th>
 <th>held-out loss</th><th>perplexity</th><th>max ε</th></tr></thead><tbody>{metric_rows}</tbody></table>

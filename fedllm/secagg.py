@@ -134,7 +134,15 @@ def neighbours(node_ids: list[int], num_shares: int) -> dict[int, list[int]]:
 
 def quantize(x: np.ndarray, clip_range: float, bits: int, dtype: np.dtype,
              rng: np.random.Generator) -> np.ndarray:
-    """Stochastic rounding of x (clipped to [-R, R]) to integers in [0, 2^bits - 1]."""
+    """Stochastic rounding of x (clipped to [-R, R]) to integers in [0, 2^bits - 1].
+
+    Non-finite values are refused: ``np.clip`` passes NaN through and the integer cast of
+    NaN lands far outside the 2^bits levels, which would corrupt the whole masked sum.
+    """
+    bad = np.size(x) - int(np.count_nonzero(np.isfinite(x)))
+    if bad:
+        raise SecAggError(f"update has {bad} non-finite value(s) (NaN/inf): refusing to "
+                          "quantize it for secure aggregation")
     levels = 2**bits - 1
     scaled = (np.clip(x.astype(np.float64), -clip_range, clip_range) + clip_range) \
         * (levels / (2 * clip_range))
@@ -146,6 +154,22 @@ def quantize(x: np.ndarray, clip_range: float, bits: int, dtype: np.dtype,
 def dequantize_sum(total: np.ndarray, count: int, clip_range: float, bits: int) -> np.ndarray:
     levels = 2**bits - 1
     return total.astype(np.float64) * (2 * clip_range / levels) - count * clip_range
+
+
+def check_sum_range(total: np.ndarray, count: int, bits: int) -> None:
+    """Every coordinate of an unmasked sum of ``count`` inputs quantized to ``bits`` bits is at
+    most count * (2^bits - 1); a larger one means some client did not follow the protocol
+    (or the masks did not cancel), and the whole sum must be discarded.
+
+    This bounds each coordinate of the *sum*, not each client's input: since sums wrap mod
+    2^k, a deviating client that keeps the sum in range (adding, or subtracting by wrapping)
+    is not detected."""
+    limit = count * (2**bits - 1)
+    over = int(np.count_nonzero(total > limit))
+    if over:
+        raise SecAggError(f"{over} coordinate(s) of the unmasked sum exceed {count} x "
+                          f"(2^{bits} - 1) = {limit}: an input was outside the quantization "
+                          "range")
 
 
 def pair_label(run_id: str, round_: int) -> bytes:

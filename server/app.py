@@ -112,6 +112,8 @@ class RoundRecorder:
             "num_sampled": info.sampled,
             "num_rejected": len(info.rejected),
             "num_declined": len(info.declined),
+            "num_refused": len(info.refused),
+            "aggregate_discarded": info.discarded or None,
             "bytes_up": info.bytes_up,
             "bytes_down": info.bytes_down,
             "wire_bytes_up": wire_up,
@@ -124,6 +126,9 @@ class RoundRecorder:
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
         for client_id, reason in info.declined.items():
             append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "declined", "round": server_round,
+                                                      "client_id": client_id, "reason": reason})
+        for client_id, reason in info.refused.items():
+            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "refused", "round": server_round,
                                                       "client_id": client_id, "reason": reason})
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         self.history.append(row)

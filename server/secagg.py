@@ -138,8 +138,10 @@ class SecAggFedAvg(AdapterFedAvg):
         try:
             total = sa.unmask_sum(masked, st["graph"], st["s_pk"], b_shares, s_shares,
                                   st["threshold"], self.run_id, server_round)
+            sa.check_sum_range(total, len(survivors), self.bits)
         except sa.SecAggError as exc:
             log.warning("round %d: cannot unmask (%s); global adapter unchanged", server_round, exc)
+            self.rounds[-1].discarded = f"cannot unmask: {exc}"
             return None, None
         flat = sa.dequantize_sum(total, len(survivors), self.clip_range, self.bits)
         total_dict, offset = {}, 0

@@ -40,10 +40,12 @@ class RoundInfo:
     accepted: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)
     declined: dict[str, str] = field(default_factory=dict)   # client id -> reason
+    refused: dict[str, str] = field(default_factory=dict)    # client id -> reason (ledger...)
     releases: list[dict] = field(default_factory=list)       # DP releases seen this round
     train_loss: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
+    discarded: str = ""    # why the round's aggregate was thrown away ("" if it was not)
 
 
 def array_bytes(record: ArrayRecord) -> int:
@@ -247,9 +249,12 @@ class AdapterFedAvg(FedAvg):
             return False
         client = content[protocol.CLIENT_RECORD]
         reason = str(client.get("reason", "declined"))
-        self.sampler.declined(msg.metadata.src_node_id)  # cap or budget: it cannot train again
-        info.declined[str(client["client_id"])] = reason
-        log.warning("round %d: client %s declined: %s", info.round, client["client_id"], reason)
+        # Cap, budget or an unreadable ledger: it cannot train again in this run.
+        self.sampler.declined(msg.metadata.src_node_id)
+        refused = bool(content[protocol.METRICS_RECORD].get("refused"))
+        (info.refused if refused else info.declined)[str(client["client_id"])] = reason
+        log.warning("round %d: client %s %s: %s", info.round, client["client_id"],
+                    "refused to train" if refused else "declined", reason)
         return True
 
     def parse_common(self, msg: Message) -> tuple[str, dict]:

@@ -23,7 +23,12 @@ def simulate(run_dir, *overrides):
         [sys.executable, "-m", "fedllm.cli", "simulate", *TINY, *overrides, f"run.dir={run_dir}"],
         capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    (run_dir.parent / f"{run_dir.name}.log").write_text(proc.stdout + proc.stderr)
     return json.loads((run_dir / "privacy_report.json").read_text())
+
+
+def proc_log(run_dir):
+    return (run_dir.parent / f"{run_dir.name}.log").read_text()
 
 
 def releases(run_dir):
@@ -132,6 +137,13 @@ def test_corrupt_ledger_client_refuses_and_round_continues(tmp_path):
     report = simulate(tmp_path / "run", "federation.rounds=1", f"privacy.ledger_dir={ledger}")
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["num_sampled"] == 2 and rows[0]["num_clients"] == 1
-    assert rows[0]["num_rejected"] == 1
+    # Refused, with the reason, not a generic rejection (no client traceback in the log).
+    assert rows[0]["num_rejected"] == 0 and rows[0]["num_refused"] == 1
+    [refusal] = report["refused_clients"]
+    assert refusal["client_id"] == "hamlet/HAMLET" and refusal["round"] == 1
+    assert refusal["reason"].startswith("ledger: privacy ledger")
+    assert "unreadable" in refusal["reason"]
+    assert "Clients that refused to train" in (tmp_path / "run" / "privacy_report.html").read_text()
+    assert "Traceback" not in proc_log(tmp_path / "run")
     assert "hamlet/HAMLET" not in report["example_level"]["clients"]
     assert (ledger / ledger_filename("hamlet/HAMLET")).read_text() == "{not json"  # untouched

@@ -6,8 +6,13 @@ import pytest
 from fedllm import secagg as sa
 
 
-def run_protocol(inputs, drop_after_shares=(), threshold=2, num_shares=3, bits=24, R=1.0):
-    """Every client follows the protocol; clients in drop_after_shares vanish before step 3."""
+def run_protocol(inputs, drop_after_shares=(), threshold=2, num_shares=3, bits=24, R=1.0,
+                 quantized=None):
+    """Every client follows the protocol; clients in drop_after_shares vanish before step 3.
+
+    ``quantized``: client -> integer vector it masks instead of quantizing its input (a client
+    that does not follow the protocol)."""
+    quantized = quantized or {}
     ids = sorted(inputs)
     graph = sa.neighbours(ids, num_shares)
     dtype = sa.modulus_dtype(bits, len(ids))
@@ -27,7 +32,8 @@ def run_protocol(inputs, drop_after_shares=(), threshold=2, num_shares=3, bits=2
     for u in ids:
         if u in drop_after_shares:
             continue
-        q = sa.quantize(inputs[u], R, bits, dtype, rng)
+        q = quantized[u].astype(dtype) if u in quantized else sa.quantize(inputs[u], R, bits,
+                                                                          dtype, rng)
         masked[u] = sa.masked_input(u, secrets_[u], q, {v: secrets_[v].s_pk for v in graph[u]},
                                     "run", 1)
     survivors, dropped = set(masked), set(ids) - set(masked)
@@ -42,6 +48,7 @@ def run_protocol(inputs, drop_after_shares=(), threshold=2, num_shares=3, bits=2
                 s_shares.setdefault(sender, {})[x] = s
     total = sa.unmask_sum(masked, graph, {u: secrets_[u].s_pk for u in ids}, b_shares, s_shares,
                           threshold, "run", 1)
+    sa.check_sum_range(total, len(survivors), bits)  # what the server does before applying it
     return sa.dequantize_sum(total, len(survivors), R, bits), survivors
 
 
@@ -116,3 +123,38 @@ def test_neighbour_graph_is_symmetric():
     g = sa.neighbours(list(range(20)), 5)
     assert all(u in g[v] for u in g for v in g[u])
     assert all(len(vs) == 4 for vs in g.values())
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_quantize_refuses_non_finite_updates(bad):
+    x = np.zeros(100)
+    x[17] = bad
+    with pytest.raises(sa.SecAggError, match="non-finite"):
+        sa.quantize(x, 1.0, 16, np.dtype(np.uint32), np.random.default_rng(0))
+
+
+def test_an_out_of_range_input_is_caught_in_the_unmasked_sum():
+    """A client that skips quantization (as a NaN update did before the fix) puts
+    values above 2^bits - 1 in the sum; the server's range check refuses the sum."""
+    inputs = make_inputs(4)
+    ids = sorted(inputs)
+    hostile = np.full(1000, 2**31)  # a NaN cast to uint32 can give this (platform-dependent)
+    with pytest.raises(sa.SecAggError, match="exceed"):
+        run_protocol(inputs, bits=16, quantized={ids[2]: hostile})
+
+
+def test_in_range_hostile_inputs_pass_the_range_check():
+    """The check bounds the sum, not each input: a client at the top level is not detected
+    (the README says so)."""
+    inputs = make_inputs(4)
+    ids = sorted(inputs)
+    top = np.full(1000, 2**16 - 1)
+    result, _ = run_protocol(inputs, bits=16, quantized={ids[2]: top})
+    expected = sum(inputs[u] for u in ids if u != ids[2]) + 1.0
+    assert np.max(np.abs(result - expected)) <= 4 * 2 / (2**16 - 1)
+
+
+def test_sum_range_check_boundary():
+    assert sa.check_sum_range(np.array([3 * 255], dtype=np.uint32), 3, 8) is None
+    with pytest.raises(sa.SecAggError):
+        sa.check_sum_range(np.array([0, 3 * 255 + 1], dtype=np.uint32), 3, 8)

@@ -60,16 +60,44 @@ def test_a_client_dropping_mid_round_is_unmasked_around(tmp_path):
 
     ledger = tmp_path / "ledger"
     ledger.mkdir()
-    # A corrupt ledger makes this client fail *after* the key exchange: a real dropout.
+    # A corrupt ledger makes this client refuse *after* the key exchange: a real dropout.
     (ledger / ledger_filename("hamlet/HAMLET")).write_text("corrupt")
     report, rows = simulate(tmp_path / "run", "federation.rounds=1",
                             "federation.num_clients=3", f"privacy.ledger_dir={ledger}",
                             "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null")
     assert rows[0]["num_sampled"] == 3 and rows[0]["num_clients"] == 2
-    assert rows[0]["num_rejected"] == 1
+    assert rows[0]["num_rejected"] == 0 and rows[0]["num_refused"] == 1
+    assert [r["client_id"] for r in report["refused_clients"]] == ["hamlet/HAMLET"]
     assert report["user_level"]["rounds"] == 1  # the survivors' sum was unmasked and applied
     assert "hamlet/HAMLET" not in report["example_level"]["clients"]
     # A wrong unmasking leaves masks in the sum: values ~2^32 quantization steps, far above
     # the clip bound. B started at zero and moved by at most S per round.
+    lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
+    assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5
+
+
+@pytest.mark.slow
+def test_a_nan_update_is_refused_by_its_client_and_the_round_goes_on(tmp_path):
+    report, rows = simulate(tmp_path / "run", "federation.rounds=1",
+                            "federation.clients_per_round=4", "privacy.example.enabled=false",
+                            "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null",
+                            "faults.nan_clients=['henry-v/KING HENRY V']")
+    assert rows[0]["num_sampled"] == 4 and rows[0]["num_clients"] == 3
+    assert rows[0]["num_rejected"] == 1 and rows[0]["aggregate_discarded"] is None
+    assert report["user_level"]["rounds"] == 1  # the other three were unmasked and applied
+    lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
+    assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5
+
+
+@pytest.mark.slow
+def test_a_client_vanishing_after_its_masked_input_is_unmasked_without_it(tmp_path):
+    """Drill: a client sends its masked input, then drops before revealing any share. Its
+    neighbours' shares still remove its self mask, so its input stays in the sum."""
+    report, rows = simulate(tmp_path / "run", "federation.rounds=1", "federation.num_clients=3",
+                            "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null",
+                            "faults.unmask_drop_clients=['hamlet/HAMLET']")
+    assert rows[0]["num_sampled"] == 3 and rows[0]["num_clients"] == 3
+    assert rows[0]["num_rejected"] == 1 and rows[0]["aggregate_discarded"] is None
+    assert report["user_level"]["rounds"] == 1
     lora_b = [v for k, v in adapter(tmp_path / "run").items() if "lora_B" in k]
     assert max(float(np.abs(v).max()) for v in lora_b) <= 0.5

@@ -18,6 +18,8 @@ def simulate(*overrides, tmp_path):
     (["federation.num_clients=100000"], "federation.num_clients"),
     (["privacy.example.target_epsilon=1e-9"], "privacy.example.target_epsilon"),
     (["federation.rounds=-1"], "federation.rounds"),
+    (["model.path=/missing"], "model.path /missing does not exist"),
+    (["faults.nan_clients=['hamlet/NOBODY']"], "faults.nan_clients: ['hamlet/NOBODY'] not among"),
 ])
 def test_preflight_errors(overrides, key, tmp_path):
     proc = simulate(*overrides, tmp_path=tmp_path)

