@@ -23,7 +23,8 @@ from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, partic
 from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
-from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_epsilons
+from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
+                                      user_level_epsilons)
 from fedllm.report import EVENTS_FILE, write_reports
 from fedllm.privacy.updates import distributed_noise_std
 from server import checkpoint
@@ -152,17 +153,41 @@ def user_noise_multiplier(cfg: FedLLMConfig, population: int) -> float:
                                 accountant=cfg.privacy.accountant)
 
 
-def make_user_dp(cfg: FedLLMConfig, population: int) -> UserDP | None:
+def make_user_dp(cfg: FedLLMConfig, population: int, adapter_size: int = 0) -> UserDP | None:
     user = cfg.privacy.user
     if not user.enabled:
         return None
     z = user_noise_multiplier(cfg, population)
+    if cfg.secagg.enabled and user.noise_multiplier is None:
+        z = cover_quantization(cfg, z, adapter_size)
     log.info("user-level DP: z=%.4f on the sum of updates clipped to %g (%s noise), divided by "
              "the expected cohort %d", z, user.clip_norm, user.noise,
              cfg.federation.clients_per_round)
     return UserDP(noise_multiplier=z, clip_norm=user.clip_norm, noise=user.noise,
                   expected_cohort=cfg.federation.clients_per_round,
                   min_survivors=cfg.federation.min_clients)
+
+
+def cover_quantization(cfg: FedLLMConfig, z: float, adapter_size: int) -> float:
+    """SecAgg+ rounding lifts a client's sensitivity slightly above S (``quantized_sensitivity``,
+    which the accountant uses): scale a calibrated z so the target ε still holds. The range R
+    grows with z under distributed noise, so iterate to the fixed point and check it."""
+    user = cfg.privacy.user
+
+    def sensitivity(multiplier: float) -> float:
+        dp = UserDP(noise_multiplier=multiplier, clip_norm=user.clip_norm, noise=user.noise,
+                    expected_cohort=cfg.federation.clients_per_round,
+                    min_survivors=cfg.federation.min_clients)
+        return quantized_sensitivity(user.clip_norm, adapter_size, secagg_range(cfg, dp),
+                                     cfg.secagg.quantization_bits)
+
+    scaled = z
+    for _ in range(100):
+        scaled = z * sensitivity(scaled) / user.clip_norm * (1 + 1e-9)
+    if scaled * user.clip_norm / sensitivity(scaled) < z:
+        raise RuntimeError(f"secagg.quantization_bits={cfg.secagg.quantization_bits} is too coarse "
+                           f"for {adapter_size} adapter values: rounding error dominates")
+    return scaled
 
 
 def secagg_range(cfg: FedLLMConfig, user_dp: UserDP | None) -> float:
@@ -177,11 +202,12 @@ def secagg_range(cfg: FedLLMConfig, user_dp: UserDP | None) -> float:
     return user_dp.clip_norm + margin
 
 
-def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int) -> AdapterFedAvg:
+def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int,
+                  adapter_size: int = 0) -> AdapterFedAvg:
     common = dict(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
                   sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
                   min_clients=cfg.federation.min_clients,
-                  user_dp=make_user_dp(cfg, population), run_id=cfg.run.id,
+                  user_dp=make_user_dp(cfg, population, adapter_size), run_id=cfg.run.id,
                   server_optimizer=cfg.strategy.name,
                   participation_cap=participation_cap(cfg, population))
     if not cfg.secagg.enabled:
@@ -247,7 +273,8 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     initial = models.adapter_state(loaded.model)
     cfg, cfg_text = resolve_participation_cap(cfg, cfg_text, population, run_dir)
 
-    strategy = make_strategy(cfg, cfg_text, population)
+    strategy = make_strategy(cfg, cfg_text, population,
+                             adapter_size=sum(v.size for v in initial.values()))
     strategy.grid = grid
     recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, population)
     strategy.on_user_release = lambda rnd, survivors: append_jsonl(
@@ -285,8 +312,13 @@ def user_release_record(cfg: FedLLMConfig, strategy: AdapterFedAvg, server_round
     """One user-level round as the accountant needs it: the population this round's cohort
     was drawn from (its real q), and whose updates entered the sum (the server's view)."""
     dp = strategy.user_dp
+    sensitivity = dp.clip_norm
+    if hasattr(strategy, "bits"):  # SecAgg+: quantization error adds to the clip norm
+        dim = sum(v.size for v in strategy.global_arrays.values())
+        sensitivity = quantized_sensitivity(dp.clip_norm, dim, strategy.clip_range, strategy.bits)
     return {"kind": "user_release", "round": server_round, "noise_multiplier": dp.noise_multiplier,
-            "clip_norm": dp.clip_norm, "noise": dp.noise, "sampling": cfg.federation.sampling,
+            "clip_norm": dp.clip_norm, "sensitivity": sensitivity, "noise": dp.noise,
+            "sampling": cfg.federation.sampling,
             "cohort": dp.expected_cohort, "population": strategy.sampler.last_pool,
             "min_survivors": dp.min_survivors, "survivors": survivors, "applied": applied,
             "clients": sorted(strategy.rounds[-1].accepted) if applied else []}

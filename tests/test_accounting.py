@@ -94,3 +94,23 @@ def test_invalid_delta(delta):
 def test_unreachable_target():
     with pytest.raises(AccountingError, match="unreachable"):
         calibrate_noise(1e-7, 1e-5, steps=1000, sample_rate=1.0)
+
+
+@pytest.mark.parametrize("z", [0.3, 0.6, 1.0, 3.0])
+def test_analytic_gaussian_epsilon_equals_dp_accounting(z):
+    from dp_accounting import dp_event
+    from dp_accounting.pld import pld_privacy_accountant
+
+    from fedllm.privacy.accounting import gaussian_epsilon
+
+    ref = pld_privacy_accountant.PLDAccountant().compose(
+        dp_event.GaussianDpEvent(z)).get_epsilon(1e-5)
+    assert gaussian_epsilon(z, 1e-5) == pytest.approx(ref, rel=1e-6)
+
+
+def test_analytic_gaussian_epsilon_at_extremes_is_finite_and_cheap():
+    from fedllm.privacy.accounting import gaussian_epsilon
+
+    assert 1e5 < gaussian_epsilon(1e-3, 1e-5) < math.inf   # a PLD grid here would not fit in RAM
+    assert gaussian_epsilon(0.0, 1e-5) == math.inf
+    assert gaussian_epsilon(1e3, 1e-5) < 1e-2

@@ -205,3 +205,27 @@ def test_user_level_epsilons_for_both_adversaries_match_dp_accounting():
         dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(1.2), 4))
     assert got["server"] == pytest.approx(server.get_epsilon(1e-5), rel=1e-3)
     assert got["max_rounds_per_client"] == 4 and got["server"] > got["observers"]
+
+
+def test_secagg_quantization_is_covered_by_the_accounting(tiny_cfg):
+    """Rounding to 2^bits levels lifts a client's sensitivity above S; the accountant uses the
+    lifted value, and the server scales a calibrated z so the target still holds."""
+    from fedllm.privacy.accounting import quantized_sensitivity, user_level_epsilons
+    from server.app import make_user_dp, secagg_range
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.federation.clients_per_round, cfg.federation.min_clients = 3, 2
+    cfg.privacy.user.enabled, cfg.privacy.user.target_epsilon = True, 8.0
+    cfg.privacy.user.noise, cfg.secagg.enabled, cfg.secagg.quantization_bits = "distributed", True, 16
+    dim = 460_800
+    plain = make_user_dp(cfg, population=4)
+    covered = make_user_dp(cfg, population=4, adapter_size=dim)
+    sensitivity = quantized_sensitivity(0.5, dim, secagg_range(cfg, covered), 16)
+    assert sensitivity > 0.5 * 1.01 and covered.noise_multiplier > plain.noise_multiplier
+
+    def eps(z):
+        rec = {"noise_multiplier": z, "clip_norm": 0.5, "sensitivity": sensitivity,
+               "sampling": "fixed", "cohort": 3, "population": 4, "clients": ["a"]}
+        return user_level_epsilons([rec] * cfg.federation.rounds, 1e-5)["observers"]
+
+    assert eps(plain.noise_multiplier) > 8.0 >= eps(covered.noise_multiplier) > 0.98 * 8.0
