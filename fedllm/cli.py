@@ -169,6 +169,7 @@ def _run_simulation(cfg, data, verbose: bool) -> int:
     if not cfg.run.resume:
         (run_dir / "config.yaml").write_text(cfg_text)
     (run_dir / "summary.json").unlink(missing_ok=True)
+    _report_skipped(data, run_dir)
     console.print(f"[bold]fedllm simulate[/bold]: {len(data.clients)} clients "
                   f"({len(data.skipped)} too small, skipped), {cfg.federation.rounds} rounds × "
                   f"{cfg.federation.clients_per_round} clients, model {cfg.model.name}, "
@@ -184,6 +185,18 @@ def _run_simulation(cfg, data, verbose: bool) -> int:
     summary = json.loads(summary_path.read_text())
     _print_summary(console, summary, time.time() - started)
     return 0
+
+
+def _report_skipped(data, run_dir: Path) -> None:
+    """Name every skipped client once: in the log and in the run directory."""
+    from fedllm.data.federated import SKIPPED_FILE, skipped_clients_message
+    from fedllm.io import atomic_write_text
+
+    path = run_dir / SKIPPED_FILE
+    atomic_write_text(path, json.dumps(data.skipped, indent=1, ensure_ascii=False) + "\n")
+    message = skipped_clients_message(data, str(path))
+    if message:
+        logging.getLogger("fedllm").info(message)
 
 
 def _use_gpu(cfg) -> bool:

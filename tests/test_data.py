@@ -105,3 +105,28 @@ def test_iid_partitions_mix_owners():
     assert all(len({u.client_id for u in g}) >= 2 for g in groups.values())
     assert group_units(units, "iid", 4, seed=0) == groups  # seeded: reproducible
     assert group_units(units, "iid", 4, seed=1) != groups
+
+
+def test_every_skipped_client_is_named_once(tmp_path, tiny_loaded, caplog):
+    """A user's own directory of 5 clients, 2 too small: the message names both (not "e.g."
+    one), and building the federation logs nothing itself (every process builds it)."""
+    import logging
+
+    from fedllm.data.federated import skipped_clients_message
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    for name, lines in [("emotion", 2), ("tiny-notes", 1), ("big-a", 200), ("big-b", 200),
+                        ("big-c", 200)]:
+        (data_dir / f"{name}.jsonl").write_text("".join(
+            json.dumps({"text": f"Record {i} of {name}: some words to make a few tokens."}) + "\n"
+            for i in range(lines)))
+    cfg = compose(["model=tiny", "data=jsonl", f"data.path={data_dir}"])
+    with caplog.at_level(logging.INFO):
+        data = build_federated_data(cfg.data, tiny_loaded.tokenizer, seq_len=32, min_sequences=8,
+                                    num_clients=None, seed=0)
+    assert sorted(data.skipped) == ["emotion", "tiny-notes"]
+    assert not any("Skipped" in r.message for r in caplog.records)
+    message = skipped_clients_message(data, "RUN/skipped_clients.json")
+    assert message.count("emotion") == 1 and message.count("tiny-notes") == 1
+    assert message.startswith("Skipped 2 of 5 clients") and "RUN/skipped_clients.json" in message

@@ -55,6 +55,8 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = check_contract_files(run_dir, 2)
     assert all(r["num_clients"] == 2 for r in rows)
+    skipped = json.loads((run_dir / "skipped_clients.json").read_text())
+    assert len(skipped) > 1000 and proc.stdout.count("Skipped ") == 1  # named once, not per process
 
     report = json.loads((run_dir / "privacy_report.json").read_text())
     assert report["delta"] == 1e-5 and report["accountant"] == "pld"

@@ -164,9 +164,8 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
             continue
         clients.append(ClientData(cid, train, ev))
     clients.sort(key=lambda c: (-len(c.train), c.client_id))
-    if skipped:
-        log.info("Skipped %d of %d clients with too little data (e.g. %s: %s)", len(skipped),
-                 len(ids), *next(iter(skipped.items())))
+    # Not logged here: every process (CLI, server, each client) builds the federation; the CLI
+    # names the skipped clients once (``skipped_clients_message``, ``skipped_clients.json``).
     if num_clients is not None:
         if len(clients) < num_clients:
             raise DataError(
@@ -178,6 +177,24 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
         raise DataError(f"no client has at least {min_sequences} training sequences of "
                         f"{seq_len} tokens; lower train.batch_size or train.seq_len")
     return FederatedData(clients=clients, skipped=skipped)
+
+
+SKIPPED_FILE = "skipped_clients.json"
+SKIPPED_NAMED_IN_LOG = 20
+
+
+def skipped_clients_message(data: FederatedData, where: str) -> str | None:
+    """One log line that names every skipped client with its reason (up to
+    SKIPPED_NAMED_IN_LOG of them; ``where`` holds them all)."""
+    if not data.skipped:
+        return None
+    items = list(data.skipped.items())
+    named = "; ".join(f"{cid}: {why}" for cid, why in items[:SKIPPED_NAMED_IN_LOG])
+    more = (f"; and {len(items) - SKIPPED_NAMED_IN_LOG} more" if len(items) > SKIPPED_NAMED_IN_LOG
+            else "")
+    total = len(items) + len(data.clients)
+    return (f"Skipped {len(items)} of {total} clients with too little data ({named}{more}); "
+            f"all of them, with reasons: {where}")
 
 
 def load_local_units(data_path: str, client_id: str) -> list[Unit]:
