@@ -6,6 +6,8 @@
   unmask -> reveal self-mask shares of survivors / mask-key shares of dropped clients,
             never both for the same client
 
+Each stage's logic is a function of (state, node id, the server's config) so that it can be
+driven without a Flower runtime; the Message handlers below only wrap it.
 Secrets live in the node's ``Context.state`` for the duration of one round only.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -43,27 +45,28 @@ def _secrets(state: ConfigRecord) -> sa.ClientSecrets:
                             s_pk=state["s_pk"], b=state["b"])
 
 
-def _check_round(state: ConfigRecord, config: ConfigRecord) -> None:
+def _check_round(state: ConfigRecord, config: Mapping) -> None:
     if state.get("round") != int(config[protocol.ROUND_KEY]) or \
             state.get("run") != str(config["run-id"]):
         raise sa.SecAggError("SecAgg+ message for a round this node did not set up")
 
 
-def setup(msg: Message, context: Context, config: ConfigRecord) -> Message:
-    state = _state(context)
+# ----------------------------------------------------------------------------- stage logic
+
+def start_round(state: ConfigRecord, me: int, config: Mapping) -> dict:
+    """Setup: fresh secrets for this round; the public keys to send."""
     state.clear()
     mine = sa.ClientSecrets.generate()
     state.update({"round": int(config[protocol.ROUND_KEY]), "run": str(config["run-id"]),
                   "participants": list(config["participants"]), "threshold": int(config["threshold"]),
                   "c_sk": mine.c_sk, "c_pk": mine.c_pk, "s_sk": mine.s_sk, "s_pk": mine.s_pk,
                   "b": mine.b})
-    return _reply(msg, {"c_pk": mine.c_pk, "s_pk": mine.s_pk})
+    return {"c_pk": mine.c_pk, "s_pk": mine.s_pk}
 
 
-def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
-    state = _state(context)
+def share_secrets(state: ConfigRecord, me: int, config: Mapping) -> dict:
+    """Share: encrypted shares of (b, s_sk) for the neighbours the server lists."""
     _check_round(state, config)
-    me = context.node_id
     peers = [int(v) for v in config["neighbours"]]
     c_pks = {v: config[f"c_pk:{v}"] for v in peers}
     for v in peers:
@@ -72,46 +75,32 @@ def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
     encrypted, own = sa.make_shares(me, _secrets(state), c_pks, list(state["participants"]),
                                     int(state["threshold"]), state["run"], state["round"])
     state[f"share:{me}"] = own
-    return _reply(msg, {f"to:{v}": blob for v, blob in encrypted.items()})
+    return {f"to:{v}": blob for v, blob in encrypted.items()}
 
 
-def masked(msg: Message, context: Context, config: ConfigRecord,
-           local_update: Callable) -> Message:
-    state = _state(context)
+def accept_shares(state: ConfigRecord, me: int, config: Mapping) -> list[int]:
+    """Masked, before training: decrypt the shares addressed to me; return the masking senders.
+    A share that fails authentication aborts the round."""
     _check_round(state, config)
-    me, mine = context.node_id, _secrets(state)
+    mine = _secrets(state)
     senders = [int(k.split(":")[1]) for k in config if k.startswith("from:")]
-    for u in senders:  # decrypt now: a share that fails authentication aborts the round
+    for u in senders:
         state[f"share:{u}"] = sa.open_share(me, mine, u, state[f"c_pk:{u}"], config[f"from:{u}"],
                                             state["run"], state["round"])
-    update, metrics, client = local_update(msg, context)
-    if update is None:  # declined (budget): drop out of the protocol
-        return Message(content=RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(),
-                                           protocol.METRICS_RECORD: metrics,
-                                           protocol.CLIENT_RECORD: client}), reply_to=msg)
-    flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel()
-                           for k in sorted(update)])
-    dtype = np.dtype(str(config["secagg-dtype"]))
-    rng = np.random.default_rng()
-    q = sa.quantize(flat, float(config["secagg-range"]), int(config["secagg-bits"]), dtype, rng)
-    # Mask only with neighbours whose shares we hold: exactly the peers the server kept.
-    y = sa.masked_input(me, mine, q, {u: state[f"s_pk:{u}"] for u in senders},
+    return senders
+
+
+def mask_input(state: ConfigRecord, me: int, q: np.ndarray, senders: list[int]) -> np.ndarray:
+    """Masked, after quantizing: y = q + PRG(b) + pairwise masks with the masking senders."""
+    y = sa.masked_input(me, _secrets(state), q, {u: state[f"s_pk:{u}"] for u in senders},
                         state["run"], state["round"])
     state["masked_sent"] = 1
-    if str(client["client_id"]) in _unmask_drop_clients(str(config[protocol.CONFIG_KEY])):
-        state["drop_at_unmask"] = 1
-    arrays = ArrayRecord({protocol.MASKED_KEY: Array(y)})
-    return Message(content=RecordDict({protocol.ARRAYS_RECORD: arrays,
-                                       protocol.METRICS_RECORD: metrics,
-                                       protocol.CLIENT_RECORD: client}), reply_to=msg)
+    return y
 
 
-def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
-    state = _state(context)
+def reveal_shares(state: ConfigRecord, me: int, config: Mapping) -> dict:
+    """Unmask: shares of b for survivors, of s_sk for dropped clients, never both."""
     _check_round(state, config)
-    if state.get("drop_at_unmask"):
-        state.clear()
-        raise sa.SecAggError("injected fault: this client vanishes before revealing its shares")
     survivors = {int(v) for v in config["survivors"]}
     dropped = {int(v) for v in config["dropped"]}
     if survivors & dropped:
@@ -129,7 +118,49 @@ def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
         elif sender in dropped:
             out[f"s:{sender}"] = blob[SHARE_HALF:]
     state.clear()  # the round's secrets are not needed any more
-    return _reply(msg, out)
+    return out
+
+
+# ----------------------------------------------------------------------------- messages
+
+def setup(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    return _reply(msg, start_round(_state(context), context.node_id, config))
+
+
+def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    return _reply(msg, share_secrets(_state(context), context.node_id, config))
+
+
+def masked(msg: Message, context: Context, config: ConfigRecord,
+           local_update: Callable) -> Message:
+    state, me = _state(context), context.node_id
+    senders = accept_shares(state, me, config)
+    update, metrics, client = local_update(msg, context)
+    if update is None:  # declined (budget): drop out of the protocol
+        return Message(content=RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(),
+                                           protocol.METRICS_RECORD: metrics,
+                                           protocol.CLIENT_RECORD: client}), reply_to=msg)
+    flat = np.concatenate([np.asarray(update[k], dtype=np.float64).ravel()
+                           for k in sorted(update)])
+    dtype = np.dtype(str(config["secagg-dtype"]))
+    rng = np.random.default_rng()
+    q = sa.quantize(flat, float(config["secagg-range"]), int(config["secagg-bits"]), dtype, rng)
+    y = mask_input(state, me, q, senders)
+    if str(client["client_id"]) in _unmask_drop_clients(str(config[protocol.CONFIG_KEY])):
+        state["drop_at_unmask"] = 1
+    arrays = ArrayRecord({protocol.MASKED_KEY: Array(y)})
+    return Message(content=RecordDict({protocol.ARRAYS_RECORD: arrays,
+                                       protocol.METRICS_RECORD: metrics,
+                                       protocol.CLIENT_RECORD: client}), reply_to=msg)
+
+
+def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    state = _state(context)
+    _check_round(state, config)
+    if state.get("drop_at_unmask"):
+        state.clear()
+        raise sa.SecAggError("injected fault: this client vanishes before revealing its shares")
+    return _reply(msg, reveal_shares(state, context.node_id, config))
 
 
 @functools.lru_cache(maxsize=4)
