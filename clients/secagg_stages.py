@@ -53,12 +53,35 @@ def _check_round(state: ConfigRecord, config: Mapping) -> None:
 
 # ----------------------------------------------------------------------------- stage logic
 
+def _check_setup(me: int, participants: list[int], neighbours: list[int],
+                 graph: dict[int, list[int]], threshold: int) -> None:
+    """The round's structure as the server announces it must be one this client can trust:
+    it is in the cohort, its neighbours are its neighbours in the announced graph, and the
+    threshold is a strict majority of its secret's holders (at least 2)."""
+    if me not in participants:
+        raise sa.SecAggError("server's participant list does not include me: refusing")
+    if graph[me] != sorted(neighbours):
+        raise sa.SecAggError("server lists neighbours that differ from mine in the graph it "
+                             "announced: refusing")
+    shares = len(neighbours) + 1
+    if not (2 <= threshold <= shares and 2 * threshold > shares):
+        raise sa.SecAggError(f"threshold {threshold} for {shares} shares must be at least 2 "
+                             "and above half of them: refusing")
+
+
 def start_round(state: ConfigRecord, me: int, config: Mapping) -> dict:
-    """Setup: fresh secrets for this round; the public keys to send."""
+    """Setup: check the announced round structure; fresh secrets; the public keys to send."""
     state.clear()
+    participants = [int(v) for v in config["participants"]]
+    neighbours = [int(v) for v in config["neighbours"]]
+    edges = [int(v) for v in config["graph"]]
+    threshold = int(config["threshold"])
+    _check_setup(me, participants, neighbours, sa.graph_from_edges(edges, participants),
+                 threshold)
     mine = sa.ClientSecrets.generate()
     state.update({"round": int(config[protocol.ROUND_KEY]), "run": str(config["run-id"]),
-                  "participants": list(config["participants"]), "threshold": int(config["threshold"]),
+                  "participants": participants, "threshold": threshold,
+                  "neighbours": neighbours, "graph": edges,
                   "c_sk": mine.c_sk, "c_pk": mine.c_pk, "s_sk": mine.s_sk, "s_pk": mine.s_pk,
                   "b": mine.b})
     return {"c_pk": mine.c_pk, "s_pk": mine.s_pk}
@@ -68,6 +91,14 @@ def share_secrets(state: ConfigRecord, me: int, config: Mapping) -> dict:
     """Share: encrypted shares of (b, s_sk) for the neighbours the server lists."""
     _check_round(state, config)
     peers = [int(v) for v in config["neighbours"]]
+    strangers = sorted(set(peers) - set(state["neighbours"]))
+    if strangers:
+        raise sa.SecAggError(f"server asks me to share with {strangers[:5]}, not my "
+                             "neighbours: refusing")
+    if len(set(peers)) < int(state["threshold"]) - 1:
+        raise sa.SecAggError(f"only {len(set(peers))} neighbours left to hold my shares, "
+                             f"fewer than threshold - 1 = {int(state['threshold']) - 1}: refusing")
+    state["peers"] = peers
     c_pks = {v: config[f"c_pk:{v}"] for v in peers}
     for v in peers:
         state[f"s_pk:{v}"] = config[f"s_pk:{v}"]
@@ -79,11 +110,13 @@ def share_secrets(state: ConfigRecord, me: int, config: Mapping) -> dict:
 
 
 def accept_shares(state: ConfigRecord, me: int, config: Mapping) -> list[int]:
-    """Masked, before training: decrypt the shares addressed to me; return the masking senders.
+    """Masked, before training: check the masking senders the server lists (my share-stage
+    neighbours, at least t - 1 of them), decrypt the shares they sent me, return them.
     A share that fails authentication aborts the round."""
     _check_round(state, config)
     mine = _secrets(state)
     senders = [int(k.split(":")[1]) for k in config if k.startswith("from:")]
+    sa.check_mask_senders(senders, list(state["peers"]), int(state["threshold"]))
     for u in senders:
         state[f"share:{u}"] = sa.open_share(me, mine, u, state[f"c_pk:{u}"], config[f"from:{u}"],
                                             state["run"], state["round"])
@@ -99,14 +132,20 @@ def mask_input(state: ConfigRecord, me: int, q: np.ndarray, senders: list[int]) 
 
 
 def reveal_shares(state: ConfigRecord, me: int, config: Mapping) -> dict:
-    """Unmask: shares of b for survivors, of s_sk for dropped clients, never both."""
+    """Unmask: shares of b for survivors, of s_sk for dropped clients, never both; only if
+    I am listed as a survivor and the survivors are connected in the announced graph."""
     _check_round(state, config)
     survivors = {int(v) for v in config["survivors"]}
     dropped = {int(v) for v in config["dropped"]}
     if survivors & dropped:
         raise sa.SecAggError("server asked for both masks of the same client: refusing")
+    if me not in survivors:
+        raise sa.SecAggError("server lists me as dropped although I sent my masked input: "
+                             "refusing")
     if len(survivors) < int(state["threshold"]):
         raise sa.SecAggError("fewer survivors than the reconstruction threshold: refusing")
+    participants = list(state["participants"])
+    sa.check_connected(sa.graph_from_edges(list(state["graph"]), participants), survivors)
     out = {}
     for key in list(state):
         if not key.startswith("share:"):
