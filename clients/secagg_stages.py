@@ -53,14 +53,14 @@ def _check_round(state: ConfigRecord, config: Mapping) -> None:
 
 # ----------------------------------------------------------------------------- stage logic
 
-def _check_setup(me: int, participants: list[int], neighbours: list[int],
-                 graph: dict[int, list[int]], threshold: int) -> None:
+def _check_setup(me: int, participants: list[int], neighbours: list[int], edges: list[int],
+                 threshold: int) -> None:
     """The round's structure as the server announces it must be one this client can trust:
     it is in the cohort, its neighbours are its neighbours in the announced graph, and the
     threshold is a strict majority of its secret's holders (at least 2)."""
     if me not in participants:
         raise sa.SecAggError("server's participant list does not include me: refusing")
-    if graph[me] != sorted(neighbours):
+    if sa.graph_from_edges(edges, participants)[me] != sorted(neighbours):
         raise sa.SecAggError("server lists neighbours that differ from mine in the graph it "
                              "announced: refusing")
     shares = len(neighbours) + 1
@@ -76,8 +76,7 @@ def start_round(state: ConfigRecord, me: int, config: Mapping) -> dict:
     neighbours = [int(v) for v in config["neighbours"]]
     edges = [int(v) for v in config["graph"]]
     threshold = int(config["threshold"])
-    _check_setup(me, participants, neighbours, sa.graph_from_edges(edges, participants),
-                 threshold)
+    _check_setup(me, participants, neighbours, edges, threshold)
     mine = sa.ClientSecrets.generate()
     state.update({"round": int(config[protocol.ROUND_KEY]), "run": str(config["run-id"]),
                   "participants": participants, "threshold": threshold,

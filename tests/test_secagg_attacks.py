@@ -126,3 +126,99 @@ def test_empty_or_short_sender_list_is_refused(listed):
             seed = sa.agree(s_sk, c.keys[victim]["s_pk"], sa.pair_label(RUN, ROUND))
             x = x - sa.pairwise_mask(victim, v, seed, len(y), c.dtype)
         assert np.array_equal(x, c.q[victim])  # the victim's update, alone
+
+
+# ----------------------------------------------------------------------------- drill
+
+def announce(c, u, **changes):
+    cfg = c.cfg(participants=c.ids, threshold=c.threshold, neighbours=c.graph[u],
+                graph=flat_edges(c.graph))
+    cfg.update(changes)
+    return cfg
+
+
+SETUP_LIES = {
+    "neighbours outside the announced graph": lambda c, u: announce(c, u, neighbours=c.ids[1:2]),
+    "threshold 1": lambda c, u: announce(c, u, threshold=1),
+    "threshold at half the shares": lambda c, u: announce(c, u, threshold=2),  # 5 shares
+    "participants without me": lambda c, u: announce(c, u, participants=c.ids[1:]),
+}
+
+
+@pytest.mark.parametrize("lie", sorted(SETUP_LIES))
+def test_malicious_server_drill_setup_lies_are_refused(lie):
+    c = Cohort(5, graph_shares=5, threshold=3)
+    victim = c.ids[0]
+    with pytest.raises(sa.SecAggError, match="refusing"):
+        cs.start_round(c.states[victim], victim, SETUP_LIES[lie](c, victim))
+
+
+def test_malicious_server_drill_later_lies_are_refused():
+    """One malicious-server drill after an honest setup: every deviation a client can see is
+    refused, each with its reason."""
+    c = Cohort(5, graph_shares=3, threshold=2)  # 5 clients on a ring: 2 neighbours each
+    c.setup_and_share()
+    victim = c.ids[0]
+    stranger = next(v for v in c.ids if v != victim and v not in c.graph[victim])
+    with pytest.raises(sa.SecAggError, match="not my neighbours"):
+        cs.share_secrets(c.states[victim], victim, c.cfg(neighbours=[stranger]))
+    with pytest.raises(sa.SecAggError, match="not my share-stage neighbours"):
+        cs.accept_shares(c.states[victim], victim, c.cfg(**{f"from:{stranger}": b"x" * 60}))
+    c.masked(victim, c.graph[victim])
+    others = [u for u in c.ids if u != victim]
+    with pytest.raises(sa.SecAggError, match="lists me as dropped"):
+        c.reveal([victim], others, [victim])
+    with pytest.raises(sa.SecAggError, match="both masks"):
+        c.reveal([victim], c.ids, [victim])
+
+
+# ----------------------------------------------------------------------------- server
+
+def masked_reply(node, y):
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    sent = Message(content=RecordDict({}), dst_node_id=node, message_type="train")
+    return Message(content=RecordDict({
+        protocol.ARRAYS_RECORD: ArrayRecord({protocol.MASKED_KEY: Array(y)}),
+        protocol.METRICS_RECORD: MetricRecord({"train_loss": 1.0, "steps": 1, "sample_rate": 0.1,
+                                               "noise_multiplier": 0.0, "dp": 0, "declined": 0}),
+        protocol.CLIENT_RECORD: ConfigRecord({"client_id": f"c{node}"})}), reply_to=sent)
+
+
+def server_after_masking(ids, graph):
+    """SecAggFedAvg as it stands after the masked-input stage of round 1."""
+    from collections import OrderedDict
+
+    from server.secagg import SecAggFedAvg
+    from server.strategy import RoundInfo
+
+    s = SecAggFedAvg(num_shares=3, threshold="auto", bits=BITS, clip_range=1.0, timeout=1.0,
+                     cfg_text="", clients_per_round=len(ids), sampling="fixed", server_lr=1.0,
+                     seed=0)
+    s.global_arrays = OrderedDict(w=np.zeros(8, np.float32))
+    s.rounds.append(RoundInfo(round=1, sampled=len(ids)))
+    s.expected_nodes = set(ids)
+    s._round_state = {"graph": graph, "s_pk": {}, "participants": ids, "threshold": 2,
+                      "dtype": np.dtype(np.uint32)}
+    s._grid = None  # no grid: asking any client for its shares would fail here
+    return s
+
+
+@pytest.mark.parametrize("split", [True, False])
+def test_server_refuses_to_unmask_a_split_survivor_graph(split):
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    ids = [1, 2, 3, 4, 5, 6]
+    ring = sa.neighbours(ids, 3)
+    d1 = ids[0]
+    d2 = next(v for v in ids if v != d1 and (v not in ring[d1]) == split)
+    survivors = [u for u in ids if u not in (d1, d2)]
+    s = server_after_masking(ids, ring)
+    replies = [masked_reply(u, np.zeros(8, np.uint32)) for u in survivors]
+    if not split:  # control: connected survivors, so the server goes on to ask for shares
+        with pytest.raises(AttributeError, match="send_and_receive"):
+            s.aggregate_train(1, replies)
+        return
+    assert s.aggregate_train(1, replies) == (None, None)  # adapter unchanged, no shares asked
+    assert "not connected" in s.rounds[-1].discarded
