@@ -1,15 +1,20 @@
 """SecAgg+ primitives (Bonawitz et al. CCS 2017; Bell et al. CCS 2020), pure numpy + cryptography.
 
 What the server learns is the sum of the survivors' quantized updates, nothing else, as long
-as it follows the protocol and fewer than ``threshold`` of a client's neighbours collude.
+as it follows the protocol (honest but curious) and fewer than ``threshold`` of a client's
+neighbours collude with it. There is no consistency round: a malicious server that tells
+clients different survivor sets is out of scope (clients refuse the deviations they can see).
 
-Per round, over a neighbour graph of the sampled clients (complete for small cohorts, a ring
-lattice otherwise, as in SecAgg+):
+Per round, over a neighbour graph of the sampled clients (complete up to COMPLETE_GRAPH_MAX
+clients, else a Harary graph of degree O(log n) over a random order; threshold a strict
+majority of each secret's shares):
   1. each client makes two X25519 key pairs: ``c`` (to encrypt shares) and ``s`` (masks);
   2. it Shamir-shares its self-mask seed ``b`` and its mask private key ``s_sk`` among its
      neighbours and itself (threshold t), each share AES-GCM-encrypted for its holder;
-  3. it sends y = Q(x) + PRG(b) + sum_v sign(u, v) PRG(KDF(DH(s_u, s_v))) mod 2^k;
-  4. for every survivor the server collects shares of ``b``, for every dropped client shares of
+  3. it sends y = Q(x) + PRG(b) + sum_v sign(u, v) PRG(KDF(DH(s_u, s_v))) mod 2^k, over at
+     least t - 1 of its neighbours;
+  4. if the survivors are connected in the graph (else no partial sum may be unmasked), for
+     every survivor the server collects shares of ``b``, for every dropped client shares of
      ``s_sk`` (never both for the same client), removes the self masks and the dropped
      clients' dangling pairwise masks, and dequantizes the sum.
 Quantization is stochastic rounding to ``2^bits`` levels on [-R, R] (unbiased); sums wrap
