@@ -199,9 +199,9 @@ def test_large_cohort_graph_has_log_degree_and_survives_fewer_than_degree_dropou
         assert len(sa.components(g, set(ids) - dropped)) == 1
 
 
-def test_graph_order_is_random():
-    ids = list(range(50))
-    assert sa.neighbours(ids, 5, rng=random.Random(1)) != sa.neighbours(ids, 5, rng=random.Random(2))
+def test_graph_order_comes_from_os_entropy():
+    ids = list(range(50))  # two graphs over 50! orders: equal with negligible probability
+    assert sa.neighbours(ids, 5) != sa.neighbours(ids, 5)
 
 
 def test_graph_travels_as_an_edge_list():
