@@ -141,7 +141,8 @@ class StrategyConfig:
 class SecAggConfig:
     enabled: bool = False
     # Shamir shares per secret (neighbours + self). auto: complete graph up to 20 clients,
-    # else a random Harary graph of degree 2*ceil(1.5*log2 n); an integer >= 3 caps it.
+    # else a random Harary graph of degree 2*ceil(1.5*log2 n); an integer >= 3 caps it
+    # (rounded down to odd when below the cohort).
     num_shares: Any = "auto"
     # Shares needed to unmask; above half of the shares. auto: the smallest strict majority.
     reconstruction_threshold: Any = "auto"

@@ -126,16 +126,19 @@ COMPLETE_GRAPH_MAX = 20  # cohorts up to this size use the complete graph
 
 
 def share_count(cohort: int, num_shares: int | str) -> int:
-    """Shares per secret (neighbours + self) in a cohort of ``cohort`` clients.
+    """Shares per secret (neighbours + self) in a cohort of ``cohort`` clients, as the graph
+    of ``neighbours`` will have them.
 
     ``auto``: the whole cohort (complete graph) up to COMPLETE_GRAPH_MAX clients, else
-    2·ceil(1.5·log2 n) + 1, a degree O(log n) as in SecAgg+ (Bell et al. 2020); an integer is
-    capped at the cohort."""
+    2·ceil(1.5·log2 n) + 1, a degree O(log n) as in SecAgg+ (Bell et al. 2020). An integer is
+    capped at the cohort; below it, an even one is rounded down (Harary degrees are even)."""
     if num_shares == "auto":
         if cohort <= COMPLETE_GRAPH_MAX:
             return cohort
-        return min(cohort, 2 * math.ceil(1.5 * math.log2(cohort)) + 1)
-    return min(int(num_shares), cohort)
+        wanted = 2 * math.ceil(1.5 * math.log2(cohort)) + 1
+    else:
+        wanted = int(num_shares)
+    return cohort if wanted >= cohort else wanted - (1 - wanted % 2)
 
 
 def majority_threshold(shares: int, configured: int | str) -> int:

@@ -172,8 +172,12 @@ def test_auto_shares_complete_up_to_20_then_logarithmic(cohort, shares):
     assert sa.share_count(cohort, "auto") == shares
 
 
-def test_integer_num_shares_is_capped_at_the_cohort():
-    assert sa.share_count(4, 7) == 4 and sa.share_count(40, 7) == 7
+@pytest.mark.parametrize("cohort,num_shares", [(4, 7), (40, 7), (40, 8), (8, 8), (9, 4)])
+def test_share_count_is_what_the_graph_has(cohort, num_shares):
+    shares = sa.share_count(cohort, num_shares)
+    graph = sa.neighbours(list(range(cohort)), shares)
+    assert all(len(vs) + 1 == shares for vs in graph.values())
+    assert shares == min(cohort, num_shares) or shares == num_shares - 1 < cohort
 
 
 @pytest.mark.parametrize("shares,t", [(2, 2), (3, 2), (4, 3), (15, 8), (21, 11)])
