@@ -139,8 +139,8 @@ def reveal_shares(state: ConfigRecord, me: int, config: Mapping) -> dict:
     if survivors & dropped:
         raise sa.SecAggError("server asked for both masks of the same client: refusing")
     if me not in survivors:
-        raise sa.SecAggError("server lists me as dropped although I sent my masked input: "
-                             "refusing")
+        raise sa.SecAggError("server does not list me as a survivor although I sent my masked "
+                             "input: refusing")
     if len(survivors) < int(state["threshold"]):
         raise sa.SecAggError("fewer survivors than the reconstruction threshold: refusing")
     participants = list(state["participants"])

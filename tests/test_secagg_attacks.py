@@ -166,7 +166,7 @@ def test_malicious_server_drill_later_lies_are_refused():
         cs.accept_shares(c.states[victim], victim, c.cfg(**{f"from:{stranger}": b"x" * 60}))
     c.masked(victim, c.graph[victim])
     others = [u for u in c.ids if u != victim]
-    with pytest.raises(sa.SecAggError, match="lists me as dropped"):
+    with pytest.raises(sa.SecAggError, match="not list me as a survivor"):
         c.reveal([victim], others, [victim])
     with pytest.raises(sa.SecAggError, match="both masks"):
         c.reveal([victim], c.ids, [victim])
