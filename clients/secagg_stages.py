@@ -6,6 +6,8 @@
   unmask -> reveal self-mask shares of survivors / mask-key shares of dropped clients,
             never both for the same client
 
+Each stage's logic is a function of (state, node id, the server's config) so that it can be
+driven without a Flower runtime; the Message handlers below only wrap it.
 Secrets live in the node's ``Context.state`` for the duration of one round only.
 """
 
@@ -13,7 +15,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable
+from typing import Callable, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
@@ -43,28 +45,59 @@ def _secrets(state: ConfigRecord) -> sa.ClientSecrets:
                             s_pk=state["s_pk"], b=state["b"])
 
 
-def _check_round(state: ConfigRecord, config: ConfigRecord) -> None:
+def _check_round(state: ConfigRecord, config: Mapping) -> None:
     if state.get("round") != int(config[protocol.ROUND_KEY]) or \
             state.get("run") != str(config["run-id"]):
         raise sa.SecAggError("SecAgg+ message for a round this node did not set up")
 
 
-def setup(msg: Message, context: Context, config: ConfigRecord) -> Message:
-    state = _state(context)
+# ----------------------------------------------------------------------------- stage logic
+
+def _check_setup(me: int, participants: list[int], neighbours: list[int], edges: list[int],
+                 threshold: int) -> None:
+    """The round's structure as the server announces it must be one this client can trust:
+    it is in the cohort, its neighbours are its neighbours in the announced graph, and the
+    threshold is a strict majority of its secret's holders (at least 2)."""
+    if me not in participants:
+        raise sa.SecAggError("server's participant list does not include me: refusing")
+    if sa.graph_from_edges(edges, participants)[me] != sorted(neighbours):
+        raise sa.SecAggError("server lists neighbours that differ from mine in the graph it "
+                             "announced: refusing")
+    shares = len(neighbours) + 1
+    if not (2 <= threshold <= shares and 2 * threshold > shares):
+        raise sa.SecAggError(f"threshold {threshold} for {shares} shares must be at least 2 "
+                             "and above half of them: refusing")
+
+
+def start_round(state: ConfigRecord, me: int, config: Mapping) -> dict:
+    """Setup: check the announced round structure; fresh secrets; the public keys to send."""
     state.clear()
+    participants = [int(v) for v in config["participants"]]
+    neighbours = [int(v) for v in config["neighbours"]]
+    edges = [int(v) for v in config["graph"]]
+    threshold = int(config["threshold"])
+    _check_setup(me, participants, neighbours, edges, threshold)
     mine = sa.ClientSecrets.generate()
     state.update({"round": int(config[protocol.ROUND_KEY]), "run": str(config["run-id"]),
-                  "participants": list(config["participants"]), "threshold": int(config["threshold"]),
+                  "participants": participants, "threshold": threshold,
+                  "neighbours": neighbours, "graph": edges,
                   "c_sk": mine.c_sk, "c_pk": mine.c_pk, "s_sk": mine.s_sk, "s_pk": mine.s_pk,
                   "b": mine.b})
-    return _reply(msg, {"c_pk": mine.c_pk, "s_pk": mine.s_pk})
+    return {"c_pk": mine.c_pk, "s_pk": mine.s_pk}
 
 
-def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
-    state = _state(context)
+def share_secrets(state: ConfigRecord, me: int, config: Mapping) -> dict:
+    """Share: encrypted shares of (b, s_sk) for the neighbours the server lists."""
     _check_round(state, config)
-    me = context.node_id
     peers = [int(v) for v in config["neighbours"]]
+    strangers = sorted(set(peers) - set(state["neighbours"]))
+    if strangers:
+        raise sa.SecAggError(f"server asks me to share with {strangers[:5]}, not my "
+                             "neighbours: refusing")
+    if len(set(peers)) < int(state["threshold"]) - 1:
+        raise sa.SecAggError(f"only {len(set(peers))} neighbours left to hold my shares, "
+                             f"fewer than threshold - 1 = {int(state['threshold']) - 1}: refusing")
+    state["peers"] = peers
     c_pks = {v: config[f"c_pk:{v}"] for v in peers}
     for v in peers:
         state[f"s_pk:{v}"] = config[f"s_pk:{v}"]
@@ -72,18 +105,74 @@ def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
     encrypted, own = sa.make_shares(me, _secrets(state), c_pks, list(state["participants"]),
                                     int(state["threshold"]), state["run"], state["round"])
     state[f"share:{me}"] = own
-    return _reply(msg, {f"to:{v}": blob for v, blob in encrypted.items()})
+    return {f"to:{v}": blob for v, blob in encrypted.items()}
+
+
+def accept_shares(state: ConfigRecord, me: int, config: Mapping) -> list[int]:
+    """Masked, before training: check the masking senders the server lists (my share-stage
+    neighbours, at least t - 1 of them), decrypt the shares they sent me, return them.
+    A share that fails authentication aborts the round."""
+    _check_round(state, config)
+    mine = _secrets(state)
+    senders = [int(k.split(":")[1]) for k in config if k.startswith("from:")]
+    sa.check_mask_senders(senders, list(state["peers"]), int(state["threshold"]))
+    for u in senders:
+        state[f"share:{u}"] = sa.open_share(me, mine, u, state[f"c_pk:{u}"], config[f"from:{u}"],
+                                            state["run"], state["round"])
+    return senders
+
+
+def mask_input(state: ConfigRecord, me: int, q: np.ndarray, senders: list[int]) -> np.ndarray:
+    """Masked, after quantizing: y = q + PRG(b) + pairwise masks with the masking senders."""
+    y = sa.masked_input(me, _secrets(state), q, {u: state[f"s_pk:{u}"] for u in senders},
+                        state["run"], state["round"])
+    state["masked_sent"] = 1
+    return y
+
+
+def reveal_shares(state: ConfigRecord, me: int, config: Mapping) -> dict:
+    """Unmask: shares of b for survivors, of s_sk for dropped clients, never both; only if
+    I am listed as a survivor and the survivors are connected in the announced graph."""
+    _check_round(state, config)
+    survivors = {int(v) for v in config["survivors"]}
+    dropped = {int(v) for v in config["dropped"]}
+    if survivors & dropped:
+        raise sa.SecAggError("server asked for both masks of the same client: refusing")
+    if me not in survivors:
+        raise sa.SecAggError("server does not list me as a survivor although I sent my masked "
+                             "input: refusing")
+    if len(survivors) < int(state["threshold"]):
+        raise sa.SecAggError("fewer survivors than the reconstruction threshold: refusing")
+    participants = list(state["participants"])
+    sa.check_connected(sa.graph_from_edges(list(state["graph"]), participants), survivors)
+    out = {}
+    for key in list(state):
+        if not key.startswith("share:"):
+            continue
+        sender = int(key.split(":")[1])
+        blob = state[key]
+        if sender in survivors:
+            out[f"b:{sender}"] = blob[:SHARE_HALF]
+        elif sender in dropped:
+            out[f"s:{sender}"] = blob[SHARE_HALF:]
+    state.clear()  # the round's secrets are not needed any more
+    return out
+
+
+# ----------------------------------------------------------------------------- messages
+
+def setup(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    return _reply(msg, start_round(_state(context), context.node_id, config))
+
+
+def share(msg: Message, context: Context, config: ConfigRecord) -> Message:
+    return _reply(msg, share_secrets(_state(context), context.node_id, config))
 
 
 def masked(msg: Message, context: Context, config: ConfigRecord,
            local_update: Callable) -> Message:
-    state = _state(context)
-    _check_round(state, config)
-    me, mine = context.node_id, _secrets(state)
-    senders = [int(k.split(":")[1]) for k in config if k.startswith("from:")]
-    for u in senders:  # decrypt now: a share that fails authentication aborts the round
-        state[f"share:{u}"] = sa.open_share(me, mine, u, state[f"c_pk:{u}"], config[f"from:{u}"],
-                                            state["run"], state["round"])
+    state, me = _state(context), context.node_id
+    senders = accept_shares(state, me, config)
     update, metrics, client = local_update(msg, context)
     if update is None:  # declined (budget): drop out of the protocol
         return Message(content=RecordDict({protocol.ARRAYS_RECORD: ArrayRecord(),
@@ -94,10 +183,7 @@ def masked(msg: Message, context: Context, config: ConfigRecord,
     dtype = np.dtype(str(config["secagg-dtype"]))
     rng = np.random.default_rng()
     q = sa.quantize(flat, float(config["secagg-range"]), int(config["secagg-bits"]), dtype, rng)
-    # Mask only with neighbours whose shares we hold: exactly the peers the server kept.
-    y = sa.masked_input(me, mine, q, {u: state[f"s_pk:{u}"] for u in senders},
-                        state["run"], state["round"])
-    state["masked_sent"] = 1
+    y = mask_input(state, me, q, senders)
     if str(client["client_id"]) in _unmask_drop_clients(str(config[protocol.CONFIG_KEY])):
         state["drop_at_unmask"] = 1
     arrays = ArrayRecord({protocol.MASKED_KEY: Array(y)})
@@ -112,24 +198,7 @@ def unmask(msg: Message, context: Context, config: ConfigRecord) -> Message:
     if state.get("drop_at_unmask"):
         state.clear()
         raise sa.SecAggError("injected fault: this client vanishes before revealing its shares")
-    survivors = {int(v) for v in config["survivors"]}
-    dropped = {int(v) for v in config["dropped"]}
-    if survivors & dropped:
-        raise sa.SecAggError("server asked for both masks of the same client: refusing")
-    if len(survivors) < int(state["threshold"]):
-        raise sa.SecAggError("fewer survivors than the reconstruction threshold: refusing")
-    out = {}
-    for key in list(state):
-        if not key.startswith("share:"):
-            continue
-        sender = int(key.split(":")[1])
-        blob = state[key]
-        if sender in survivors:
-            out[f"b:{sender}"] = blob[:SHARE_HALF]
-        elif sender in dropped:
-            out[f"s:{sender}"] = blob[SHARE_HALF:]
-    state.clear()  # the round's secrets are not needed any more
-    return _reply(msg, out)
+    return _reply(msg, reveal_shares(state, context.node_id, config))
 
 
 @functools.lru_cache(maxsize=4)

@@ -140,8 +140,12 @@ class StrategyConfig:
 @dataclass
 class SecAggConfig:
     enabled: bool = False
-    num_shares: int = 3                 # Shamir shares per secret (neighbours + self)
-    reconstruction_threshold: int = 2   # shares needed to recover a dropped client's masks
+    # Shamir shares per secret (neighbours + self). auto: complete graph up to 20 clients,
+    # else a random Harary graph of degree 2*ceil(1.5*log2 n); an integer >= 3 caps it
+    # (rounded down to odd when below the cohort).
+    num_shares: Any = "auto"
+    # Shares needed to unmask; above half of the shares. auto: the smallest strict majority.
+    reconstruction_threshold: Any = "auto"
     quantization_bits: int = 24         # per-client levels 2^bits; sums wrap mod 2^64
     clipping_range: Optional[float] = None  # per-coordinate range R; default from the clip norm
 
@@ -382,9 +386,7 @@ def validate(cfg: FedLLMConfig) -> None:
                  "distributed noise needs secagg.enabled=true (without it the server sees each "
                  "client's update with only its share of the noise)")
     s_ = cfg.secagg
-    _positive_int(s_.num_shares, "secagg.num_shares")
-    _require(0 < s_.reconstruction_threshold <= s_.num_shares, "secagg.reconstruction_threshold",
-             f"must be in [1, secagg.num_shares={s_.num_shares}], got {s_.reconstruction_threshold}")
+    _validate_secagg_graph(s_)
     _require(8 <= s_.quantization_bits <= 40, "secagg.quantization_bits",
              f"must be in [8, 40], got {s_.quantization_bits}")
     if s_.clipping_range is not None:
@@ -393,9 +395,10 @@ def validate(cfg: FedLLMConfig) -> None:
         _require(u.enabled or s_.clipping_range is not None, "secagg.clipping_range",
                  "secure aggregation quantizes on a bounded range: enable privacy.user (its "
                  "clip_norm bounds every update) or set secagg.clipping_range")
-        _require(s_.reconstruction_threshold <= f.clients_per_round, "secagg.reconstruction_threshold",
-                 f"({s_.reconstruction_threshold}) exceeds federation.clients_per_round "
-                 f"({f.clients_per_round})")
+        _require(s_.reconstruction_threshold == "auto"
+                 or s_.reconstruction_threshold <= f.clients_per_round,
+                 "secagg.reconstruction_threshold", f"({s_.reconstruction_threshold}) exceeds "
+                 f"federation.clients_per_round ({f.clients_per_round})")
     _choice(cfg.strategy.name, "strategy.name", ("fedavg", "fedavgm", "fedadam", "fedyogi"))
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
@@ -404,6 +407,23 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
     _validate_audit(cfg.audit)
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _validate_secagg_graph(s_: SecAggConfig) -> None:
+    """num_shares: auto or an integer >= 3; reconstruction_threshold: auto, or (with an integer
+    num_shares) an integer above num_shares/2 and at most num_shares."""
+    n, t = s_.num_shares, s_.reconstruction_threshold
+    _require(n == "auto" or (_is_int(n) and n >= 3), "secagg.num_shares",
+             f"must be auto or an integer >= 3, got {n!r}")
+    if t == "auto":
+        return
+    _require(_is_int(t) and n != "auto" and n / 2 < t <= n, "secagg.reconstruction_threshold",
+             f"must be auto, or an integer above secagg.num_shares/2 and at most "
+             f"secagg.num_shares (an integer), got {t!r} with num_shares={n!r}")
 
 
 def _validate_audit(a: AuditConfig) -> None:

@@ -1,15 +1,20 @@
 """SecAgg+ primitives (Bonawitz et al. CCS 2017; Bell et al. CCS 2020), pure numpy + cryptography.
 
 What the server learns is the sum of the survivors' quantized updates, nothing else, as long
-as it follows the protocol and fewer than ``threshold`` of a client's neighbours collude.
+as it follows the protocol (honest but curious) and fewer than ``threshold`` of a client's
+neighbours collude with it. There is no consistency round: a malicious server that tells
+clients different survivor sets is out of scope (clients refuse the deviations they can see).
 
-Per round, over a neighbour graph of the sampled clients (complete for small cohorts, a ring
-lattice otherwise, as in SecAgg+):
+Per round, over a neighbour graph of the sampled clients (complete up to COMPLETE_GRAPH_MAX
+clients, else a Harary graph of degree O(log n) over a random order; threshold a strict
+majority of each secret's shares):
   1. each client makes two X25519 key pairs: ``c`` (to encrypt shares) and ``s`` (masks);
   2. it Shamir-shares its self-mask seed ``b`` and its mask private key ``s_sk`` among its
      neighbours and itself (threshold t), each share AES-GCM-encrypted for its holder;
-  3. it sends y = Q(x) + PRG(b) + sum_v sign(u, v) PRG(KDF(DH(s_u, s_v))) mod 2^k;
-  4. for every survivor the server collects shares of ``b``, for every dropped client shares of
+  3. it sends y = Q(x) + PRG(b) + sum_v sign(u, v) PRG(KDF(DH(s_u, s_v))) mod 2^k, over at
+     least t - 1 of its neighbours;
+  4. if the survivors are connected in the graph (else no partial sum may be unmasked), for
+     every survivor the server collects shares of ``b``, for every dropped client shares of
      ``s_sk`` (never both for the same client), removes the self masks and the dropped
      clients' dangling pairwise masks, and dequantizes the sum.
 Quantization is stochastic rounding to ``2^bits`` levels on [-R, R] (unbiased); sums wrap
@@ -20,6 +25,7 @@ from __future__ import annotations
 
 import math
 import os
+import random
 import secrets
 from dataclasses import dataclass
 
@@ -116,20 +122,108 @@ def prg(seed: bytes, length: int, dtype: np.dtype) -> np.ndarray:
     return np.frombuffer(stream, dtype=dtype)
 
 
-def neighbours(node_ids: list[int], num_shares: int) -> dict[int, list[int]]:
-    """Symmetric neighbour graph: complete if small, else a ring lattice (SecAgg+)."""
+COMPLETE_GRAPH_MAX = 20  # cohorts up to this size use the complete graph
+
+
+def share_count(cohort: int, num_shares: int | str) -> int:
+    """Shares per secret (neighbours + self) in a cohort of ``cohort`` clients, as the graph
+    of ``neighbours`` will have them.
+
+    ``auto``: the whole cohort (complete graph) up to COMPLETE_GRAPH_MAX clients, else
+    2·ceil(1.5·log2 n) + 1, a degree O(log n) as in SecAgg+ (Bell et al. 2020). An integer is
+    capped at the cohort; below it, an even one is rounded down (Harary degrees are even)."""
+    if num_shares == "auto":
+        if cohort <= COMPLETE_GRAPH_MAX:
+            return cohort
+        wanted = 2 * math.ceil(1.5 * math.log2(cohort)) + 1
+    else:
+        wanted = int(num_shares)
+    return cohort if wanted >= cohort else wanted - (1 - wanted % 2)
+
+
+def majority_threshold(shares: int, configured: int | str) -> int:
+    """Reconstruction threshold t for ``shares`` holders: ``auto`` is the smallest strict
+    majority; an integer is capped at ``shares``. t must exceed shares/2, so that holders that
+    each reveal one of (b, s_sk) per sender cannot give the server t shares of both."""
+    t = shares // 2 + 1 if configured == "auto" else min(int(configured), shares)
+    if 2 * t <= shares:
+        raise SecAggError(f"reconstruction threshold {t} is not above half of {shares} shares")
+    return t
+
+
+def neighbours(node_ids: list[int], num_shares: int,
+               rng: random.Random | None = None) -> dict[int, list[int]]:
+    """Symmetric neighbour graph where each secret has ``num_shares`` holders (neighbours +
+    self): complete if that covers the cohort, else a Harary graph (ring lattice of even
+    degree, (degree)-vertex-connected) over a random order of the nodes (OS entropy)."""
     ids = sorted(node_ids)
     n = len(ids)
     if num_shares >= n:
         return {u: [v for v in ids if v != u] for u in ids}
+    order = list(ids)
+    (rng or secrets.SystemRandom()).shuffle(order)
     half = max(1, (num_shares - 1) // 2)
     graph = {u: set() for u in ids}
-    for i, u in enumerate(ids):
+    for i, u in enumerate(order):
         for d in range(1, half + 1):
-            v = ids[(i + d) % n]
+            v = order[(i + d) % n]
             graph[u].add(v)
             graph[v].add(u)
     return {u: sorted(vs) for u, vs in graph.items()}
+
+
+def graph_edges(graph: dict[int, list[int]]) -> list[int]:
+    """The graph as a flat list u0, v0, u1, v1, ... (u < v), for a ConfigRecord."""
+    return [x for u in sorted(graph) for v in graph[u] if u < v for x in (u, v)]
+
+
+def graph_from_edges(flat: list[int], nodes: list[int]) -> dict[int, list[int]]:
+    graph: dict[int, set] = {int(u): set() for u in nodes}
+    for u, v in zip(flat[::2], flat[1::2]):
+        if u not in graph or v not in graph or u == v:
+            raise SecAggError(f"graph edge ({u}, {v}) is not between two participants")
+        graph[u].add(v)
+        graph[v].add(u)
+    return {u: sorted(vs) for u, vs in graph.items()}
+
+
+def components(graph: dict[int, list[int]], nodes) -> list[list[int]]:
+    """Connected components of the subgraph induced on ``nodes``."""
+    left, parts = set(nodes), []
+    while left:
+        stack = [left.pop()]
+        part = set(stack)
+        while stack:
+            for v in graph.get(stack.pop(), ()):
+                if v in left:
+                    left.discard(v)
+                    part.add(v)
+                    stack.append(v)
+        parts.append(sorted(part))
+    return parts
+
+
+def check_connected(graph: dict[int, list[int]], survivors) -> None:
+    """Refuse to unmask survivors that are not connected in the neighbour graph: no pairwise
+    mask links the parts, so each part's sum could be unmasked on its own (and would carry
+    only its share of distributed noise)."""
+    parts = components(graph, survivors)
+    if len(parts) > 1:
+        sizes = sorted(len(p) for p in parts)
+        raise SecAggError(f"survivors' neighbour graph is not connected ({len(parts)} parts of "
+                          f"sizes {sizes}): each part's partial sum could be unmasked; refusing")
+
+
+def check_mask_senders(senders: list[int], share_peers: list[int], threshold: int) -> None:
+    """A client masks only with senders that were its share-stage neighbours, and with at
+    least t - 1 of them: fewer would let the server remove all its pairwise masks."""
+    strangers = sorted(set(senders) - set(share_peers))
+    if strangers:
+        raise SecAggError(f"server lists masking sender(s) {strangers[:5]} that are not my "
+                          "share-stage neighbours: refusing")
+    if len(set(senders)) < threshold - 1:
+        raise SecAggError(f"server lists {len(set(senders))} masking sender(s), fewer than "
+                          f"threshold - 1 = {threshold - 1}: refusing")
 
 
 def quantize(x: np.ndarray, clip_range: float, bits: int, dtype: np.dtype,
@@ -253,6 +347,7 @@ def unmask_sum(masked: dict[int, np.ndarray], graph: dict[int, list[int]],
     survivors = sorted(masked)
     if not survivors:
         raise SecAggError("no masked inputs")
+    check_connected(graph, survivors)
     dtype = masked[survivors[0]].dtype
     length = len(masked[survivors[0]])
     total = np.zeros(length, dtype=dtype)

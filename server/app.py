@@ -213,7 +213,7 @@ def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int,
     if not cfg.secagg.enabled:
         return AdapterFedAvg(**common)
     clip_range = secagg_range(cfg, common["user_dp"])
-    log.info("SecAgg+: %d shares, threshold %d, %d-bit quantization on [-%.3g, %.3g]",
+    log.info("SecAgg+: %s shares, threshold %s, %d-bit quantization on [-%.3g, %.3g]",
              cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold,
              cfg.secagg.quantization_bits, clip_range, clip_range)
     return SecAggFedAvg(num_shares=cfg.secagg.num_shares,

@@ -67,15 +67,17 @@ class SecAggFedAvg(AdapterFedAvg):
         info = RoundInfo(round=server_round, sampled=len(nodes))
         self.rounds.append(info)
         self.expected_nodes = set()
-        if len(nodes) < max(self.threshold, self.min_clients):
-            log.warning("round %d: %d sampled < SecAgg+ threshold %d; round skipped",
-                        server_round, len(nodes), self.threshold)
+        shares = sa.share_count(len(nodes), self.num_shares)
+        threshold = sa.majority_threshold(shares, self.threshold)
+        if len(nodes) < max(threshold, self.min_clients, 2):
+            log.warning("round %d: %d sampled < SecAgg+ threshold %d (or 2); round skipped",
+                        server_round, len(nodes), threshold)
             return []
-        graph = sa.neighbours(nodes, self.num_shares)
-        threshold = min(self.threshold, min(len(v) + 1 for v in graph.values()))
+        graph = sa.neighbours(nodes, shares)
+        edges = sa.graph_edges(graph)
         setup = self._exchange(grid, server_round, "setup", {
-            u: {"participants": nodes, "neighbours": graph[u], "threshold": threshold}
-            for u in nodes})
+            u: {"participants": nodes, "neighbours": graph[u], "threshold": threshold,
+                "graph": edges} for u in nodes})
         keys = {u: dict(r.content[protocol.CONFIG_RECORD]) for u, r in setup.items()}
         alive = sorted(keys)
         share_cfg = {}
@@ -125,6 +127,10 @@ class SecAggFedAvg(AdapterFedAvg):
                         server_round, len(masked))
             return None, None
         survivors = sorted(masked)
+        try:
+            sa.check_connected(st["graph"], survivors)
+        except sa.SecAggError as exc:
+            return self._discard(server_round, exc)
         dropped = [u for u in st["participants"] if u not in masked]
         revealed = self._exchange(self._grid, server_round, "unmask", {
             u: {"survivors": survivors, "dropped": dropped} for u in survivors})
@@ -140,9 +146,7 @@ class SecAggFedAvg(AdapterFedAvg):
                                   st["threshold"], self.run_id, server_round)
             sa.check_sum_range(total, len(survivors), self.bits)
         except sa.SecAggError as exc:
-            log.warning("round %d: cannot unmask (%s); global adapter unchanged", server_round, exc)
-            self.rounds[-1].discarded = f"cannot unmask: {exc}"
-            return None, None
+            return self._discard(server_round, exc)
         flat = sa.dequantize_sum(total, len(survivors), self.clip_range, self.bits)
         total_dict, offset = {}, 0
         for k in sorted(self.global_arrays):
@@ -151,6 +155,11 @@ class SecAggFedAvg(AdapterFedAvg):
             offset += ref.size
         return self.apply(self.finish_sum(total_dict, len(survivors), server_round),
                           len(survivors))
+
+    def _discard(self, server_round: int, exc: Exception) -> tuple[None, None]:
+        log.warning("round %d: cannot unmask (%s); global adapter unchanged", server_round, exc)
+        self.rounds[-1].discarded = f"cannot unmask: {exc}"
+        return None, None
 
     def _parse_masked(self, msg: Message, length: int, dtype: np.dtype):
         client_id, metrics = self.parse_common(msg)

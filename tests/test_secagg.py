@@ -1,20 +1,25 @@
 """SecAgg+ protocol run in-process: exact sums, dropouts, quantization error, security checks."""
 
+import random
+
 import numpy as np
 import pytest
 
 from fedllm import secagg as sa
+from fedllm.config import ConfigError, compose
 
 
-def run_protocol(inputs, drop_after_shares=(), threshold=2, num_shares=3, bits=24, R=1.0,
-                 quantized=None):
+def run_protocol(inputs, drop_after_shares=(), threshold="auto", num_shares="auto", bits=24,
+                 R=1.0, quantized=None):
     """Every client follows the protocol; clients in drop_after_shares vanish before step 3.
 
     ``quantized``: client -> integer vector it masks instead of quantizing its input (a client
     that does not follow the protocol)."""
     quantized = quantized or {}
     ids = sorted(inputs)
-    graph = sa.neighbours(ids, num_shares)
+    shares = sa.share_count(len(ids), num_shares)
+    threshold = sa.majority_threshold(shares, threshold)
+    graph = sa.neighbours(ids, shares)
     dtype = sa.modulus_dtype(bits, len(ids))
     secrets_ = {u: sa.ClientSecrets.generate() for u in ids}
     own, inbox = {}, {u: {} for u in ids}
@@ -69,7 +74,7 @@ def test_sum_equals_plain_sum_within_quantization_error(n, num_shares):
 def test_dropouts_after_sharing_still_give_the_survivors_sum():
     inputs = make_inputs(6)
     ids = sorted(inputs)
-    result, survivors = run_protocol(inputs, drop_after_shares={ids[1], ids[4]}, num_shares=3)
+    result, survivors = run_protocol(inputs, drop_after_shares={ids[1], ids[4]})
     assert survivors == set(ids) - {ids[1], ids[4]}
     expected = sum(inputs[u] for u in survivors)
     assert np.max(np.abs(result - expected)) <= 6 * 2 / (2**24 - 1)
@@ -158,3 +163,92 @@ def test_sum_range_check_boundary():
     assert sa.check_sum_range(np.array([3 * 255], dtype=np.uint32), 3, 8) is None
     with pytest.raises(sa.SecAggError):
         sa.check_sum_range(np.array([0, 3 * 255 + 1], dtype=np.uint32), 3, 8)
+
+
+# ----------------------------------------------------------------------------- graph (issue 17)
+
+@pytest.mark.parametrize("cohort,shares", [(2, 2), (20, 20), (21, 15), (100, 21), (1000, 31)])
+def test_auto_shares_complete_up_to_20_then_logarithmic(cohort, shares):
+    assert sa.share_count(cohort, "auto") == shares
+
+
+@pytest.mark.parametrize("cohort,num_shares", [(4, 7), (40, 7), (40, 8), (8, 8), (9, 4)])
+def test_share_count_is_what_the_graph_has(cohort, num_shares):
+    shares = sa.share_count(cohort, num_shares)
+    graph = sa.neighbours(list(range(cohort)), shares)
+    assert all(len(vs) + 1 == shares for vs in graph.values())
+    assert shares == min(cohort, num_shares) or shares == num_shares - 1 < cohort
+
+
+@pytest.mark.parametrize("shares,t", [(2, 2), (3, 2), (4, 3), (15, 8), (21, 11)])
+def test_auto_threshold_is_the_smallest_strict_majority(shares, t):
+    assert sa.majority_threshold(shares, "auto") == t
+
+
+def test_a_threshold_at_half_the_shares_is_refused():
+    with pytest.raises(sa.SecAggError, match="above half"):
+        sa.majority_threshold(6, 3)
+    assert sa.majority_threshold(6, 4) == 4 and sa.majority_threshold(3, 5) == 3
+
+
+def test_large_cohort_graph_has_log_degree_and_survives_fewer_than_degree_dropouts():
+    ids = list(range(100, 200))
+    shares = sa.share_count(len(ids), "auto")
+    g = sa.neighbours(ids, shares, rng=random.Random(3))
+    degree = shares - 1
+    assert all(len(vs) == degree for vs in g.values()) and all(u in g[v] for u in g for v in g[u])
+    rng = random.Random(4)
+    for _ in range(50):  # a Harary graph of degree k stays connected after k - 1 removals
+        dropped = set(rng.sample(ids, degree - 1))
+        assert len(sa.components(g, set(ids) - dropped)) == 1
+
+
+def test_graph_order_comes_from_os_entropy():
+    ids = list(range(50))  # two graphs over 50! orders: equal with negligible probability
+    assert sa.neighbours(ids, 5) != sa.neighbours(ids, 5)
+
+
+def test_graph_travels_as_an_edge_list():
+    g = sa.neighbours(list(range(30)), 7)
+    assert sa.graph_from_edges(sa.graph_edges(g), list(g)) == g
+    with pytest.raises(sa.SecAggError, match="participants"):
+        sa.graph_from_edges([0, 99], [0, 1])
+
+
+def test_unmasking_a_split_survivor_set_is_refused():
+    ring = sa.neighbours(list(range(6)), 3, rng=random.Random(0))
+    d1 = 0
+    d2 = next(v for v in range(1, 6) if v not in ring[d1]
+              and len(sa.components(ring, set(range(6)) - {d1, v})) == 2)
+    with pytest.raises(sa.SecAggError, match="not connected"):
+        sa.check_connected(ring, set(range(6)) - {d1, d2})
+    with pytest.raises(sa.SecAggError, match="not connected"):  # unmask_sum checks it too
+        sa.unmask_sum({u: np.zeros(10, np.uint32) for u in set(range(6)) - {d1, d2}}, ring, {},
+                      {}, {}, 2, "run", 1)
+
+
+@pytest.mark.parametrize("senders,match", [([], "fewer than"), ([2], "fewer than"),
+                                           ([2, 9], "not my share-stage")])
+def test_mask_sender_lists_are_checked(senders, match):
+    with pytest.raises(sa.SecAggError, match=match):
+        sa.check_mask_senders(senders, [2, 3, 4], threshold=3)
+    sa.check_mask_senders([2, 3], [2, 3, 4], threshold=3)
+
+
+@pytest.mark.parametrize("overrides,ok", [
+    ([], True),
+    (["secagg.num_shares=5", "secagg.reconstruction_threshold=3"], True),
+    (["secagg.num_shares=2"], False),
+    (["secagg.num_shares=many"], False),
+    (["secagg.num_shares=6", "secagg.reconstruction_threshold=3"], False),
+    (["secagg.num_shares=5", "secagg.reconstruction_threshold=6"], False),
+    (["secagg.reconstruction_threshold=4"], False),  # an integer t needs an integer num_shares
+])
+def test_secagg_graph_config_is_validated_in_one_line(overrides, ok):
+    if ok:
+        cfg = compose(overrides)
+        assert cfg.secagg.num_shares in ("auto", 5)
+        return
+    with pytest.raises(ConfigError) as info:
+        compose(overrides)
+    assert str(info.value).startswith("secagg.") and "\n" not in str(info.value).strip()
