@@ -39,11 +39,13 @@ def test_all_three_protections_in_one_run(tmp_path):
     ex, user = report["example_level"], report["user_level"]
     assert ex["max_epsilon"] <= 8.0 and len(ex["clients"]) >= 3
     assert user["secure_aggregation"] and user["noise"] == "distributed"
-    assert user["rounds"] == 2 and 0.99 * 30 <= user["epsilon"] <= 30.0
+    # 3 of 4 clients per round barely amplifies: the exact unamplified bound (here below the
+    # RDP-amplified one) caps the observers' value too.
+    assert user["rounds"] == 2 and 0.9 * 30 <= user["epsilon"] <= 30.0
     assert user["tolerated_dropouts"] == 1
     assert rows[-1]["epsilon_user"] == pytest.approx(user["epsilon"], rel=1e-6)
     # Against the server, which knows the cohorts, sampling amplifies nothing.
-    assert user["epsilon_vs_server"] > user["epsilon"] and user["max_rounds_per_client"] in (1, 2)
+    assert user["epsilon_vs_server"] >= user["epsilon"] and user["max_rounds_per_client"] in (1, 2)
     assert rows[-1]["epsilon_user_vs_server"] == pytest.approx(user["epsilon_vs_server"], rel=1e-6)
     # Masked uploads are integers: bytes up are the uint32 vectors, not float updates.
     assert rows[0]["bytes_up"] > 0

@@ -218,14 +218,29 @@ def test_secagg_quantization_is_covered_by_the_accounting(tiny_cfg):
     cfg.privacy.user.enabled, cfg.privacy.user.target_epsilon = True, 8.0
     cfg.privacy.user.noise, cfg.secagg.enabled, cfg.secagg.quantization_bits = "distributed", True, 16
     dim = 460_800
-    plain = make_user_dp(cfg, population=4)
-    covered = make_user_dp(cfg, population=4, adapter_size=dim)
+    plain = make_user_dp(cfg, population=100)
+    covered = make_user_dp(cfg, population=100, adapter_size=dim)
     sensitivity = quantized_sensitivity(0.5, dim, secagg_range(cfg, covered), 16)
     assert sensitivity > 0.5 * 1.01 and covered.noise_multiplier > plain.noise_multiplier
 
     def eps(z):
         rec = {"noise_multiplier": z, "clip_norm": 0.5, "sensitivity": sensitivity,
-               "sampling": "fixed", "cohort": 3, "population": 4, "clients": ["a"]}
+               "sampling": "fixed", "cohort": 3, "population": 100, "clients": ["a"]}
         return user_level_epsilons([rec] * cfg.federation.rounds, 1e-5)["observers"]
 
     assert eps(plain.noise_multiplier) > 8.0 >= eps(covered.noise_multiplier) > 0.98 * 8.0
+
+
+def test_observers_never_get_a_larger_epsilon_than_the_server():
+    """k close to N barely amplifies and RDP is loose: the server's exact bound then caps the
+    observers' value, except when a skipped round could reveal who took part."""
+    from fedllm.privacy.accounting import user_level_epsilons
+
+    rec = {"noise_multiplier": 1.0, "sampling": "fixed", "cohort": 3, "population": 4,
+           "clients": ["a", "b", "c"]}
+    got = user_level_epsilons([rec, rec], 1e-5)
+    assert got["observers"] == got["server"]
+    skipped = {**rec, "clients": [], "applied": False}
+    assert user_level_epsilons([rec, skipped], 1e-5)["observers"] > got["server"] / 2
+    assert user_level_epsilons([rec, skipped], 1e-5)["observers"] > \
+        user_level_epsilons([rec, skipped], 1e-5)["server"]

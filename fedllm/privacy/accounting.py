@@ -312,7 +312,8 @@ def user_level_epsilons(rounds: list[dict], delta: float, accountant: str = "pld
     that round (its real q) and the ids of the ``clients`` whose updates entered the sum.
 
     * ``observers``: parties that see only the models (not who was sampled): ε amplified by
-      client sampling, composed over every round with that round's own sampling rate.
+      client sampling, composed over every round with that round's own sampling rate (or the
+      server's value below, if smaller: what holds against the server holds against them).
     * ``server``: the server, or anyone who knows the cohorts (it picks them): no
       amplification; each client's ε composes an unsampled Gaussian over the rounds its
       update was in (multiplier z, or z/2 under replace-one adjacency with fixed sampling,
@@ -331,7 +332,13 @@ def user_level_epsilons(rounds: list[dict], delta: float, accountant: str = "pld
     # Unsampled Gaussians compose into one Gaussian: 1/z_eff^2 = sum of 1/z_i^2 (exact).
     server = max((gaussian_epsilon(sum(z ** -2 for z in zs) ** -0.5 if all(zs) else 0.0, delta)
                   for zs in per_client.values()), default=0.0)
-    return {"observers": epsilon(events, delta, accountant), "server": server,
+    observers = epsilon(events, delta, accountant)
+    if all("clients" in r and r.get("applied", True) for r in rounds):
+        # Observers know less than the server, so the server's bound holds for them too; it is
+        # the smaller one when sampling barely amplifies (k close to N) and RDP is loose. Not
+        # with a skipped round: whether it was skipped can reveal who took part.
+        observers = min(observers, server)
+    return {"observers": observers, "server": server,
             "max_rounds_per_client": max(map(len, per_client.values()), default=0)}
 
 
