@@ -226,8 +226,22 @@ def user_level_section(run: RunFiles) -> dict | None:
         "accountant": accountant,
         "secure_aggregation": cfg.secagg.enabled,
         "min_survivors": cfg.federation.min_clients,
-        "tolerated_dropouts": max(cohort - cfg.federation.min_clients, 0),
+        "tolerated_dropouts": tolerated_dropouts(cfg),
     }
+
+
+def tolerated_dropouts(cfg) -> int:
+    """Dropouts per round that keep the user-level guarantee: at least min_clients survivors
+    carry the distributed noise; under SecAgg+ also at least t of each secret's shares."""
+    cohort = cfg.federation.clients_per_round
+    tolerated = max(cohort - cfg.federation.min_clients, 0)
+    if cfg.secagg.enabled:
+        from fedllm.secagg import majority_threshold, share_count
+
+        shares = share_count(cohort, cfg.secagg.num_shares)
+        t = majority_threshold(shares, cfg.secagg.reconstruction_threshold)
+        tolerated = min(tolerated, shares - t)
+    return tolerated
 
 
 # ----------------------------------------------------------------------------- outputs

@@ -252,3 +252,17 @@ def test_secagg_graph_config_is_validated_in_one_line(overrides, ok):
     with pytest.raises(ConfigError) as info:
         compose(overrides)
     assert str(info.value).startswith("secagg.") and "\n" not in str(info.value).strip()
+
+
+def test_reported_dropout_tolerance_includes_the_secagg_threshold():
+    """10 clients on the complete graph need t = 6 of 10 shares: 4 dropouts, not the 7 that
+    min_clients=3 alone would allow."""
+    from fedllm.config import compose
+    from fedllm.report import tolerated_dropouts
+
+    cfg = compose(["model=tiny", "privacy.user.enabled=true", "privacy.user.noise_multiplier=1",
+                   "secagg=secaggplus", "federation.clients_per_round=10",
+                   "federation.min_clients=3"])
+    assert tolerated_dropouts(cfg) == 4
+    cfg.secagg.enabled = False
+    assert tolerated_dropouts(cfg) == 7
