@@ -180,7 +180,7 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
 
 
 SKIPPED_FILE = "skipped_clients.json"
-SKIPPED_NAMED_IN_LOG = 20
+SKIPPED_NAMED_IN_LOG = 10
 
 
 def skipped_clients_message(data: FederatedData, where: str) -> str | None:
