@@ -71,21 +71,6 @@ class Cohort:
         return sa.shamir_combine(dict(list(shares.items())[:self.threshold]))
 
 
-def components(graph, nodes):
-    left, parts = set(nodes), []
-    while left:
-        stack = [left.pop()]
-        part = set(stack)
-        while stack:
-            for v in graph[stack.pop()]:
-                if v in left:
-                    left.discard(v)
-                    part.add(v)
-                    stack.append(v)
-        parts.append(sorted(part))
-    return parts
-
-
 def test_split_ring_partial_sum_is_refused():
     """Finding 2: on the old ring (num_shares=3), two non-adjacent dropouts split the survivors;
     a server that follows the protocol could unmask one part and learn its partial sum."""
@@ -93,10 +78,10 @@ def test_split_ring_partial_sum_is_refused():
     c.setup_and_share()
     d1 = c.ids[0]
     d2 = next(v for v in c.ids if v != d1 and  # opposite d1 on the ring: two parts of 2
-              [len(p) for p in components(c.graph, set(c.ids) - {d1, v})] == [2, 2])
+              [len(p) for p in sa.components(c.graph, set(c.ids) - {d1, v})] == [2, 2])
     survivors = [u for u in c.ids if u not in (d1, d2)]
     ys = {u: c.masked(u, c.graph[u]) for u in survivors}
-    part = components(c.graph, survivors)[0]
+    part = sa.components(c.graph, survivors)[0]
     assert len(part) < len(survivors)  # the ring really is split
     with pytest.raises(sa.SecAggError, match="not connected"):
         b, s = c.reveal(survivors, survivors, [d1, d2])
