@@ -76,3 +76,13 @@ def test_adapter_group_selects_prompt_tuning_and_keeps_lora_keys():
     assert from_yaml(to_yaml(cfg)) == cfg
     with pytest.raises(ConfigError, match="prompt_tuning"):
         compose(["adapter=nope"])
+
+
+def test_ffa_lora_group_carries_its_measured_settings_and_overrides_win():
+    cfg = compose(["model=tiny", "adapter=ffa_lora"])
+    lora = cfg.model.lora
+    assert (cfg.model.adapter, lora.r, lora.alpha, lora.freeze_a) == ("lora", 1, 2.0, True)
+    assert cfg.train.lr == 2e-2 and cfg.privacy.example.max_grad_norm == 0.25
+    assert compose(["model=tiny", "adapter=ffa_lora", "privacy.example.max_grad_norm=0.5"]
+                   ).privacy.example.max_grad_norm == 0.5
+    assert compose(["model=tiny"]).privacy.example.max_grad_norm == 1.0  # other adapters: C=1
