@@ -74,8 +74,6 @@ class AdapterFedAvg(FedAvg):
                  server_optimizer: str = "fedavg", participation_cap: int | None = None) -> None:
         super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
         self.cfg_text = cfg_text
-        self.clients_per_round = clients_per_round
-        self.sampling = sampling
         self.server_opt = ServerOptimizer(server_optimizer, server_lr)
         self.min_clients = min_clients
         # The cohort comes from OS entropy: run.seed travels to every client, and a cohort
