@@ -94,7 +94,7 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     """One federation, in process. ``repeat`` seeds the cohort sampling only (model init and
     data split stay those of run.seed), so repeats differ in their clients and DP noise, and a
     configuration and its non-private twin see the same clients."""
-    from clients.app import noise_multiplier_for
+    from fedllm.clients.app import noise_multiplier_for
     from fedllm import models
     from fedllm.config import compose, min_client_sequences, participation_cap, to_yaml
     from fedllm.data.federated import build_federated_data

@@ -174,7 +174,7 @@ def _run_simulation(cfg, data, verbose: bool) -> int:
                   f"({len(data.skipped)} too small, skipped), {cfg.federation.rounds} rounds × "
                   f"{cfg.federation.clients_per_round} clients, model {cfg.model.name}, "
                   f"example-level DP {'on' if cfg.privacy.example.enabled else 'OFF'} → {run_dir}")
-    simulation = importlib.import_module("server.simulation")
+    simulation = importlib.import_module("fedllm.server.simulation")
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
     simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),

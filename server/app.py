@@ -27,10 +27,10 @@ from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_
                                       user_level_epsilons)
 from fedllm.report import EVENTS_FILE, write_reports
 from fedllm.privacy.updates import distributed_noise_std
-from server import checkpoint
-from server.secagg import SecAggFedAvg
-from server.strategy import AdapterFedAvg, UserDP
-from server.wire import MeteredGrid
+from fedllm.server import checkpoint
+from fedllm.server.secagg import SecAggFedAvg
+from fedllm.server.strategy import AdapterFedAvg, UserDP
+from fedllm.server.wire import MeteredGrid
 
 log = logging.getLogger("fedllm.server")
 

@@ -77,7 +77,7 @@ def load(run_dir: Path) -> tuple[dict, "OrderedDict[str, np.ndarray]"] | None:
 
 
 def restore(state: dict, strategy, recorder) -> None:
-    from server.strategy import RoundInfo
+    from fedllm.server.strategy import RoundInfo
 
     if state["rng"] is not None and not isinstance(strategy.rng, random.SystemRandom):
         strategy.rng.setstate(_rng_from_json(state["rng"]))

@@ -19,7 +19,7 @@ from flwr.serverapp import Grid
 from fedllm import protocol
 from fedllm import secagg as sa
 from fedllm.privacy.updates import UpdateRejected
-from server.strategy import AdapterFedAvg, RoundInfo, array_bytes
+from fedllm.server.strategy import AdapterFedAvg, RoundInfo, array_bytes
 
 log = logging.getLogger(__name__)
 

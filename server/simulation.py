@@ -37,8 +37,8 @@ def simulate(cfg_text: str, num_clients: int, *, num_cpus: int | None = None,
              use_gpu: bool = False, verbose: bool = False, parallel_clients: int = 1) -> None:
     from flwr.simulation import run_simulation
 
-    from clients.app import app as client_app
-    from server.app import make_server_app
+    from fedllm.clients.app import app as client_app
+    from fedllm.server.app import make_server_app
 
     cpus = num_cpus or os.cpu_count() or 1
     # By default one client at a time gets every core: torch parallelizes one step better than

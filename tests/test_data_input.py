@@ -60,7 +60,7 @@ def test_simulate_preflight_refuses_binary_jsonl_in_one_line(tmp_path):
 
 
 def test_a_deployed_site_reports_its_binary_file_in_one_line(tiny_cfg, tmp_path):
-    from clients.app import this_client
+    from fedllm.clients.app import this_client
 
     site = tmp_path / "site.jsonl"
     site.write_bytes(GOOD.encode() * 40 + b"\xc3\x28\n")

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from clients.app import node_config_overrides, this_client
+from fedllm.clients.app import node_config_overrides, this_client
 from fedllm.data.sources import DataError
 
 

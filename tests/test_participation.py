@@ -129,7 +129,7 @@ def _client_cfg(tiny_cfg, cap, target=8.0):
 
 
 def _event(cfg, q=0.25):
-    from clients.app import planned_noise_multiplier
+    from fedllm.clients.app import planned_noise_multiplier
 
     z = planned_noise_multiplier(cfg.privacy.example.target_epsilon, cfg.privacy.delta, q,
                                  cfg.privacy.example.max_participations * cfg.train.local_steps,
@@ -138,7 +138,7 @@ def _event(cfg, q=0.25):
 
 
 def test_ledger_refuses_a_participation_beyond_the_cap(tiny_cfg, tmp_path):
-    from clients.app import cap_refusal
+    from fedllm.clients.app import cap_refusal
     from fedllm.privacy.ledger import Ledger
 
     cfg = _client_cfg(tiny_cfg, cap=2)
@@ -155,7 +155,7 @@ def test_ledger_refuses_a_participation_beyond_the_cap(tiny_cfg, tmp_path):
 def test_ledger_refuses_when_the_server_raises_the_cap_mid_run(tiny_cfg, tmp_path):
     """Noise calibrated for one participation, then a server claims the cap is 3: the run's
     epsilon would exceed the target, so the client declines."""
-    from clients.app import cap_refusal
+    from fedllm.clients.app import cap_refusal
     from fedllm.privacy.ledger import Ledger
 
     cfg1 = _client_cfg(tiny_cfg, cap=1)
@@ -167,7 +167,7 @@ def test_ledger_refuses_when_the_server_raises_the_cap_mid_run(tiny_cfg, tmp_pat
 
 
 def test_unresolved_auto_is_read_as_every_round(tiny_cfg):
-    from clients.app import max_participations
+    from fedllm.clients.app import max_participations
 
     cfg = _client_cfg(tiny_cfg, cap="auto")
     assert max_participations(cfg) == cfg.federation.rounds

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from clients import secagg_stages as cs
+from fedllm.clients import secagg_stages as cs
 from fedllm import protocol
 from fedllm import secagg as sa
 
@@ -174,8 +174,8 @@ def server_after_masking(ids, graph):
     """SecAggFedAvg as it stands after the masked-input stage of round 1."""
     from collections import OrderedDict
 
-    from server.secagg import SecAggFedAvg
-    from server.strategy import RoundInfo
+    from fedllm.server.secagg import SecAggFedAvg
+    from fedllm.server.strategy import RoundInfo
 
     s = SecAggFedAvg(num_shares=3, threshold="auto", bits=BITS, clip_range=1.0, timeout=1.0,
                      cfg_text="", clients_per_round=len(ids), sampling="fixed", server_lr=1.0,

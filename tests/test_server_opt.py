@@ -56,8 +56,8 @@ def test_unknown_optimizer_and_config_validation():
 
 
 def test_checkpoint_restores_server_optimizer_state(tmp_path):
-    from server import checkpoint
-    from server.strategy import AdapterFedAvg
+    from fedllm.server import checkpoint
+    from fedllm.server.strategy import AdapterFedAvg
 
     def strategy():
         return AdapterFedAvg(cfg_text="", clients_per_round=2, sampling="fixed", server_lr=0.01,

@@ -11,7 +11,7 @@ from fedllm import protocol
 from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
 from fedllm.privacy.updates import (UpdateRejected, add_noise, check_update, clip_update,
                                     distributed_noise_std, update_norm)
-from server.strategy import AdapterFedAvg, UserDP
+from fedllm.server.strategy import AdapterFedAvg, UserDP
 
 SHAPES = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4)}
 
@@ -31,7 +31,7 @@ def zeros(scale=0.0):
 def strategy(user_dp=None, min_clients=1):
     s = AdapterFedAvg(cfg_text="", clients_per_round=3, sampling="fixed", server_lr=1.0, seed=0,
                       min_clients=min_clients, user_dp=user_dp)
-    from server.strategy import RoundInfo
+    from fedllm.server.strategy import RoundInfo
     s.global_arrays = zeros()
     s.rounds.append(RoundInfo(round=1, sampled=4))
     return s
@@ -139,7 +139,7 @@ def test_user_level_accounting():
 
 
 def test_client_side_user_update_clips_and_adds_its_share(tiny_cfg):
-    from clients.app import user_level_update
+    from fedllm.clients.app import user_level_update
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.privacy.user.enabled, cfg.privacy.user.clip_norm = True, 0.5
@@ -173,7 +173,7 @@ def test_central_noise_releases_even_below_min_clients():
 
 def test_cohorts_come_from_os_entropy_not_the_run_seed(tiny_cfg):
     """run.seed travels to every client: cohorts drawn from it could be replayed by anyone."""
-    from server.app import make_strategy
+    from fedllm.server.app import make_strategy
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.federation.clients_per_round = 10
@@ -211,7 +211,7 @@ def test_secagg_quantization_is_covered_by_the_accounting(tiny_cfg):
     """Rounding to 2^bits levels lifts a client's sensitivity above S; the accountant uses the
     lifted value, and the server scales a calibrated z so the target still holds."""
     from fedllm.privacy.accounting import quantized_sensitivity, user_level_epsilons
-    from server.app import make_user_dp, secagg_range
+    from fedllm.server.app import make_user_dp, secagg_range
 
     cfg = copy.deepcopy(tiny_cfg)
     cfg.federation.clients_per_round, cfg.federation.min_clients = 3, 2
