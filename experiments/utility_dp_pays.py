@@ -62,6 +62,13 @@ LEVERS: dict[str, list[str]] = {
                                     "train.optimizer=sgd", "train.lr=0.5"],
 }
 DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
+# Levers on the default itself. A bigger expected batch raises the signal-to-noise ratio of a
+# DP step (noise std z*C/B per coordinate; z grows far slower than B at cap 1); keeping
+# data.min_client_sequences at 32 keeps the same 179 clients (q = min(1, B/n)).
+LEVERS["default, batch 64"] = [*DEFAULT, "train.batch_size=64", "data.min_client_sequences=32"]
+LEVERS["default, batch 64, 2 local steps"] = [*DEFAULT, "train.batch_size=64",
+                                               "data.min_client_sequences=32",
+                                               "train.local_steps=2"]
 
 
 def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]]:
