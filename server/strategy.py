@@ -360,7 +360,8 @@ class UserLevelDP(StrategyWrapper):
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        config = ConfigRecord({**dict(config), protocol.USER_NOISE_KEY: float(self.dp.noise_multiplier),
+        config = ConfigRecord({**dict(config),
+                               protocol.USER_NOISE_KEY: float(self.dp.noise_multiplier),
                                protocol.MIN_SURVIVORS_KEY: int(self.dp.min_survivors)})
         return self.strategy.configure_train(server_round, arrays, config, grid)
 
