@@ -85,7 +85,7 @@ class RoundRecorder:
                               self.loaded.device, base_model=server_round == 0)
         else:
             result = self.strategy.core.federated_evaluate(arrays, server_round,
-                                                      self.cfg.federation.client_timeout)
+                                                           self.cfg.federation.client_timeout)
         if server_round == 0:
             self._take_wire_counts()  # base evaluation is not part of round 1
             self.base = result

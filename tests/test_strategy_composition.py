@@ -144,6 +144,36 @@ def test_the_full_stack_user_dp_over_secagg(tiny_cfg):
     assert len(masked) == 6 and all(protocol.USER_NOISE_KEY in c for c in masked)
 
 
+def test_a_checkpointed_stack_resumes_where_it_stopped(tiny_cfg, tmp_path):
+    """Checkpoints read the bookkeeping from the core and the moments from the optimizer
+    layer: a fresh stack restored from round 2 goes on with round 3 and the same state."""
+    from types import SimpleNamespace
+
+    from fedllm.server import checkpoint
+
+    def stack(released):
+        dp = UserLevelDP(secagg(core(tiny_cfg, user_level=True)), central(expected_cohort=3),
+                         on_release=lambda rnd, survivors: released.append(rnd))
+        return ServerOptimization(dp, ServerOptimizer("fedadam", lr=0.01))
+
+    recorder = SimpleNamespace(history=[], base=None, epsilons={})
+    first_released, resumed_released = [], []
+    first = stack(first_released)
+    arrays = run(first, LoopbackGrid(NODES))
+    checkpoint.save(tmp_path, 2, OrderedDict(w=arrays), first, recorder)
+    state, saved = checkpoint.load(tmp_path)
+    resumed = stack(resumed_released)
+    checkpoint.restore(state, resumed, recorder)
+    assert resumed.core.round_offset == 2 and resumed.core.user_releases == [1, 2]
+    for key in ("m", "v"):
+        np.testing.assert_array_equal(getattr(resumed.optimizer, key)["w"],
+                                      getattr(first.optimizer, key)["w"])
+    start = ArrayRecord(OrderedDict(w=Array(saved["w"])))
+    resumed.start(grid=LoopbackGrid(NODES), initial_arrays=start, num_rounds=1, timeout=5.0)
+    assert resumed_released == [3] and [r.round for r in resumed.core.rounds] == [1, 2, 3]
+    assert resumed.core.user_releases == [1, 2, 3]
+
+
 def test_layers_in_a_wrong_order_are_refused(tiny_cfg):
     with pytest.raises(ValueError, match="wraps the AdapterFedAvg core directly"):
         secagg(UserLevelDP(core(tiny_cfg, user_level=True), central(3)))
