@@ -35,7 +35,7 @@ from fedllm.privacy.ledger import Ledger, LedgerError, load_release, save_releas
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
-from fedllm.clients.secagg_stages import secagg_stage
+from fedllm.secagg.client import secagg_stage
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from benchmarks_md import write_section  # noqa: E402
 from test_secagg import run_protocol  # noqa: E402
 
-from fedllm import secagg as sa  # noqa: E402
+from fedllm.secagg import primitives as sa  # noqa: E402
 
 CLIENTS, LENGTH, BITS, R = 10, 500_000, 24, 0.5
 

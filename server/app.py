@@ -13,9 +13,11 @@ import math
 import time
 from collections import OrderedDict
 from pathlib import Path
+from typing import Callable
 
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.strategy import Strategy
 
 from fedllm import models, protocol
 from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, participation_cap,
@@ -27,10 +29,13 @@ from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_
                                       user_level_epsilons)
 from fedllm.report import EVENTS_FILE, write_reports
 from fedllm.privacy.updates import distributed_noise_std
+from fedllm.secagg.server import SecAggPlus
 from fedllm.server import checkpoint
-from fedllm.server.secagg import SecAggFedAvg
-from fedllm.server.strategy import AdapterFedAvg, UserDP
+from fedllm.server.strategy import (AdapterFedAvg, ServerOptimization, UserDP, UserLevelDP,
+                                    cohort_sampler, user_dp_layer)
+from fedllm.server_opt import ServerOptimizer
 from fedllm.server.wire import MeteredGrid
+from fedllm.strategy_wrapper import find_layer
 
 log = logging.getLogger("fedllm.server")
 
@@ -59,7 +64,7 @@ def _record(arrays: "OrderedDict") -> ArrayRecord:
 class RoundRecorder:
     """Flower ``evaluate_fn``: evaluates the global adapter and appends a metrics row."""
 
-    def __init__(self, cfg: FedLLMConfig, loaded, eval_sequences, strategy: AdapterFedAvg,
+    def __init__(self, cfg: FedLLMConfig, loaded, eval_sequences, strategy: Strategy,
                  run_dir: Path, population: int):
         self.cfg, self.loaded, self.eval_sequences = cfg, loaded, eval_sequences
         self.strategy, self.run_dir, self.population = strategy, run_dir, population
@@ -72,15 +77,15 @@ class RoundRecorder:
         if server_round == 0 and self.base is not None:  # resumed: base already evaluated
             self._round_start = time.time()
             return MetricRecord(self.base)
-        server_round += self.strategy.round_offset
+        server_round += self.strategy.core.round_offset
         current = OrderedDict((k, v.numpy()) for k, v in arrays.items())
         if self.eval_sequences is not None:
             models.load_adapter_state(self.loaded.model, current)
             result = evaluate(self.loaded.model, self.eval_sequences, self.cfg.eval.batch_size,
                               self.loaded.device, base_model=server_round == 0)
         else:
-            result = self.strategy.federated_evaluate(arrays, server_round,
-                                                      self.cfg.federation.client_timeout)
+            result = self.strategy.core.federated_evaluate(arrays, server_round,
+                                                           self.cfg.federation.client_timeout)
         if server_round == 0:
             self._take_wire_counts()  # base evaluation is not part of round 1
             self.base = result
@@ -93,15 +98,16 @@ class RoundRecorder:
         return MetricRecord(result)
 
     def _take_wire_counts(self) -> tuple[int | None, int | None]:
-        take = getattr(self.strategy.grid, "take_counts", None)
+        take = getattr(self.strategy.core.grid, "take_counts", None)
         return take() if take is not None else (None, None)
 
     def _write_row(self, server_round: int, result: dict) -> None:
-        info = self.strategy.rounds[-1]
+        core = self.strategy.core
+        info = core.rounds[-1]
         wire_down, wire_up = self._take_wire_counts()
-        for cid in set(info.accepted) | {c for c in self.strategy.events if c not in self.epsilons}:
-            if cid in self.strategy.events:
-                self.epsilons[cid] = epsilon(self.strategy.events[cid], self.cfg.privacy.delta,
+        for cid in set(info.accepted) | {c for c in core.events if c not in self.epsilons}:
+            if cid in core.events:
+                self.epsilons[cid] = epsilon(core.events[cid], self.cfg.privacy.delta,
                                              self.cfg.privacy.accountant)
         eps_max = max(self.epsilons.values()) if self.epsilons else None
         row = {
@@ -202,38 +208,45 @@ def secagg_range(cfg: FedLLMConfig, user_dp: UserDP | None) -> float:
     return user_dp.clip_norm + margin
 
 
-def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int,
-                  adapter_size: int = 0) -> AdapterFedAvg:
-    common = dict(cfg_text=cfg_text, clients_per_round=cfg.federation.clients_per_round,
-                  sampling=cfg.federation.sampling, server_lr=cfg.strategy.server_lr,
-                  min_clients=cfg.federation.min_clients,
-                  user_dp=make_user_dp(cfg, population, adapter_size), run_id=cfg.run.id,
-                  server_optimizer=cfg.strategy.name,
-                  participation_cap=participation_cap(cfg, population))
-    if not cfg.secagg.enabled:
-        return AdapterFedAvg(**common)
-    clip_range = secagg_range(cfg, common["user_dp"])
-    log.info("SecAgg+: %s shares, threshold %s, %d-bit quantization on [-%.3g, %.3g]",
-             cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold,
-             cfg.secagg.quantization_bits, clip_range, clip_range)
-    return SecAggFedAvg(num_shares=cfg.secagg.num_shares,
-                        threshold=cfg.secagg.reconstruction_threshold,
-                        bits=cfg.secagg.quantization_bits, clip_range=clip_range,
-                        timeout=cfg.federation.client_timeout, **common)
+def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int, adapter_size: int = 0,
+                  grid: Grid | None = None,
+                  on_user_release: Callable[[int, int], None] | None = None) -> Strategy:
+    """The strategy stack for this config: the adapter FedAvg core, wrapped (inside out) by
+    SecAgg+, user-level DP and the server optimizer, each only where configured.
+    ``grid``: for federated evaluation; ``on_user_release(round, survivors)``: each user-level
+    release, before it is applied."""
+    user_dp = make_user_dp(cfg, population, adapter_size)
+    sampler = cohort_sampler(cfg.federation.clients_per_round, cfg.federation.sampling,
+                             user_level=user_dp is not None,
+                             participation_cap=participation_cap(cfg, population))
+    strategy = AdapterFedAvg(cfg_text=cfg_text, sampler=sampler,
+                             min_clients=cfg.federation.min_clients, run_id=cfg.run.id, grid=grid)
+    if cfg.secagg.enabled:
+        clip_range = secagg_range(cfg, user_dp)
+        log.info("SecAgg+: %s shares, threshold %s, %d-bit quantization on [-%.3g, %.3g]",
+                 cfg.secagg.num_shares, cfg.secagg.reconstruction_threshold,
+                 cfg.secagg.quantization_bits, clip_range, clip_range)
+        strategy = SecAggPlus(strategy, num_shares=cfg.secagg.num_shares,
+                              threshold=cfg.secagg.reconstruction_threshold,
+                              bits=cfg.secagg.quantization_bits, clip_range=clip_range,
+                              timeout=cfg.federation.client_timeout)
+    if user_dp is not None:
+        strategy = UserLevelDP(strategy, user_dp, on_release=on_user_release)
+    return ServerOptimization(strategy, ServerOptimizer(cfg.strategy.name,
+                                                        cfg.strategy.server_lr))
 
 
-def user_epsilon_columns(cfg: FedLLMConfig, strategy: AdapterFedAvg, run_dir: Path,
+def user_epsilon_columns(cfg: FedLLMConfig, strategy: Strategy, run_dir: Path,
                          server_round: int) -> dict:
     """User-level ε so far, for both adversaries, from the run's per-round records. A round
     that released nothing (too few survivors, unmasking failed) is recorded and counted as if
     it had released (conservative: whether it was skipped can depend on who was sampled)."""
-    dp = strategy.user_dp
-    if dp is None:
+    if user_dp_layer(strategy) is None:
         return {"epsilon_user": None, "epsilon_user_vs_server": None}
-    if server_round not in strategy.user_releases:
+    if server_round not in strategy.core.user_releases:
         append_jsonl(run_dir / EVENTS_FILE, user_release_record(
             cfg, strategy, server_round, survivors=0, applied=False))
-        strategy.user_releases.append(server_round)
+        strategy.core.user_releases.append(server_round)
     records = [r for r in read_jsonl(run_dir / EVENTS_FILE) if r.get("kind") == "user_release"]
     eps = user_level_epsilons(records, cfg.privacy.delta, cfg.privacy.accountant)
     return {"epsilon_user": eps["observers"], "epsilon_user_vs_server": eps["server"]}
@@ -273,12 +286,14 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     initial = models.adapter_state(loaded.model)
     cfg, cfg_text = resolve_participation_cap(cfg, cfg_text, population, run_dir)
 
+    def record_user_release(server_round: int, survivors: int) -> None:
+        append_jsonl(run_dir / EVENTS_FILE, user_release_record(
+            cfg, strategy, server_round, survivors, applied=True))
+
     strategy = make_strategy(cfg, cfg_text, population,
-                             adapter_size=sum(v.size for v in initial.values()))
-    strategy.grid = grid
+                             adapter_size=sum(v.size for v in initial.values()), grid=grid,
+                             on_user_release=record_user_release)
     recorder = RoundRecorder(cfg, loaded, eval_sequences, strategy, run_dir, population)
-    strategy.on_user_release = lambda rnd, survivors: append_jsonl(
-        run_dir / EVENTS_FILE, user_release_record(cfg, strategy, rnd, survivors, applied=True))
     initial, done = prepare_run_files(cfg, run_dir, strategy, recorder, initial)
     if done >= cfg.federation.rounds:
         log.info("all %d rounds were already completed; writing the final files", done)
@@ -307,24 +322,25 @@ def resolve_participation_cap(cfg: FedLLMConfig, cfg_text: str, population: int,
     return cfg, cfg_text
 
 
-def user_release_record(cfg: FedLLMConfig, strategy: AdapterFedAvg, server_round: int,
+def user_release_record(cfg: FedLLMConfig, strategy: Strategy, server_round: int,
                         survivors: int, applied: bool) -> dict:
     """One user-level round as the accountant needs it: the population this round's cohort
     was drawn from (its real q), and whose updates entered the sum (the server's view)."""
-    dp = strategy.user_dp
+    dp, core = user_dp_layer(strategy).dp, strategy.core
     sensitivity = dp.clip_norm
-    if hasattr(strategy, "bits"):  # SecAgg+: quantization error adds to the clip norm
-        dim = sum(v.size for v in strategy.global_arrays.values())
-        sensitivity = quantized_sensitivity(dp.clip_norm, dim, strategy.clip_range, strategy.bits)
+    secagg = find_layer(strategy, SecAggPlus)
+    if secagg is not None:  # SecAgg+: quantization error adds to the clip norm
+        dim = sum(v.size for v in core.global_arrays.values())
+        sensitivity = quantized_sensitivity(dp.clip_norm, dim, secagg.clip_range, secagg.bits)
     return {"kind": "user_release", "round": server_round, "noise_multiplier": dp.noise_multiplier,
             "clip_norm": dp.clip_norm, "sensitivity": sensitivity, "noise": dp.noise,
             "sampling": cfg.federation.sampling,
-            "cohort": dp.expected_cohort, "population": strategy.sampler.last_pool,
+            "cohort": dp.expected_cohort, "population": core.sampler.last_pool,
             "min_survivors": dp.min_survivors, "survivors": survivors, "applied": applied,
-            "clients": sorted(strategy.rounds[-1].accepted) if applied else []}
+            "clients": sorted(core.rounds[-1].accepted) if applied else []}
 
 
-def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: AdapterFedAvg,
+def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: Strategy,
                       recorder: RoundRecorder, initial):
     """Fresh run: clear per-run files. Resume: restore the checkpoint, drop later rows.
 
@@ -346,13 +362,13 @@ def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: AdapterFedAvg,
     atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
     # privacy_events.jsonl is kept whole: releases of the interrupted round stay counted, and
     # a user-level aggregate of that round counts again if the round is re-run (conservative).
-    strategy.user_releases += [r["round"] for r in read_jsonl(run_dir / EVENTS_FILE)
+    strategy.core.user_releases += [r["round"] for r in read_jsonl(run_dir / EVENTS_FILE)
                                if r.get("kind") == "user_release" and r["round"] > done]
     log.info("resuming %s after round %d of %d", run_dir, done, cfg.federation.rounds)
     return arrays, done
 
 
-def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: AdapterFedAvg,
+def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: Strategy,
              recorder: RoundRecorder, started: float) -> dict:
     """Export the adapter (PEFT format) with its model card, the privacy report, a summary."""
     models.load_adapter_state(loaded.model, final_arrays)
@@ -374,8 +390,8 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
         "epsilon_user_vs_server": (report["user_level"]["epsilon_vs_server"]
                                    if report["user_level"] else None),
         "population": recorder.population,
-        "clients_trained": len(strategy.client_params),
-        "clients_declined": sum(len(r.declined) for r in strategy.rounds),
+        "clients_trained": len(strategy.core.client_params),
+        "clients_declined": sum(len(r.declined) for r in strategy.core.rounds),
         "delta": cfg.privacy.delta,
         "seconds": round(time.time() - started, 1),
     }

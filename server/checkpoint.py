@@ -31,25 +31,30 @@ class CheckpointError(RuntimeError):
 
 def save(run_dir: Path, server_round: int, arrays: "OrderedDict[str, np.ndarray]",
          strategy, recorder) -> None:
+    """``strategy``: the whole stack (its core holds the bookkeeping)."""
+    from fedllm.server.strategy import server_optimizer
+
+    core = strategy.core
     state = {
         "version": VERSION,
         "round": server_round,
-        "run_id": strategy.run_id,
+        "run_id": core.run_id,
         # OS entropy (the server's cohorts) has no state to save; a seeded test RNG does.
-        "rng": None if isinstance(strategy.rng, random.SystemRandom)
-        else _rng_to_json(strategy.rng.getstate()),
-        "sampler": strategy.sampler.state(),
-        "events": {cid: [e.to_dict() for e in evs] for cid, evs in strategy.events.items()},
-        "client_params": strategy.client_params,
-        "user_releases": strategy.user_releases,
-        "rounds": [asdict(r) for r in strategy.rounds],
+        "rng": None if isinstance(core.rng, random.SystemRandom)
+        else _rng_to_json(core.rng.getstate()),
+        "sampler": core.sampler.state(),
+        "events": {cid: [e.to_dict() for e in evs] for cid, evs in core.events.items()},
+        "client_params": core.client_params,
+        "user_releases": core.user_releases,
+        "rounds": [asdict(r) for r in core.rounds],
         "history": recorder.history,
         "base": recorder.base,
         "epsilons": recorder.epsilons,
         "order": list(arrays),
     }
     # Server optimizer state (FedAdam/FedYogi moments, FedAvgM momentum): resumed exactly.
-    opt_state = strategy.server_opt.state_arrays()
+    optimizer = server_optimizer(strategy)
+    opt_state = optimizer.state_arrays() if optimizer is not None else {}
     state["server_opt_order"] = list(opt_state)
     buf = io.BytesIO()
     payload = {f"a{i}": np.asarray(v) for i, v in enumerate(arrays.values())}
@@ -77,18 +82,21 @@ def load(run_dir: Path) -> tuple[dict, "OrderedDict[str, np.ndarray]"] | None:
 
 
 def restore(state: dict, strategy, recorder) -> None:
-    from fedllm.server.strategy import RoundInfo
+    from fedllm.server.strategy import RoundInfo, server_optimizer
 
-    if state["rng"] is not None and not isinstance(strategy.rng, random.SystemRandom):
-        strategy.rng.setstate(_rng_from_json(state["rng"]))
-    strategy.sampler.restore(state.get("sampler", {}))
-    strategy.events = {cid: [PrivacyEvent.from_dict(e) for e in evs]
-                       for cid, evs in state["events"].items()}
-    strategy.client_params = state["client_params"]
-    strategy.user_releases = list(state["user_releases"])
-    strategy.rounds = [RoundInfo(**r) for r in state["rounds"]]
-    strategy.round_offset = int(state["round"])
-    strategy.server_opt.load_state_arrays(state.get("server_opt_arrays", {}))
+    core = strategy.core
+    if state["rng"] is not None and not isinstance(core.rng, random.SystemRandom):
+        core.rng.setstate(_rng_from_json(state["rng"]))
+    core.sampler.restore(state.get("sampler", {}))
+    core.events = {cid: [PrivacyEvent.from_dict(e) for e in evs]
+                   for cid, evs in state["events"].items()}
+    core.client_params = state["client_params"]
+    core.user_releases = list(state["user_releases"])
+    core.rounds = [RoundInfo(**r) for r in state["rounds"]]
+    core.round_offset = int(state["round"])
+    optimizer = server_optimizer(strategy)
+    if optimizer is not None:
+        optimizer.load_state_arrays(state.get("server_opt_arrays", {}))
     recorder.history = state["history"]
     recorder.base = state["base"]
     recorder.epsilons = state["epsilons"]

@@ -1,13 +1,20 @@
-"""FedAvg over adapter deltas, with explicit client sampling and checks of every update.
+"""The server's strategy, composed like Flower's DP wrappers (``fedllm.strategy_wrapper``):
 
-Hooks on Flower's ``FedAvg`` (``flwr.serverapp.strategy``):
-  * ``configure_train``: sample the cohort (``fixed``: k of N without replacement;
-    ``poisson``: each client independently with probability k/N; without user-level DP only
-    among clients still under their participation cap, ``fedllm.privacy.participation``) and
-    send the global adapter plus the resolved config.
-  * ``aggregate_train``: reject malformed updates (logged, the round goes on), average the
-    accepted deltas *unweighted* (weights by client size would leak sizes and change the
-    sensitivity), apply them to the global adapter, and record each client's DP event.
+    ServerOptimization(UserLevelDP(SecAggPlus(AdapterFedAvg(...)), ...), optimizer)
+
+  * ``AdapterFedAvg`` (the core): samples the cohort with a ``CohortSampler`` (``fixed``: k of
+    N without replacement; ``poisson``: each client independently with probability k/N;
+    without user-level DP only among clients still under their participation cap,
+    ``fedllm.privacy.participation``), sends the global adapter plus the resolved config,
+    rejects malformed updates (logged, the round goes on), records each client's DP event,
+    and averages the accepted deltas *unweighted* (weights by client size would leak sizes
+    and change the sensitivity).
+  * ``UserLevelDP``: DP-FedAvg. Noise on the sum (central) or from the clients (distributed),
+    divided by the expected cohort; every central round releases.
+  * ``fedllm.secagg.server.SecAggPlus``: the sum comes from SecAgg+ masked inputs.
+  * ``ServerOptimization``: FedAvg / FedAvgM / FedAdam / FedYogi step along the released
+    update (``fedllm.server_opt``).
+Any layer but the core is optional; ``make_strategy`` in ``fedllm.server.app`` builds the stack.
 """
 
 from __future__ import annotations
@@ -17,18 +24,20 @@ import math
 import random
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAvg
+from flwr.serverapp.strategy import Strategy
 
 from fedllm import protocol
 from fedllm.privacy.accounting import PrivacyEvent
 from fedllm.privacy.participation import CohortSampler
 from fedllm.privacy.updates import UpdateRejected, add_noise, check_update
 from fedllm.server_opt import ServerOptimizer
+from fedllm.strategy_wrapper import StrategyWrapper, find_layer, require
 
 log = logging.getLogger(__name__)
 
@@ -67,75 +76,119 @@ class UserDP:
         return self.clip_norm if self.noise == "central" else None
 
 
-class AdapterFedAvg(FedAvg):
-    def __init__(self, *, cfg_text: str, clients_per_round: int, sampling: str,
-                 server_lr: float, seed: int | None = None, min_clients: int = 1,
-                 user_dp: UserDP | None = None, run_id: str = "",
-                 server_optimizer: str = "fedavg", participation_cap: int | None = None) -> None:
-        super().__init__(fraction_evaluate=0.0, min_train_nodes=1, min_available_nodes=1)
+class AdapterFedAvg(Strategy):
+    """Plain FedAvg of adapter deltas: sampling, update checks, event records (the core)."""
+
+    def __init__(self, *, cfg_text: str, sampler: CohortSampler, min_clients: int = 1,
+                 run_id: str = "", grid: Grid | None = None) -> None:
         self.cfg_text = cfg_text
-        self.server_opt = ServerOptimizer(server_optimizer, server_lr)
+        self.sampler = sampler
         self.min_clients = min_clients
-        # The cohort comes from OS entropy: run.seed travels to every client, and a cohort
-        # that anyone holding it can replay gives no amplification. A seed is for tests only.
-        self.rng = random.SystemRandom() if seed is None else random.Random(seed)
-        # Example-level only: sample among clients that can still train (cap, budget). With
-        # user-level DP every client stays in the pool, so q = k/N is exact every round.
-        self.sampler = CohortSampler(cohort=clients_per_round, sampling=sampling,
-                                     cap=participation_cap or 2 ** 31, narrow=user_dp is None,
-                                     rng=self.rng)
+        self.run_id = run_id
+        self.grid = grid  # federated evaluation (eval.mode=federated) only
         self.global_arrays: OrderedDict[str, np.ndarray] | None = None
         self.events: dict[str, list[PrivacyEvent]] = {}
         self.client_params: dict[str, dict] = {}
         self.rounds: list[RoundInfo] = []
-        self.user_dp = user_dp
-        self.user_releases: list[int] = []  # rounds whose noised aggregate was released
-        self.run_id = run_id
+        self.user_releases: list[int] = []  # rounds whose user-level DP aggregate was released
         # Flower's Strategy.start counts rounds from 1; after a resume, add the rounds done.
         self.round_offset = 0
-        # Called with each user-level release *before* the aggregate is applied (write-ahead).
-        self.on_user_release = None
         self.expected_nodes: set[int] = set()
-        self.grid: Grid | None = None  # set by the ServerApp (federated evaluation)
+
+    @property
+    def core(self) -> "AdapterFedAvg":
+        return self
+
+    @property
+    def rng(self) -> random.Random:
+        return self.sampler.rng
 
     # ------------------------------------------------------------------ sampling
     def sample(self, node_ids: list[int]) -> list[int]:
         return self.sampler.sample(node_ids)
 
-    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                        grid: Grid) -> Iterable[Message]:
+    def start_round(self, server_round: int, arrays: ArrayRecord, grid: Grid
+                    ) -> tuple[int, list[int]]:
+        """Open a round: remember the global adapter, sample the cohort, add its RoundInfo.
+        Returns (the run's round number, the sampled node ids)."""
         server_round += self.round_offset
         self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
         node_ids = self.sample(list(grid.get_node_ids()))
-        info = RoundInfo(round=server_round, sampled=len(node_ids))
-        info.bytes_down = array_bytes(arrays) * len(node_ids)
-        self.rounds.append(info)
-        self.expected_nodes = set(node_ids)
+        self.rounds.append(RoundInfo(round=server_round, sampled=len(node_ids)))
+        self.expected_nodes = set()
         log.info("round %d: sampled %d clients", server_round, len(node_ids))
+        return server_round, node_ids
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        server_round, node_ids = self.start_round(server_round, arrays, grid)
+        self.rounds[-1].bytes_down = array_bytes(arrays) * len(node_ids)
+        self.expected_nodes = set(node_ids)
         record = RecordDict({
             protocol.ARRAYS_RECORD: arrays,
-            protocol.CONFIG_RECORD: self.round_config(server_round),
+            protocol.CONFIG_RECORD: self.round_config(server_round, config),
         })
-        return self._construct_messages(record, node_ids, "train")
+        return [Message(content=record, dst_node_id=node, message_type=MessageType.TRAIN)
+                for node in node_ids]
 
-    def round_config(self, server_round: int) -> ConfigRecord:
-        config = ConfigRecord({protocol.CONFIG_KEY: self.cfg_text, protocol.ROUND_KEY: server_round})
-        if self.user_dp is not None:
-            config[protocol.USER_NOISE_KEY] = float(self.user_dp.noise_multiplier)
-            config[protocol.MIN_SURVIVORS_KEY] = int(self.user_dp.min_survivors)
-        return config
+    def round_config(self, server_round: int, config: ConfigRecord | None = None
+                     ) -> ConfigRecord:
+        """The resolved fedllm config and round number, plus what wrappers passed in
+        ``config`` (e.g. user-level DP's noise multiplier)."""
+        return ConfigRecord({protocol.CONFIG_KEY: self.cfg_text, protocol.ROUND_KEY: server_round,
+                             **dict(config or {})})
 
     # ------------------------------------------------------------------ aggregation
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        return self.apply(self.aggregate_update(server_round, replies))
+
+    def aggregate_update(self, server_round: int, replies: Iterable[Message]
+                         ) -> "dict[str, np.ndarray] | None":
+        """The plain mean of the accepted deltas (None below federation.min_clients)."""
+        total, count = self.aggregate_sum(server_round, replies)
+        return self.mean_update(total, count, server_round + self.round_offset)
+
+    def aggregate_sum(self, server_round: int, replies: Iterable[Message],
+                      max_norm: float | None = None) -> "tuple[dict[str, np.ndarray], int]":
+        """Sum (float64) of the accepted deltas, and their number. ``max_norm``: reject
+        updates above it (user-level DP with central noise: the clip bound)."""
         server_round += self.round_offset
-        accepted = self.collect(server_round, replies, self._parse_reply)
-        if len(accepted) < self.min_clients and not self.always_releases():
+        accepted = self.collect(server_round, replies,
+                                lambda msg: self.parse_update(msg, max_norm))
+        deltas = list(accepted.values())
+        total = {k: np.sum([d[k] for d in deltas], axis=0, dtype=np.float64) if deltas
+                 else np.zeros(v.shape, np.float64) for k, v in self.global_arrays.items()}
+        return total, len(deltas)
+
+    def mean_update(self, total: "dict[str, np.ndarray] | None", count: int, server_round: int
+                    ) -> "dict[str, np.ndarray] | None":
+        """Unweighted mean (weights by client size would leak sizes and change the
+        sensitivity); None, leaving the adapter unchanged, below federation.min_clients."""
+        if total is None:
+            return None
+        if count < self.min_clients:
             log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
-                        "unchanged", server_round, len(accepted), self.min_clients)
+                        "unchanged", server_round, count, self.min_clients)
+            return None
+        return {k: (v / count).astype(np.float32) for k, v in total.items()}
+
+    def apply(self, update: "dict[str, np.ndarray] | None"
+              ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """New global adapter: global + update (a ServerOptimization layer steps instead).
+        None: leave it unchanged."""
+        if update is None:
             return None, None
-        average = self.average(list(accepted.values()), server_round)
-        return self.apply(average, len(accepted))
+        return self.publish(OrderedDict(
+            (k, (x + np.asarray(update[k], dtype=np.float64)).astype(np.float32))
+            for k, x in self.global_arrays.items()))
+
+    def publish(self, new: "dict[str, np.ndarray]") -> tuple[ArrayRecord, MetricRecord]:
+        """The new global adapter and the round's train metrics, as Flower records."""
+        arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
+        info = self.rounds[-1]
+        return arrays, MetricRecord({"train_loss": info.train_loss,
+                                     "num_clients": len(info.accepted)})
 
     def collect(self, server_round: int, replies: Iterable[Message], parse) -> dict:
         """Accepted payloads by node; errors, declines and rejected updates are logged.
@@ -170,44 +223,18 @@ class AdapterFedAvg(FedAvg):
         info.train_loss = float(np.mean(losses)) if losses else math.nan
         return accepted
 
-    def apply(self, average: "dict[str, np.ndarray] | None", count: int
-              ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        """New global adapter: the server optimizer's step along the average (FedAvg:
-        global + server_lr * average). None: leave it unchanged."""
-        if average is None:
-            return None, None
-        new = self.server_opt.step(self.global_arrays, average)
-        arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
-        return arrays, MetricRecord({"train_loss": self.rounds[-1].train_loss,
-                                     "num_clients": count})
+    # ------------------------------------------------------------------ evaluation
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        return []  # evaluation runs in the ServerApp's evaluate_fn (federated_evaluate)
 
-    def average(self, deltas: list[dict], server_round: int) -> "dict[str, np.ndarray] | None":
-        """Plain mean; or, with user-level DP, (sum + noise) / expected cohort size."""
-        total = {k: np.sum([d[k] for d in deltas], axis=0, dtype=np.float64) if deltas
-                 else np.zeros(v.shape, np.float64) for k, v in self.global_arrays.items()}
-        return self.finish_sum(total, len(deltas), server_round)
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> MetricRecord | None:
+        return None
 
-    def always_releases(self) -> bool:
-        """Central user-level noise: every round releases a noised sum, even of fewer than
-        min_clients updates (or none). A skip would depend on who was sampled and would leak
-        it; the accountant assumes every round releases."""
-        return self.user_dp is not None and self.user_dp.noise == "central"
-
-    def finish_sum(self, total: "dict[str, np.ndarray]", count: int, server_round: int
-                   ) -> "dict[str, np.ndarray] | None":
-        dp = self.user_dp
-        if dp is None:
-            return {k: (v / count).astype(np.float32) for k, v in total.items()}
-        if dp.noise == "distributed" and count < dp.min_survivors:
-            log.warning("round %d: %d survivors < %d needed for the calibrated noise; no update",
-                        server_round, count, dp.min_survivors)
-            return None
-        if self.on_user_release is not None:
-            self.on_user_release(server_round, count)
-        if dp.noise == "central":
-            total = add_noise(total, dp.noise_multiplier * dp.clip_norm)
-        self.user_releases.append(server_round)
-        return {k: (v / dp.expected_cohort).astype(np.float32) for k, v in total.items()}
+    def summary(self) -> None:
+        log.info("adapter FedAvg: cohort %d (%s sampling), min_clients %d",
+                 self.sampler.cohort, self.sampler.sampling, self.min_clients)
 
     def federated_evaluate(self, arrays: ArrayRecord, server_round: int, timeout: float) -> dict:
         """Held-out loss on every connected node's own data (deployment: no data on the server).
@@ -217,8 +244,9 @@ class AdapterFedAvg(FedAvg):
         nodes = sorted(self.grid.get_node_ids())
         config = ConfigRecord({protocol.CONFIG_KEY: self.cfg_text, protocol.ROUND_KEY: server_round})
         record = RecordDict({protocol.ARRAYS_RECORD: arrays, protocol.CONFIG_RECORD: config})
-        replies = self.grid.send_and_receive(
-            self._construct_messages(record, nodes, "evaluate"), timeout=timeout)
+        messages = [Message(content=record, dst_node_id=node, message_type=MessageType.EVALUATE)
+                    for node in nodes]
+        replies = self.grid.send_and_receive(messages, timeout=timeout)
         total, count = 0.0, 0
         for msg in replies:
             if msg.has_error():
@@ -270,12 +298,11 @@ class AdapterFedAvg(FedAvg):
         self._record_event(client_id, metrics, self.rounds[-1])
         return client_id, metrics
 
-    def _parse_reply(self, msg: Message):
+    def parse_update(self, msg: Message, max_norm: float | None = None):
         client_id, metrics = self.parse_common(msg)
         record = msg.content[protocol.ARRAYS_RECORD]
         delta = {k: v.numpy() for k, v in record.items()}
-        check_update(delta, self.global_arrays,
-                     max_norm=self.user_dp.check_bound() if self.user_dp else None)
+        check_update(delta, self.global_arrays, max_norm=max_norm)
         return client_id, delta, metrics, array_bytes(record)
 
     def _record_event(self, client_id: str, metrics: dict, info: RoundInfo) -> None:
@@ -293,3 +320,132 @@ class AdapterFedAvg(FedAvg):
                               "lifetime_epsilon": metrics.get("lifetime_epsilon")})
         params.update(sample_rate=event.sample_rate, noise_multiplier=event.noise_multiplier,
                       max_grad_norm=float(metrics["max_grad_norm"]))
+
+
+def cohort_sampler(clients_per_round: int, sampling: str, *, user_level: bool,
+                   participation_cap: int | None = None, seed: int | None = None
+                   ) -> CohortSampler:
+    """The server's sampler. The cohort comes from OS entropy: run.seed travels to every
+    client, and a cohort that anyone holding it can replay gives no amplification (a seed
+    is for tests only). Example-level only: sample among clients that can still train (cap,
+    budget); with user-level DP every client stays in the pool, so q = k/N is exact."""
+    rng = random.SystemRandom() if seed is None else random.Random(seed)
+    return CohortSampler(cohort=clients_per_round, sampling=sampling,
+                         cap=participation_cap or 2 ** 31, narrow=not user_level, rng=rng)
+
+
+class UserLevelDP(StrategyWrapper):
+    """User-level DP (DP-FedAvg) around the strategy that sums the round's updates.
+
+    Clients clip their whole update to S (and, with distributed noise, add their noise
+    share); this layer tells them z, rejects updates above S (central noise), adds
+    N(0, (zS)^2) to the sum (central), and divides by the expected cohort, not the count.
+    ``on_release(round, survivors)`` is called with each release *before* the update is
+    applied (write-ahead: the accountant's record)."""
+
+    def __init__(self, strategy: Strategy, dp: UserDP,
+                 on_release: Callable[[int, int], None] | None = None) -> None:
+        require(strategy, "aggregate_sum", "UserLevelDP",
+                "noise goes on the sum: wrap AdapterFedAvg or SecAggPlus")
+        if strategy.core.sampler.narrow:
+            raise ValueError("UserLevelDP needs a sampler over every client "
+                             "(cohort_sampler(..., user_level=True)): q = k/N must hold")
+        super().__init__(strategy)
+        self.dp = dp
+        self.on_release = on_release
+
+    @property
+    def user_releases(self) -> list[int]:
+        return self.core.user_releases
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        config = ConfigRecord({**dict(config),
+                               protocol.USER_NOISE_KEY: float(self.dp.noise_multiplier),
+                               protocol.MIN_SURVIVORS_KEY: int(self.dp.min_survivors)})
+        return self.strategy.configure_train(server_round, arrays, config, grid)
+
+    def aggregate_update(self, server_round: int, replies: Iterable[Message]
+                         ) -> "dict[str, np.ndarray] | None":
+        total, count = self.strategy.aggregate_sum(server_round, replies,
+                                                   max_norm=self.dp.check_bound())
+        server_round += self.core.round_offset
+        if total is None:
+            return None
+        min_clients = self.core.min_clients
+        if count < min_clients and not self.always_releases():
+            log.warning("round %d: %d valid updates < federation.min_clients=%d; global adapter "
+                        "unchanged", server_round, count, min_clients)
+            return None
+        return self.finish_sum(total, count, server_round)
+
+    def average(self, deltas: list[dict], server_round: int) -> "dict[str, np.ndarray] | None":
+        """(sum of these deltas + noise) / expected cohort, as one round would release it."""
+        total = {k: np.sum([d[k] for d in deltas], axis=0, dtype=np.float64) if deltas
+                 else np.zeros(v.shape, np.float64) for k, v in self.core.global_arrays.items()}
+        return self.finish_sum(total, len(deltas), server_round)
+
+    def always_releases(self) -> bool:
+        """Central noise: every round releases a noised sum, even of fewer than min_clients
+        updates (or none). A skip would depend on who was sampled and would leak it; the
+        accountant assumes every round releases."""
+        return self.dp.noise == "central"
+
+    def finish_sum(self, total: "dict[str, np.ndarray]", count: int, server_round: int
+                   ) -> "dict[str, np.ndarray] | None":
+        dp = self.dp
+        if dp.noise == "distributed" and count < dp.min_survivors:
+            log.warning("round %d: %d survivors < %d needed for the calibrated noise; no update",
+                        server_round, count, dp.min_survivors)
+            return None
+        if self.on_release is not None:
+            self.on_release(server_round, count)
+        if dp.noise == "central":
+            total = add_noise(total, dp.noise_multiplier * dp.clip_norm)
+        self.core.user_releases.append(server_round)
+        return {k: (v / dp.expected_cohort).astype(np.float32) for k, v in total.items()}
+
+    def summary(self) -> None:
+        log.info("user-level DP: z=%.4f, clip %g, %s noise, expected cohort %d",
+                 self.dp.noise_multiplier, self.dp.clip_norm, self.dp.noise,
+                 self.dp.expected_cohort)
+        super().summary()
+
+
+class ServerOptimization(StrategyWrapper):
+    """The new global adapter is the server optimizer's step along the released update
+    (FedAvg: global + server_lr * update). Post-processing: no privacy guarantee changes.
+
+    Flower's own FedAdam/FedYogi/FedAvgM do not fit: they average full weights weighted by
+    example counts (our clients send deltas, averaged unweighted or noised), bias-correct
+    with the round number (which restarts at 1 after a resume) and keep moments that a
+    checkpoint cannot restore."""
+
+    def __init__(self, strategy: Strategy, optimizer: ServerOptimizer) -> None:
+        require(strategy, "aggregate_update", "ServerOptimization",
+                "it steps along the released update: make it the outermost layer")
+        super().__init__(strategy)
+        self.optimizer = optimizer
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        update = self.strategy.aggregate_update(server_round, replies)
+        if update is None:
+            return None, None
+        return self.core.publish(self.optimizer.step(self.core.global_arrays, update))
+
+    # The outermost layer: nothing can step along an optimizer's output.
+    aggregate_update = None
+
+    def summary(self) -> None:
+        log.info("server optimizer: %s, lr %g", self.optimizer.name, self.optimizer.lr)
+        super().summary()
+
+
+def user_dp_layer(strategy: Strategy) -> UserLevelDP | None:
+    return find_layer(strategy, UserLevelDP)
+
+
+def server_optimizer(strategy: Strategy) -> ServerOptimizer | None:
+    layer = find_layer(strategy, ServerOptimization)
+    return layer.optimizer if layer is not None else None

@@ -5,7 +5,7 @@ import random
 import numpy as np
 import pytest
 
-from fedllm import secagg as sa
+from fedllm.secagg import primitives as sa
 from fedllm.config import ConfigError, compose
 
 

@@ -1,6 +1,6 @@
 """SecAgg+ attacks by the server, run through the real client stage functions.
 
-A test "server" drives ``clients.secagg_stages`` (the same functions the ClientApp's Message
+A test "server" drives ``fedllm.secagg.client`` (the same functions the ClientApp's Message
 handlers call) with the configs it chooses, honest or not, and then tries to learn more than
 the survivors' sum. Each test is an attack that worked before the fix (issue 17, findings 2-3).
 """
@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from fedllm.clients import secagg_stages as cs
+from fedllm.secagg import client as cs
 from fedllm import protocol
-from fedllm import secagg as sa
+from fedllm.secagg import primitives as sa
 
 BITS, RUN, ROUND = 16, "run", 1
 
@@ -171,18 +171,18 @@ def masked_reply(node, y):
 
 
 def server_after_masking(ids, graph):
-    """SecAggFedAvg as it stands after the masked-input stage of round 1."""
+    """SecAggPlus as it stands after the masked-input stage of round 1."""
     from collections import OrderedDict
 
-    from fedllm.server.secagg import SecAggFedAvg
-    from fedllm.server.strategy import RoundInfo
+    from fedllm.secagg.server import SecAggPlus
+    from fedllm.server.strategy import AdapterFedAvg, RoundInfo, cohort_sampler
 
-    s = SecAggFedAvg(num_shares=3, threshold="auto", bits=BITS, clip_range=1.0, timeout=1.0,
-                     cfg_text="", clients_per_round=len(ids), sampling="fixed", server_lr=1.0,
-                     seed=0)
-    s.global_arrays = OrderedDict(w=np.zeros(8, np.float32))
-    s.rounds.append(RoundInfo(round=1, sampled=len(ids)))
-    s.expected_nodes = set(ids)
+    core = AdapterFedAvg(cfg_text="", sampler=cohort_sampler(len(ids), "fixed", user_level=False,
+                                                             seed=0))
+    s = SecAggPlus(core, num_shares=3, threshold="auto", bits=BITS, clip_range=1.0, timeout=1.0)
+    core.global_arrays = OrderedDict(w=np.zeros(8, np.float32))
+    core.rounds.append(RoundInfo(round=1, sampled=len(ids)))
+    core.expected_nodes = set(ids)
     s._round_state = {"graph": graph, "s_pk": {}, "participants": ids, "threshold": 2,
                       "dtype": np.dtype(np.uint32)}
     s._grid = None  # no grid: asking any client for its shares would fail here
@@ -206,4 +206,4 @@ def test_server_refuses_to_unmask_a_split_survivor_graph(split):
             s.aggregate_train(1, replies)
         return
     assert s.aggregate_train(1, replies) == (None, None)  # adapter unchanged, no shares asked
-    assert "not connected" in s.rounds[-1].discarded
+    assert "not connected" in s.core.rounds[-1].discarded

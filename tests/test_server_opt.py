@@ -57,23 +57,24 @@ def test_unknown_optimizer_and_config_validation():
 
 def test_checkpoint_restores_server_optimizer_state(tmp_path):
     from fedllm.server import checkpoint
-    from fedllm.server.strategy import AdapterFedAvg
+    from fedllm.server.strategy import AdapterFedAvg, ServerOptimization, cohort_sampler
 
     def strategy():
-        return AdapterFedAvg(cfg_text="", clients_per_round=2, sampling="fixed", server_lr=0.01,
-                             seed=0, run_id="r1", server_optimizer="fedadam")
+        core = AdapterFedAvg(cfg_text="", run_id="r1",
+                             sampler=cohort_sampler(2, "fixed", user_level=False, seed=0))
+        return ServerOptimization(core, ServerOptimizer("fedadam", lr=0.01))
 
     recorder = SimpleNamespace(history=[], base=None, epsilons={})
     first = strategy()
     arrays = OrderedDict(w=np.zeros(3, np.float32))
     for d in ([0.1, -0.2, 0.3], [0.2, 0.1, -0.1]):
-        first.global_arrays = arrays
-        arrays = first.server_opt.step(arrays, {"w": np.array(d)})
+        first.core.global_arrays = arrays
+        arrays = first.optimizer.step(arrays, {"w": np.array(d)})
     checkpoint.save(tmp_path, 2, arrays, first, recorder)
     state, loaded = checkpoint.load(tmp_path)
     resumed = strategy()
     checkpoint.restore(state, resumed, recorder)
     nxt = {"w": np.array([0.05, 0.05, 0.05])}
-    assert resumed.server_opt.m and resumed.server_opt.v
-    np.testing.assert_array_equal(resumed.server_opt.step(loaded, nxt)["w"],
-                                  first.server_opt.step(arrays, nxt)["w"])
+    assert resumed.optimizer.m and resumed.optimizer.v
+    np.testing.assert_array_equal(resumed.optimizer.step(loaded, nxt)["w"],
+                                  first.optimizer.step(arrays, nxt)["w"])

@@ -11,7 +11,7 @@ from fedllm import protocol
 from fedllm.privacy.accounting import calibrate_user_noise, epsilon, user_level_event
 from fedllm.privacy.updates import (UpdateRejected, add_noise, check_update, clip_update,
                                     distributed_noise_std, update_norm)
-from fedllm.server.strategy import AdapterFedAvg, UserDP
+from fedllm.server.strategy import AdapterFedAvg, RoundInfo, UserDP, UserLevelDP, cohort_sampler
 
 SHAPES = {"a.lora_A.weight": (4, 64), "a.lora_B.weight": (64, 4)}
 
@@ -29,12 +29,13 @@ def zeros(scale=0.0):
 
 
 def strategy(user_dp=None, min_clients=1):
-    s = AdapterFedAvg(cfg_text="", clients_per_round=3, sampling="fixed", server_lr=1.0, seed=0,
-                      min_clients=min_clients, user_dp=user_dp)
-    from fedllm.server.strategy import RoundInfo
+    """The adapter FedAvg as it stands after configure_train of round 1, wrapped by user-level
+    DP when ``user_dp`` is given."""
+    sampler = cohort_sampler(3, "fixed", user_level=user_dp is not None, seed=0)
+    s = AdapterFedAvg(cfg_text="", sampler=sampler, min_clients=min_clients)
     s.global_arrays = zeros()
     s.rounds.append(RoundInfo(round=1, sampled=4))
-    return s
+    return s if user_dp is None else UserLevelDP(s, user_dp)
 
 
 def reply(node, arrays, client_id=None):
@@ -68,7 +69,7 @@ def test_bad_updates_are_rejected_and_round_completes():
                                    reply(4, extra)])
     out = new_global(result)
     np.testing.assert_allclose(out["a.lora_A.weight"], 0.01)
-    info = s.rounds[-1]
+    info = s.core.rounds[-1]
     assert info.accepted == ["c1"] and len(info.rejected) == 3
     reasons = " ".join(info.rejected.values())
     assert "non-finite" in reasons and "shape" in reasons and "unexpected" in reasons
@@ -98,7 +99,7 @@ def test_server_rejects_updates_above_the_clip_bound():
                 min_survivors=1)
     s = strategy(user_dp=dp)
     result = s.aggregate_train(1, [reply(1, zeros(0.001)), reply(2, zeros(1.0))])
-    assert "clip bound" in " ".join(s.rounds[-1].rejected.values())
+    assert "clip bound" in " ".join(s.core.rounds[-1].rejected.values())
     # Divided by the expected cohort (3), not the 1 accepted update.
     np.testing.assert_allclose(new_global(result)["a.lora_A.weight"], 0.001 / 3, rtol=1e-5)
 
@@ -109,7 +110,7 @@ def test_noise_std_of_the_aggregate(mode):
     big = {"w": (1000, 500)}  # 500k coordinates: the sample std is within ~0.3%
     dp = UserDP(noise_multiplier=z, clip_norm=S, noise=mode, expected_cohort=k, min_survivors=k)
     s = strategy(user_dp=dp)
-    s.global_arrays = {"w": np.zeros(big["w"], np.float32)}
+    s.core.global_arrays = {"w": np.zeros(big["w"], np.float32)}
     updates = [{"w": np.zeros(big["w"], np.float32)} for _ in range(k)]
     if mode == "distributed":
         updates = [add_noise(u, distributed_noise_std(z, S, k)) for u in updates]
@@ -181,7 +182,7 @@ def test_cohorts_come_from_os_entropy_not_the_run_seed(tiny_cfg):
 
     def cohorts():
         s = make_strategy(cfg, "", population=1000)
-        return [tuple(sorted(s.sample(list(range(1000))))) for _ in range(3)]
+        return [tuple(sorted(s.core.sample(list(range(1000))))) for _ in range(3)]
 
     assert cohorts() != cohorts()  # same config, same run.seed: different cohorts
 

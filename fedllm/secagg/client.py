@@ -21,7 +21,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from fedllm import protocol
-from fedllm import secagg as sa
+from fedllm.secagg import primitives as sa
 from fedllm.config import from_yaml
 
 log = logging.getLogger(__name__)

@@ -1,33 +1,43 @@
-"""Server side of SecAgg+ as a strategy: the same FedAvg hooks, four exchanges per round.
+"""Server side of SecAgg+: a wrapper strategy around the adapter FedAvg, four exchanges a round.
 
-``configure_train`` runs the setup and share-keys exchanges itself (it has the grid) and
-returns the masked-input messages that Flower's ``Strategy.start`` sends; ``aggregate_train``
-runs the unmask exchange and hands the unmasked *sum* to the usual DP finishing step (central
-noise, division by the expected cohort). The server never sees an individual update.
+``configure_train`` opens the round on the wrapped strategy (cohort, bookkeeping), runs the
+setup and share-keys exchanges itself (it has the grid) and returns the masked-input messages
+that Flower's ``Strategy.start`` sends; ``aggregate_sum`` runs the unmask exchange and returns
+the unmasked *sum*, which the next layer finishes (the plain mean, or user-level DP's noise and
+division by the expected cohort). The server never sees an individual update.
+
+Depends only on flwr and fedllm: the wrapped strategy is used through its public methods
+(``core.start_round``, ``round_config``, ``collect``, ``parse_common``, ``mean_update``,
+``apply``), see ``fedllm.strategy_wrapper``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections import OrderedDict
 from typing import Iterable
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
 
 from fedllm import protocol
-from fedllm import secagg as sa
 from fedllm.privacy.updates import UpdateRejected
-from fedllm.server.strategy import AdapterFedAvg, RoundInfo, array_bytes
+from fedllm.secagg import primitives as sa
+from fedllm.strategy_wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)
 
 
-class SecAggFedAvg(AdapterFedAvg):
-    def __init__(self, *, num_shares: int, threshold: int, bits: int,
-                 clip_range: float, timeout: float, **kwargs) -> None:
-        super().__init__(**kwargs)
+class SecAggPlus(StrategyWrapper):
+    """SecAgg+ around ``AdapterFedAvg`` (it replaces that strategy's message exchange)."""
+
+    def __init__(self, strategy: Strategy, *, num_shares: int | str, threshold: int | str,
+                 bits: int, clip_range: float, timeout: float) -> None:
+        if getattr(strategy, "core", None) is not strategy:
+            raise ValueError(f"SecAggPlus cannot wrap {type(strategy).__name__}: it replaces the "
+                             "message exchange, so it wraps the AdapterFedAvg core directly")
+        super().__init__(strategy)
         self.num_shares, self.threshold = num_shares, threshold
         self.bits, self.clip_range, self.timeout = bits, clip_range, timeout
         self._grid: Grid | None = None
@@ -40,11 +50,12 @@ class SecAggFedAvg(AdapterFedAvg):
         messages = []
         for node, extra in configs.items():
             config = ConfigRecord({protocol.STAGE_KEY: stage, protocol.ROUND_KEY: server_round,
-                                   "run-id": self.run_id, **extra})
+                                   "run-id": self.core.run_id, **extra})
             content = RecordDict({protocol.CONFIG_RECORD: config})
             if arrays is not None:
                 content[protocol.ARRAYS_RECORD] = arrays
-            messages.append(Message(content=content, dst_node_id=node, message_type="train"))
+            messages.append(Message(content=content, dst_node_id=node,
+                                    message_type=MessageType.TRAIN))
         replies = grid.send_and_receive(messages, timeout=self.timeout)
         ok = {}
         for reply in replies:
@@ -52,7 +63,7 @@ class SecAggFedAvg(AdapterFedAvg):
             if reply.has_error():
                 log.warning("round %d: node %d dropped at SecAgg+ %s: %s", server_round, node,
                             stage, reply.error.reason)
-                self.rounds[-1].rejected[f"node {node}"] = f"{stage}: {reply.error.reason}"
+                self.core.rounds[-1].rejected[f"node {node}"] = f"{stage}: {reply.error.reason}"
             else:
                 ok[node] = reply
         return ok
@@ -60,16 +71,13 @@ class SecAggFedAvg(AdapterFedAvg):
     # ------------------------------------------------------------------ stages 1-3
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
-        server_round += self.round_offset
+        core = self.core
         self._grid = grid
-        self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
-        nodes = sorted(self.sample(list(grid.get_node_ids())))
-        info = RoundInfo(round=server_round, sampled=len(nodes))
-        self.rounds.append(info)
-        self.expected_nodes = set()
+        server_round, sampled = core.start_round(server_round, arrays, grid)
+        nodes = sorted(sampled)
         shares = sa.share_count(len(nodes), self.num_shares)
         threshold = sa.majority_threshold(shares, self.threshold)
-        if len(nodes) < max(threshold, self.min_clients, 2):
+        if len(nodes) < max(threshold, core.min_clients, 2):
             log.warning("round %d: %d sampled < SecAgg+ threshold %d (or 2); round skipped",
                         server_round, len(nodes), threshold)
             return []
@@ -101,31 +109,41 @@ class SecAggFedAvg(AdapterFedAvg):
                              "s_pk": {u: keys[u]["s_pk"] for u in participants},
                              "participants": participants, "threshold": threshold,
                              "dtype": dtype}
-        info.bytes_down = array_bytes(arrays) * len(participants)
-        self.expected_nodes = set(participants)
+        core.rounds[-1].bytes_down = sum(len(a.data) for a in arrays.values()) * len(participants)
+        core.expected_nodes = set(participants)
         messages = []
         for u in participants:
-            cfg = self.round_config(server_round)
-            cfg.update({protocol.STAGE_KEY: "masked", "run-id": self.run_id,
+            cfg = core.round_config(server_round, config)
+            cfg.update({protocol.STAGE_KEY: "masked", "run-id": core.run_id,
                         "secagg-range": float(self.clip_range), "secagg-bits": int(self.bits),
                         "secagg-dtype": dtype.name, **inbox[u]})
             messages.append(Message(content=RecordDict({protocol.ARRAYS_RECORD: arrays,
                                                         protocol.CONFIG_RECORD: cfg}),
-                                    dst_node_id=u, message_type="train"))
+                                    dst_node_id=u, message_type=MessageType.TRAIN))
         return messages
 
     # ------------------------------------------------------------------ stage 4
-    def aggregate_train(self, server_round: int, replies: Iterable[Message]
-                        ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        server_round += self.round_offset
+    def aggregate_update(self, server_round: int, replies: Iterable[Message]
+                         ) -> "dict[str, np.ndarray] | None":
+        """The plain mean of the unmasked sum (without user-level DP)."""
+        total, count = self.aggregate_sum(server_round, replies)
+        return self.core.mean_update(total, count, server_round + self.core.round_offset)
+
+    def aggregate_sum(self, server_round: int, replies: Iterable[Message],
+                      max_norm: float | None = None
+                      ) -> "tuple[dict[str, np.ndarray] | None, int]":
+        """The survivors' unmasked sum and their number; (None, 0) if it cannot be unmasked.
+        ``max_norm`` cannot be checked on masked inputs (clients clip before masking)."""
+        core = self.core
+        server_round += core.round_offset
         st = self._round_state
-        length = sum(v.size for v in self.global_arrays.values())
-        masked = self.collect(server_round, replies,
+        length = sum(v.size for v in core.global_arrays.values())
+        masked = core.collect(server_round, replies,
                               lambda msg: self._parse_masked(msg, length, st["dtype"]))
-        if len(masked) < max(st.get("threshold", 1), self.min_clients):
+        if len(masked) < max(st.get("threshold", 1), core.min_clients):
             log.warning("round %d: %d masked inputs: too few to unmask; global adapter unchanged",
                         server_round, len(masked))
-            return None, None
+            return None, 0
         survivors = sorted(masked)
         try:
             sa.check_connected(st["graph"], survivors)
@@ -143,26 +161,25 @@ class SecAggFedAvg(AdapterFedAvg):
                 target.setdefault(int(sender), {})[x] = share
         try:
             total = sa.unmask_sum(masked, st["graph"], st["s_pk"], b_shares, s_shares,
-                                  st["threshold"], self.run_id, server_round)
+                                  st["threshold"], core.run_id, server_round)
             sa.check_sum_range(total, len(survivors), self.bits)
         except sa.SecAggError as exc:
             return self._discard(server_round, exc)
         flat = sa.dequantize_sum(total, len(survivors), self.clip_range, self.bits)
         total_dict, offset = {}, 0
-        for k in sorted(self.global_arrays):
-            ref = self.global_arrays[k]
+        for k in sorted(core.global_arrays):
+            ref = core.global_arrays[k]
             total_dict[k] = flat[offset:offset + ref.size].reshape(ref.shape)
             offset += ref.size
-        return self.apply(self.finish_sum(total_dict, len(survivors), server_round),
-                          len(survivors))
+        return total_dict, len(survivors)
 
-    def _discard(self, server_round: int, exc: Exception) -> tuple[None, None]:
+    def _discard(self, server_round: int, exc: Exception) -> tuple[None, int]:
         log.warning("round %d: cannot unmask (%s); global adapter unchanged", server_round, exc)
-        self.rounds[-1].discarded = f"cannot unmask: {exc}"
-        return None, None
+        self.core.rounds[-1].discarded = f"cannot unmask: {exc}"
+        return None, 0
 
     def _parse_masked(self, msg: Message, length: int, dtype: np.dtype):
-        client_id, metrics = self.parse_common(msg)
+        client_id, metrics = self.core.parse_common(msg)
         arrays = msg.content[protocol.ARRAYS_RECORD]
         if list(arrays.keys()) != [protocol.MASKED_KEY]:
             raise UpdateRejected(f"expected one masked vector, got {list(arrays.keys())[:3]}")
@@ -170,3 +187,8 @@ class SecAggFedAvg(AdapterFedAvg):
         if y.dtype != dtype or y.shape != (length,):
             raise UpdateRejected(f"masked vector {y.dtype}{y.shape} != {dtype}({length},)")
         return client_id, y, metrics, y.nbytes
+
+    def summary(self) -> None:
+        log.info("SecAgg+: %s shares, threshold %s, %d-bit quantization on [-%.3g, %.3g]",
+                 self.num_shares, self.threshold, self.bits, self.clip_range, self.clip_range)
+        super().summary()
