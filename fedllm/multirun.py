@@ -43,7 +43,8 @@ class SweepRow:
 def plan_sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None) -> list[SweepPoint]:
     """Expand ``overrides`` into sweep points, each with its run directory. ``run.dir`` (in
     the overrides or ``sweep_dir``) names the sweep directory; default runs/sweep-<time>."""
-    fixed, axes = [], []
+    template: list[str | int] = []  # the overrides in the user's order; int: a swept axis
+    axes: list[list[tuple[str, str]]] = []
     for override in _parse(overrides):
         key = override.get_key_element().lstrip("+~")
         if key == "run.dir":
@@ -54,17 +55,18 @@ def plan_sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None) ->
         elif key in _PER_RUN_KEYS:
             raise ConfigError(f"{key}: cannot be set in a sweep (each point is a new run)")
         elif override.is_sweep_override():
+            template.append(len(axes))
             axes.append([(override.get_key_element(), value)
                          for value in override.sweep_string_iterator()])
         else:
-            fixed.append(override.input_line)
+            template.append(override.input_line)
     root = Path(sweep_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
     root = root.expanduser().resolve()
     points = []
     for index, combo in enumerate(itertools.product(*axes)):
-        swept = {key: value for key, value in combo}
-        points.append(SweepPoint(index=index, swept=swept,
-                                 overrides=fixed + [f"{k}={v}" for k, v in combo],
+        swept = dict(combo)
+        overrides = [t if isinstance(t, str) else "=".join(combo[t]) for t in template]
+        points.append(SweepPoint(index=index, swept=swept, overrides=overrides,
                                  run_dir=root / _run_name(index, swept)))
     return points
 
