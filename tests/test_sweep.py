@@ -77,6 +77,19 @@ def test_failed_points_are_rows_of_the_table_and_exit_1(tmp_path):
     assert table.count("| failed |") == 2
 
 
+def test_python_sweep_returns_one_row_per_point(tmp_path, monkeypatch):
+    import fedllm
+
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    rows = fedllm.sweep([*TINY_RUN, "privacy.example.target_epsilon=1e-9,1e-8"],
+                        sweep_dir=tmp_path / "sw")
+    assert [row.point.swept for row in rows] == [{"privacy.example.target_epsilon": "1e-09"},
+                                                 {"privacy.example.target_epsilon": "1e-08"}]
+    assert all(row.result is None and "target_epsilon" in row.error for row in rows)
+    doc = json.loads((tmp_path / "sw" / "sweep.json").read_text())
+    assert [r["run_dir"] for r in doc["runs"]] == [str(row.point.run_dir) for row in rows]
+
+
 def test_two_point_sweep_writes_two_runs_and_a_comparison_table(tmp_path):
     sweep_dir = tmp_path / "sw"
     proc = cli("simulate", "-m", *TINY_RUN, "privacy.example.target_epsilon=4,8",
