@@ -90,6 +90,7 @@ def test_python_sweep_returns_one_row_per_point(tmp_path, monkeypatch):
     assert [r["run_dir"] for r in doc["runs"]] == [str(row.point.run_dir) for row in rows]
 
 
+@pytest.mark.slow  # two tiny simulations in a subprocess
 def test_two_point_sweep_writes_two_runs_and_a_comparison_table(tmp_path):
     sweep_dir = tmp_path / "sw"
     proc = cli("simulate", "-m", *TINY_RUN, "privacy.example.target_epsilon=4,8",
