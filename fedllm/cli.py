@@ -1,6 +1,7 @@
 """The ``fedllm`` console script.
 
   fedllm simulate [hydra overrides...]   federated DP fine-tuning in Flower's simulation runtime
+  fedllm simulate -m key=a,b [...]       a sweep: one run per combination, then a table
   fedllm accountant --sample-rate Q --noise-multiplier Z --steps T --delta D [...]
   fedllm audit [hydra overrides...]      canary audit: empirical ε lower bound vs the claim
 
@@ -10,7 +11,6 @@ Bad input ends with one readable line on stderr and a non-zero exit, never a tra
 from __future__ import annotations
 
 import argparse
-import importlib
 import json
 import logging
 import math
@@ -50,159 +50,36 @@ def _setup_logging(verbose: bool) -> None:
 
 # --------------------------------------------------------------------------- simulate
 
-def _prepare_run(overrides: list[str]):
-    """Compose + validate the config, check data/model/privacy before any training."""
-    from fedllm import config as fcfg
-    from fedllm import models
-    from fedllm.data.federated import build_federated_data
-    from fedllm.data.sources import DataError
-    from fedllm.privacy.accounting import AccountingError, calibrate_noise
-    from fedllm.train import example_sample_rate
-
-    cfg = fcfg.compose(overrides)
-    if cfg.run.resume:
-        cfg = _resumed_config(cfg)
-    if not cfg.run.dir:
-        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
-    if not cfg.run.id:
-        cfg.run.id = uuid.uuid4().hex[:16]
-    if cfg.privacy.ledger_dir:
-        cfg.privacy.ledger_dir = str(Path(cfg.privacy.ledger_dir).expanduser().resolve())
-    models.offline_env()
-    try:
-        tokenizer = models.load_tokenizer(cfg.model)
-        models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
-        data = build_federated_data(
-            cfg.data, tokenizer, seq_len=cfg.train.seq_len,
-            min_sequences=fcfg.min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
-            seed=cfg.run.seed)
-    except (DataError, models.ModelError, OSError) as exc:
-        raise fcfg.ConfigError(str(exc)) from None
-    _check_fault_clients(cfg, data.client_ids)
-    if cfg.federation.clients_per_round > len(data.clients):
-        raise fcfg.ConfigError(
-            f"federation.clients_per_round ({cfg.federation.clients_per_round}) exceeds the "
-            f"{len(data.clients)} eligible clients")
-    ex = cfg.privacy.example
-    if ex.enabled and ex.noise_multiplier is None:
-        smallest = min(len(c.train) for c in data.clients)
-        q = example_sample_rate(cfg.train.batch_size, smallest)
-        cap = fcfg.participation_cap(cfg, len(data.clients))
-        steps = cap * cfg.train.local_steps
-        try:
-            z = calibrate_noise(ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
-                                accountant=cfg.privacy.accountant)
-        except AccountingError as exc:
-            raise fcfg.ConfigError(f"privacy.example.target_epsilon: {exc}") from None
-        logging.getLogger("fedllm").info(
-            "Noise calibrated per client for ε ≤ %g over %d steps (at most %d of %d rounds per "
-            "client; smallest client: q=%.3f, z=%.3f)", ex.target_epsilon, steps, cap,
-            cfg.federation.rounds, q, z)
-    return cfg, data
-
-
-def _check_fault_clients(cfg, client_ids: list[str]) -> None:
-    """faults.* must name clients of this run: a typo would silently inject nothing."""
-    from fedllm import config as fcfg
-
-    known = set(client_ids)
-    for key in ("raise_clients", "hang_clients", "nan_clients", "unmask_drop_clients"):
-        unknown = [c for c in getattr(cfg.faults, key) if c not in known]
-        if unknown:
-            raise fcfg.ConfigError(
-                f"faults.{key}: {unknown[:3]} not among this run's {len(client_ids)} clients "
-                f"(e.g. {', '.join(client_ids[:3])})")
-
-
-def _resumed_config(cfg):
-    """Resume uses the run's own saved config (same run id, same plan), not the overrides."""
-    from fedllm import config as fcfg
-
-    if not cfg.run.dir:
-        raise fcfg.ConfigError("run.resume: needs run.dir, the run directory to continue")
-    saved = Path(cfg.run.dir).expanduser() / "config.yaml"
-    if not saved.is_file():
-        raise fcfg.ConfigError(f"run.resume: {saved} not found (nothing to resume)")
-    resumed = fcfg.from_yaml(saved.read_text())
-    resumed.run.resume = True
-    _check_run_records(Path(cfg.run.dir).expanduser())
-    return resumed
-
-
-def _check_run_records(run_dir: Path) -> None:
-    """A resume continues the run's metrics and privacy events: refuse damaged ones up front."""
-    from fedllm import config as fcfg
-    from fedllm.io import JsonlError, read_jsonl
-    from fedllm.report import EVENTS_FILE
-
-    for name in ("metrics.jsonl", EVENTS_FILE):
-        try:
-            read_jsonl(run_dir / name)
-        except JsonlError as exc:
-            raise fcfg.ConfigError(f"run.resume: {exc}") from None
-
-
 def cmd_resume(args) -> int:
     args.overrides = [f"run.dir={args.run_dir}", "run.resume=true"]
+    args.multirun = False
     return cmd_simulate(args)
 
 
 def cmd_simulate(args) -> int:
-    from fedllm.io import RunDirBusy, run_dir_lock
-
+    """One run through fedllm.api.simulate; this layer only prints (errors: see main)."""
+    if args.multirun:
+        return cmd_sweep(args)
     _setup_logging(args.verbose)
-    cfg, data = _prepare_run(args.overrides)
-    try:
-        with run_dir_lock(Path(cfg.run.dir)):  # one run per run directory, for its whole life
-            return _run_simulation(cfg, data, args.verbose)
-    except RunDirBusy as exc:
-        raise CliError(str(exc)) from None
-
-
-def _run_simulation(cfg, data, verbose: bool) -> int:
-    from fedllm import config as fcfg
-
-    console = _console()
-    run_dir = Path(cfg.run.dir)
-    cfg_text = fcfg.to_yaml(cfg)
-    if not cfg.run.resume:
-        (run_dir / "config.yaml").write_text(cfg_text)
-    (run_dir / "summary.json").unlink(missing_ok=True)
-    _report_skipped(data, run_dir)
-    console.print(f"[bold]fedllm simulate[/bold]: {len(data.clients)} clients "
-                  f"({len(data.skipped)} too small, skipped), {cfg.federation.rounds} rounds × "
-                  f"{cfg.federation.clients_per_round} clients, model {cfg.model.name}, "
-                  f"example-level DP {'on' if cfg.privacy.example.enabled else 'OFF'} → {run_dir}")
-    simulation = importlib.import_module("fedllm.server.simulation")
-    simulation.set_offline_env(str(run_dir / ".flwr"))
-    started = time.time()
-    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
-                        verbose=verbose, parallel_clients=cfg.run.parallel_clients)
-    summary_path = run_dir / "summary.json"
-    if not summary_path.exists():
-        raise CliError(f"the simulation ended without a result; see the log above ({run_dir})")
-    summary = json.loads(summary_path.read_text())
-    _print_summary(console, summary, time.time() - started)
+    result = _simulate(args.overrides, args.verbose)
+    _print_summary(_console(), result.summary, result.wall_seconds)
     return 0
 
 
-def _report_skipped(data, run_dir: Path) -> None:
-    """Name every skipped client once: in the log and in the run directory."""
-    from fedllm.data.federated import SKIPPED_FILE, skipped_clients_message
-    from fedllm.io import atomic_write_text
+def _simulate(config_or_overrides, verbose: bool):
+    from fedllm import api
 
-    path = run_dir / SKIPPED_FILE
-    atomic_write_text(path, json.dumps(data.skipped, indent=1, ensure_ascii=False) + "\n")
-    message = skipped_clients_message(data, str(path))
-    if message:
-        logging.getLogger("fedllm").info(message)
+    console = _console()
+    return api.simulate(config_or_overrides, verbose=verbose,
+                        announce=lambda line: console.print(_bold_command(line)))
 
 
-def _use_gpu(cfg) -> bool:
-    import torch
+def _bold_command(line: str) -> str:
+    """'fedllm simulate: ...' with the command name in bold (rich markup)."""
+    from rich.markup import escape
 
-    return cfg.model.device != "cpu" and torch.cuda.is_available()
+    head, _, rest = line.partition(":")
+    return f"[bold]{escape(head)}[/bold]:{escape(rest)}"
 
 
 def _print_summary(console, s: dict, seconds: float) -> None:
@@ -234,6 +111,53 @@ def _print_summary(console, s: dict, seconds: float) -> None:
     table.add_row("wall time", f"{seconds:.0f} s")
     table.add_row("run directory", s["run_dir"])
     table.add_row("privacy report", str(Path(s["run_dir"]) / "privacy_report.html"))
+    console.print(table)
+
+
+# --------------------------------------------------------------------------- sweep
+
+def cmd_sweep(args) -> int:
+    """`fedllm simulate -m key=a,b ...`: one run per point, then a comparison table.
+    Exit status 1 when any point failed (its row says why), 0 when all finished."""
+    from fedllm import multirun
+
+    _setup_logging(args.verbose)
+    points = multirun.plan_sweep(args.overrides)
+    multirun.check_points(points)
+    console = _console()
+    console.print(f"[bold]fedllm sweep[/bold]: {len(points)} runs, one after another → "
+                  f"{multirun.sweep_dir_of(points)}")
+
+    def run_point(cfg):
+        result = _simulate(cfg, args.verbose)
+        _print_summary(console, result.summary, result.wall_seconds)
+        return result
+
+    rows = multirun.run_sweep(points, run_point)
+    _print_sweep_table(console, rows)
+    md, js = multirun.write_tables(points, rows)
+    console.print(f"sweep table: {md} and {js}")
+    return 1 if any(row.error for row in rows) else 0
+
+
+def _print_sweep_table(console, rows) -> None:
+    from rich.table import Table
+
+    from fedllm.multirun import table_records
+
+    keys = list(rows[0].point.swept) if rows else []
+    table = Table(title="fedllm sweep")
+    for column in (*keys, "final perplexity", "final loss", "ε max", "run dir"):
+        table.add_column(column)
+    fmt = lambda v, f: "n/a" if v is None else format(v, f)  # noqa: E731
+    for rec in table_records(rows):
+        values = [rec["swept"][k] for k in keys]
+        if rec["error"]:
+            table.add_row(*values, "failed", "", "", rec["error"])
+        else:
+            table.add_row(*values, fmt(rec["final_perplexity"], ".2f"),
+                          fmt(rec["final_eval_loss"], ".4f"), fmt(rec["epsilon_max"], ".3f"),
+                          rec["run_dir"])
     console.print(table)
 
 
@@ -324,10 +248,11 @@ def cmd_launch(args) -> int:
 
     from fedllm import config as fcfg
     from fedllm import protocol
+    from fedllm.api import resumed_config
 
     cfg = fcfg.compose(["eval.mode=clients", *args.overrides])
     if cfg.run.resume:
-        cfg = _resumed_config(cfg)
+        cfg = resumed_config(cfg)
     if cfg.eval.mode != "clients":
         raise fcfg.ConfigError("eval.mode: a deployment keeps data on the nodes; use clients")
     if not cfg.run.dir:
@@ -446,6 +371,9 @@ def _parser() -> argparse.ArgumentParser:
     sim = sub.add_parser("simulate", help="federated DP fine-tuning in Flower's simulation runtime")
     sim.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=tiny federation.rounds=2")
     sim.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
+    sim.add_argument("-m", "--multirun", action="store_true",
+                     help="sweep: one run per combination of comma-separated values "
+                          "(key=a,b), then a comparison table (sweep.md, sweep.json)")
     sim.set_defaults(func=cmd_simulate)
 
     crt = sub.add_parser("certs", help="CA, SuperLink TLS certificate and node keys")
@@ -500,12 +428,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fedllm.api import RunError
     from fedllm.config import ConfigError
 
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, CliError) as exc:
+    except (ConfigError, CliError, RunError) as exc:
         print(f"fedllm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,0 +1,293 @@
+"""The typed Python API: compose a config, run a federated simulation, read its result.
+
+    import fedllm
+    cfg = fedllm.compose(["model=tiny", "federation.rounds=1"])   # validated, or ConfigError
+    result = fedllm.simulate(cfg)                                  # -> RunResult
+    result.final_perplexity, result.epsilon_max, result.rounds[-1], result.adapter_dir
+
+``fedllm simulate`` is a thin layer over :func:`simulate` (printing and exit codes only).
+Heavy modules (torch, Flower, Ray) are imported when a run starts, not with this module.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fedllm import config as fcfg
+from fedllm.config import ConfigError
+from fedllm.config import FedLLMConfig as Config
+
+__all__ = ["Config", "ConfigError", "RunError", "RunResult", "compose", "simulate"]
+
+log = logging.getLogger("fedllm")
+
+ConfigOrOverrides = Config | Sequence[str] | None
+
+
+class RunError(RuntimeError):
+    """A valid run that could not start or did not finish (e.g. its run.dir is busy)."""
+
+
+# --------------------------------------------------------------------------- result
+
+@dataclass
+class RunResult:
+    """What a finished run left in its run directory, read back from the files there."""
+
+    run_dir: Path
+    config: Config
+    summary: dict[str, Any]                 # summary.json
+    rounds: list[dict[str, Any]]            # metrics.jsonl, one dict per round
+    privacy: dict[str, Any]                 # privacy_report.json
+    wall_seconds: float | None = None       # measured by simulate(); None when only loaded
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @classmethod
+    def from_run_dir(cls, run_dir: str | Path, wall_seconds: float | None = None) -> RunResult:
+        """Load a finished run (one whose summary.json exists) from its directory."""
+        from fedllm.io import read_jsonl
+
+        run_dir = Path(run_dir).expanduser().resolve()
+        summary_path = run_dir / "summary.json"
+        if not summary_path.is_file():
+            raise RunError(f"{run_dir} holds no finished run (no summary.json)")
+        files = {"config": run_dir / "config.yaml", "summary": summary_path,
+                 "metrics": run_dir / "metrics.jsonl", "adapter": run_dir / "adapter",
+                 "report_json": run_dir / "privacy_report.json",
+                 "report_html": run_dir / "privacy_report.html"}
+        return cls(run_dir=run_dir, config=fcfg.from_yaml(files["config"].read_text()),
+                   summary=json.loads(summary_path.read_text()),
+                   rounds=read_jsonl(files["metrics"]),
+                   privacy=json.loads(files["report_json"].read_text()),
+                   wall_seconds=wall_seconds, files=files)
+
+    @property
+    def adapter_dir(self) -> Path:
+        return self.files["adapter"]
+
+    @property
+    def config_path(self) -> Path:
+        return self.files["config"]
+
+    @property
+    def report_json(self) -> Path:
+        return self.files["report_json"]
+
+    @property
+    def report_html(self) -> Path:
+        return self.files["report_html"]
+
+    @property
+    def final_perplexity(self) -> float | None:
+        return self.summary.get("final_perplexity")
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        return self.summary.get("final_eval_loss")
+
+    @property
+    def base_perplexity(self) -> float | None:
+        return self.summary.get("base_perplexity")
+
+    @property
+    def epsilon_max(self) -> float | None:
+        """Largest per-client example-level ε (None without example-level DP)."""
+        return self.summary.get("epsilon_example_max")
+
+
+# --------------------------------------------------------------------------- compose
+
+def compose(overrides: Sequence[str] | None = None) -> Config:
+    """The validated config of ``conf/`` with Hydra ``overrides`` (e.g. ``"model=tiny"``)."""
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"overrides: give a list of strings, e.g. [{overrides!r}], "
+                          "not one string")
+    overrides = list(overrides or [])
+    bad = [o for o in overrides if not isinstance(o, str)]
+    if bad:
+        raise ConfigError(f"overrides: every override is a string like 'key=value', got {bad[0]!r}")
+    try:
+        return fcfg.compose(overrides)
+    except ConfigError as exc:
+        if str(exc).startswith("Ambiguous value for argument"):  # Hydra's text for key=a,b
+            raise ConfigError(f"{exc}: to sweep over the values use `fedllm simulate -m` (or "
+                              "fedllm.sweep); for a list write key=[a,b], for a string "
+                              "quote it: key='a,b'") from None
+        raise
+
+
+def _as_config(config_or_overrides: ConfigOrOverrides) -> Config:
+    """A fresh, validated config: composed from overrides, or a checked copy of a Config
+    (so a run never mutates the caller's object, and edits made after compose are checked)."""
+    if isinstance(config_or_overrides, Config):
+        try:
+            text = fcfg.to_yaml(config_or_overrides)
+        except Exception as exc:  # a field set to a value of the wrong type
+            raise ConfigError(fcfg._short_message(exc)) from None
+        return fcfg.from_yaml(text)
+    return compose(config_or_overrides)
+
+
+# --------------------------------------------------------------------------- preflight
+
+def prepare(cfg: Config):
+    """Fill in the run's identity (dir, id) and check data, model and privacy feasibility
+    before any training. Returns (config, federated data); raises ConfigError."""
+    from fedllm import models
+    from fedllm.data.federated import build_federated_data
+    from fedllm.data.sources import DataError
+
+    if cfg.run.resume:
+        cfg = resumed_config(cfg)
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if not cfg.run.id:
+        cfg.run.id = uuid.uuid4().hex[:16]
+    if cfg.privacy.ledger_dir:
+        cfg.privacy.ledger_dir = str(Path(cfg.privacy.ledger_dir).expanduser().resolve())
+    models.offline_env()
+    try:
+        tokenizer = models.load_tokenizer(cfg.model)
+        models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
+        data = build_federated_data(
+            cfg.data, tokenizer, seq_len=cfg.train.seq_len,
+            min_sequences=fcfg.min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
+            seed=cfg.run.seed)
+    except (DataError, models.ModelError, OSError) as exc:
+        raise ConfigError(str(exc)) from None
+    _check_fault_clients(cfg, data.client_ids)
+    if cfg.federation.clients_per_round > len(data.clients):
+        raise ConfigError(
+            f"federation.clients_per_round ({cfg.federation.clients_per_round}) exceeds the "
+            f"{len(data.clients)} eligible clients")
+    _check_privacy_feasible(cfg, data)
+    return cfg, data
+
+
+def _check_privacy_feasible(cfg: Config, data) -> None:
+    """Calibrate the smallest client's noise now, so an unreachable target ε fails here."""
+    from fedllm.privacy.accounting import AccountingError, calibrate_noise
+    from fedllm.train import example_sample_rate
+
+    ex = cfg.privacy.example
+    if not ex.enabled or ex.noise_multiplier is not None:
+        return
+    smallest = min(len(c.train) for c in data.clients)
+    q = example_sample_rate(cfg.train.batch_size, smallest)
+    cap = fcfg.participation_cap(cfg, len(data.clients))
+    steps = cap * cfg.train.local_steps
+    try:
+        z = calibrate_noise(ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
+                            accountant=cfg.privacy.accountant)
+    except AccountingError as exc:
+        raise ConfigError(f"privacy.example.target_epsilon: {exc}") from None
+    log.info("Noise calibrated per client for ε ≤ %g over %d steps (at most %d of %d rounds per "
+             "client; smallest client: q=%.3f, z=%.3f)", ex.target_epsilon, steps, cap,
+             cfg.federation.rounds, q, z)
+
+
+def _check_fault_clients(cfg: Config, client_ids: list[str]) -> None:
+    """faults.* must name clients of this run: a typo would silently inject nothing."""
+    known = set(client_ids)
+    for key in ("raise_clients", "hang_clients", "nan_clients", "unmask_drop_clients"):
+        unknown = [c for c in getattr(cfg.faults, key) if c not in known]
+        if unknown:
+            raise ConfigError(
+                f"faults.{key}: {unknown[:3]} not among this run's {len(client_ids)} clients "
+                f"(e.g. {', '.join(client_ids[:3])})")
+
+
+def resumed_config(cfg: Config) -> Config:
+    """Resume uses the run's own saved config (same run id, same plan), not the overrides."""
+    if not cfg.run.dir:
+        raise ConfigError("run.resume: needs run.dir, the run directory to continue")
+    saved = Path(cfg.run.dir).expanduser() / "config.yaml"
+    if not saved.is_file():
+        raise ConfigError(f"run.resume: {saved} not found (nothing to resume)")
+    resumed = fcfg.from_yaml(saved.read_text())
+    resumed.run.resume = True
+    _check_run_records(Path(cfg.run.dir).expanduser())
+    return resumed
+
+
+def _check_run_records(run_dir: Path) -> None:
+    """A resume continues the run's metrics and privacy events: refuse damaged ones up front."""
+    from fedllm.io import JsonlError, read_jsonl
+    from fedllm.report import EVENTS_FILE
+
+    for name in ("metrics.jsonl", EVENTS_FILE):
+        try:
+            read_jsonl(run_dir / name)
+        except JsonlError as exc:
+            raise ConfigError(f"run.resume: {exc}") from None
+
+
+# --------------------------------------------------------------------------- simulate
+
+def simulate(config_or_overrides: ConfigOrOverrides = None, *, verbose: bool = False,
+             announce: Callable[[str], None] | None = None) -> RunResult:
+    """Run one federated fine-tuning in Flower's simulation runtime; return its result.
+
+    ``config_or_overrides``: a Config from :func:`compose`, or a list of Hydra overrides.
+    ``announce`` receives one line describing the run before training starts (default: the
+    ``fedllm`` logger). Raises ConfigError for invalid or infeasible input (before any
+    training) and RunError when the run cannot start or ends without a result.
+    """
+    from fedllm.io import RunDirBusy, run_dir_lock
+
+    cfg, data = prepare(_as_config(config_or_overrides))
+    try:
+        with run_dir_lock(Path(cfg.run.dir)):  # one run per run directory, for its whole life
+            return _run_simulation(cfg, data, verbose, announce or log.info)
+    except RunDirBusy as exc:
+        raise RunError(str(exc)) from None
+
+
+def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], None]):
+    import importlib
+
+    run_dir = Path(cfg.run.dir)
+    cfg_text = fcfg.to_yaml(cfg)
+    if not cfg.run.resume:
+        (run_dir / "config.yaml").write_text(cfg_text)
+    (run_dir / "summary.json").unlink(missing_ok=True)
+    _report_skipped(data, run_dir)
+    announce(f"fedllm simulate: {len(data.clients)} clients ({len(data.skipped)} too small, "
+             f"skipped), {cfg.federation.rounds} rounds × {cfg.federation.clients_per_round} "
+             f"clients, model {cfg.model.name}, example-level DP "
+             f"{'on' if cfg.privacy.example.enabled else 'OFF'} → {run_dir}")
+    # fedllm.server is the ServerApp side; the library reaches it only here, lazily.
+    simulation = importlib.import_module("fedllm.server.simulation")
+    simulation.set_offline_env(str(run_dir / ".flwr"))
+    started = time.time()
+    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
+                        verbose=verbose, parallel_clients=cfg.run.parallel_clients)
+    if not (run_dir / "summary.json").exists():
+        raise RunError(f"the simulation ended without a result; see the log above ({run_dir})")
+    return RunResult.from_run_dir(run_dir, wall_seconds=time.time() - started)
+
+
+def _report_skipped(data, run_dir: Path) -> None:
+    """Name every skipped client once: in the log and in the run directory."""
+    from fedllm.data.federated import SKIPPED_FILE, skipped_clients_message
+    from fedllm.io import atomic_write_text
+
+    path = run_dir / SKIPPED_FILE
+    atomic_write_text(path, json.dumps(data.skipped, indent=1, ensure_ascii=False) + "\n")
+    message = skipped_clients_message(data, str(path))
+    if message:
+        log.info(message)
+
+
+def _use_gpu(cfg: Config) -> bool:
+    import torch
+
+    return cfg.model.device != "cpu" and torch.cuda.is_available()
