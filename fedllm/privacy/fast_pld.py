@@ -21,15 +21,45 @@ import math
 
 import numpy as np
 from dp_accounting.pld import pld_pmf, privacy_loss_distribution, privacy_loss_mechanism
-from scipy import fft
+from scipy import fft, special
 
 _Adjacency = privacy_loss_mechanism.AdjacencyType
 # dp_accounting's default tail mass dropped from a composition (added to the infinite loss).
 TAIL_MASS_TRUNCATION = 1e-15
 
 
+class _Normal:
+    """N(0, sd^2): the three methods dp_accounting calls on ``scipy.stats.norm(scale=sd)``, with
+    the same scipy.special functions underneath but without the ~1 ms construction of a
+    frozen distribution and its per-call argument checks."""
+
+    def __init__(self, sd: float):
+        self.sd = sd
+
+    def cdf(self, x):
+        return special.ndtr(np.asarray(x) / self.sd)
+
+    def logcdf(self, x):
+        return special.log_ndtr(np.asarray(x) / self.sd)
+
+    def ppf(self, p):
+        return self.sd * special.ndtri(p)
+
+
 class _VectorizedGaussianLoss(privacy_loss_mechanism.GaussianPrivacyLoss):
     """dp_accounting's Gaussian privacy loss with ``get_delta_for_epsilon`` on whole arrays."""
+
+    def __init__(self, standard_deviation: float, sampling_prob: float, adjacency_type):
+        # GaussianPrivacyLoss.__init__ with its defaults (sensitivity 1, pessimistic, log mass
+        # truncation -50), holding a _Normal instead of a scipy frozen distribution.
+        if not standard_deviation > 0:
+            raise ValueError(f"standard deviation must be > 0, got {standard_deviation}")
+        self._standard_deviation = standard_deviation
+        self._gaussian_random_variable = _Normal(standard_deviation)
+        self._pessimistic_estimate = True
+        self._log_mass_truncation_bound = -50
+        privacy_loss_mechanism.AdditiveNoisePrivacyLoss.__init__(
+            self, 1, False, sampling_prob, adjacency_type)
 
     def _inverse_privacy_loss_array(self, eps: np.ndarray) -> np.ndarray:
         # The largest x whose privacy loss is >= eps (dp_accounting's inverse_privacy_loss).
