@@ -168,7 +168,7 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld
     if effective_accountant(events, accountant) == "pld":
         if len(events) > EXACT_MAX_MECHANISMS:
             discretization = max(discretization, COMPOSITION_DISCRETIZATION)
-        return _pld_epsilon(events, delta, discretization)
+        return _pld_epsilon(tuple(events), delta, discretization)
     acc = _make_accountant(events, accountant, discretization)
     with _quiet_absl():
         for e in events:
@@ -176,7 +176,11 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld
         return float(acc.get_epsilon(delta))
 
 
-def _pld_epsilon(events: list[PrivacyEvent], delta: float, discretization: float) -> float:
+# Ledgers and reports ask for the same history's epsilon again and again (every round, every
+# report): remember the answer (a float per history).
+@functools.lru_cache(maxsize=4096)
+def _pld_epsilon(events: tuple[PrivacyEvent, ...], delta: float, discretization: float
+                 ) -> float:
     plds, counts = [], []
     for e in events:
         if e.sample_rate == 1:  # no subsampling: T Gaussians compose exactly into one
