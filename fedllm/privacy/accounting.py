@@ -178,7 +178,7 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld
 
 # Ledgers and reports ask for the same history's epsilon again and again (every round, every
 # report): remember the answer (a float per history).
-@functools.lru_cache(maxsize=4096)
+@functools.lru_cache(maxsize=1024)
 def _pld_epsilon(events: tuple[PrivacyEvent, ...], delta: float, discretization: float
                  ) -> float:
     plds, counts = [], []
