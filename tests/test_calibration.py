@@ -9,8 +9,14 @@ from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
 from dp_accounting.rdp import rdp_privacy_accountant
 
 from fedllm.privacy import accounting, calibration_cache, fast_pld
-from fedllm.privacy.accounting import (COMPOSITION_DISCRETIZATION, EXACT_MAX_MECHANISMS,
-                                       PrivacyEvent, calibrate_noise, epsilon, gaussian_epsilon)
+from fedllm.privacy.accounting import (
+    COMPOSITION_DISCRETIZATION,
+    EXACT_MAX_MECHANISMS,
+    PrivacyEvent,
+    calibrate_noise,
+    epsilon,
+    gaussian_epsilon,
+)
 
 DELTA = 1e-5
 
