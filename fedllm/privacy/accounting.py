@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import importlib.metadata
 import logging
 import math
 from dataclasses import asdict, dataclass
@@ -24,8 +25,10 @@ from typing import Iterable, Literal
 
 import dp_accounting
 from dp_accounting import dp_event
-from dp_accounting.pld import pld_privacy_accountant, privacy_loss_distribution
+from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
+
+from fedllm.privacy import calibration_cache, fast_pld
 
 Sampling = Literal["poisson", "fixed"]
 ACCOUNTANTS = ("pld", "rdp")
@@ -35,6 +38,15 @@ SAMPLINGS = ("poisson", "fixed")
 REPORT_DISCRETIZATION = 1e-4
 # Coarser grid for the bisection search; still an upper bound on epsilon.
 SEARCH_DISCRETIZATION = 3e-3
+# Histories with more distinct mechanisms than this are composed on a grid no finer than
+# COMPOSITION_DISCRETIZATION: building each mechanism's PLD on the 1e-4 grid dominates the cost
+# (about 0.1 s each). The grids are nested (1e-3 = 10 x 1e-4) and connect-the-dots is
+# pessimistic, so the coarse PLD dominates the fine one and its epsilon is an upper bound of
+# the fine value (measured: +0.05% on 100 mechanisms x 100 steps; tested within 0.5%).
+EXACT_MAX_MECHANISMS = 4
+COMPOSITION_DISCRETIZATION = 1e-3
+# Bump when the calibration search or its verification changes: old cache entries are ignored.
+CALIBRATION_VERSION = 2
 
 
 class AccountingError(ValueError):
@@ -143,7 +155,10 @@ def merge_events(events: Iterable[PrivacyEvent]) -> list[PrivacyEvent]:
 
 def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld",
             *, discretization: float = REPORT_DISCRETIZATION) -> float:
-    """Epsilon at ``delta`` of the composition of ``events`` (0 for no steps, inf for z=0)."""
+    """Epsilon at ``delta`` of the composition of ``events`` (0 for no steps, inf for z=0).
+
+    PLD histories with more than EXACT_MAX_MECHANISMS distinct mechanisms are evaluated on
+    the COMPOSITION_DISCRETIZATION grid: a slightly larger (never smaller) epsilon, fast."""
     _check_delta(delta)
     events = merge_events(events)
     if not events:
@@ -151,11 +166,9 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld
     if any(e.noise_multiplier == 0 for e in events):
         return math.inf
     if effective_accountant(events, accountant) == "pld":
-        total = None
-        for e in events:
-            pld = _composed_pld(e.noise_multiplier, e.sample_rate, e.steps, discretization)
-            total = pld if total is None else total.compose(pld)
-        return float(total.get_epsilon_for_delta(delta))
+        if len(events) > EXACT_MAX_MECHANISMS:
+            discretization = max(discretization, COMPOSITION_DISCRETIZATION)
+        return _pld_epsilon(tuple(events), delta, discretization)
     acc = _make_accountant(events, accountant, discretization)
     with _quiet_absl():
         for e in events:
@@ -163,26 +176,28 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld
         return float(acc.get_epsilon(delta))
 
 
-# PLDs are built exactly as dp_accounting's PLDAccountant builds them, but cached: building a
-# subsampled Gaussian's PLD dominates the cost, and ledgers re-evaluate the same mechanisms
-# every round and every report.
+# Ledgers and reports ask for the same history's epsilon again and again (every round, every
+# report): remember the answer (a float per history).
+@functools.lru_cache(maxsize=1024)
+def _pld_epsilon(events: tuple[PrivacyEvent, ...], delta: float, discretization: float
+                 ) -> float:
+    plds, counts = [], []
+    for e in events:
+        if e.sample_rate == 1:  # no subsampling: T Gaussians compose exactly into one
+            plds.append(_single_step_pld(e.noise_multiplier / math.sqrt(e.steps), 1.0,
+                                         discretization))
+            counts.append(1)
+        else:
+            plds.append(_single_step_pld(e.noise_multiplier, e.sample_rate, discretization))
+            counts.append(e.steps)
+    return fast_pld.epsilon_for_delta(fast_pld.compose(plds, counts), delta)
+
+
+# Building a subsampled Gaussian's PLD dominates the cost of a composition, and ledgers
+# re-evaluate the same mechanisms every round and every report: cache them per mechanism.
 @functools.lru_cache(maxsize=512)
 def _single_step_pld(noise_multiplier: float, sample_rate: float, discretization: float):
-    return privacy_loss_distribution.from_gaussian_mechanism(
-        standard_deviation=noise_multiplier, value_discretization_interval=discretization,
-        sampling_prob=sample_rate,
-        neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-
-
-@functools.lru_cache(maxsize=512)
-def _composed_pld(noise_multiplier: float, sample_rate: float, steps: int,
-                  discretization: float):
-    if sample_rate == 1:  # no subsampling: T Gaussians compose exactly into one
-        return privacy_loss_distribution.from_gaussian_mechanism(
-            standard_deviation=noise_multiplier / math.sqrt(steps),
-            value_discretization_interval=discretization,
-            neighboring_relation=dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE)
-    return _single_step_pld(noise_multiplier, sample_rate, discretization).self_compose(steps)
+    return fast_pld.gaussian_pld(noise_multiplier, sample_rate, discretization)
 
 
 @contextlib.contextmanager
@@ -205,7 +220,9 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
     """Smallest noise multiplier (within ``rel_tol``) whose epsilon is <= ``target_epsilon``.
 
     ``prior`` events (already spent budget) are composed in front of the planned ones.
-    The returned z is verified with the reporting accountant: epsilon(z) <= target.
+    The returned z is verified with the reporting accountant: epsilon(z) <= target. Without
+    prior events the answer is cached on disk (``calibration_cache``) and re-checked when
+    read, with a pessimistic accountant, in milliseconds.
     """
     if not _is_number(target_epsilon) or target_epsilon <= 0:
         raise AccountingError(f"target epsilon must be > 0, got {target_epsilon!r}")
@@ -217,7 +234,7 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
                                      sample_rate=sample_rate, sample_size=sample_size,
                                      population=population)]
 
-    plan(1.0)  # validates the mechanism before searching
+    used = effective_accountant(plan(1.0), accountant)  # also validates the mechanism
     prior_eps = epsilon(prior, delta, accountant)
     if prior_eps >= target_epsilon:
         raise AccountingError(
@@ -226,25 +243,70 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
     if steps == 0:
         return 0.0
 
-    if effective_accountant(plan(1.0), accountant) == "pld":
-        # RDP upper-bounds PLD's epsilon, so RDP's calibrated z is feasible for PLD: use it as
-        # the upper end of the bracket and search the (cheaper) remaining interval with PLD.
-        z_rdp = _bisect(lambda z: epsilon(plan(z), delta, "rdp"), target_epsilon, rel_tol)
-        hi = z_rdp
-        lo = z_rdp / 2
-        while lo > 1e-3 and epsilon(plan(lo), delta, accountant,
-                                   discretization=SEARCH_DISCRETIZATION) <= target_epsilon:
-            hi, lo = lo, lo / 2
-        bracket = (lo, hi)
-    else:
-        bracket = None
-    z = _bisect(lambda z: epsilon(plan(z), delta, accountant,
-                                  discretization=SEARCH_DISCRETIZATION),
-                target_epsilon, rel_tol, bracket)
-    # The coarse search grid is pessimistic, so z also satisfies the fine grid; check anyway.
-    while epsilon(plan(z), delta, accountant) > target_epsilon:
+    # Upper bound of epsilon, cheap: the coarse PLD grid (pessimistic), or RDP itself.
+    def cheap_epsilon(z: float) -> float:
+        return (epsilon(plan(z), delta, used, discretization=SEARCH_DISCRETIZATION)
+                if used == "pld" else epsilon(plan(z), delta, used))
+
+    key = None if prior else _calibration_key(plan(1.0)[-1], used, delta, target_epsilon,
+                                                rel_tol)
+    cached = calibration_cache.load(key) if key else None
+    if cached is not None and cheap_epsilon(cached) <= target_epsilon:
+        return cached
+
+    start = None
+    if not prior and sampling == "poisson" and used == "pld":
+        # Without subsampling the T steps are one Gaussian with multiplier z/sqrt(T), whose
+        # epsilon has a closed form; subsampling only lowers epsilon, so this z is feasible.
+        start = _unsampled_noise_multiplier(target_epsilon, delta, steps)
+    z = _bisect(cheap_epsilon, target_epsilon, rel_tol, _bracket(cheap_epsilon, target_epsilon,
+                                                                  start))
+    # The cheap accountant is pessimistic, so z also satisfies the reporting one; check anyway.
+    while (eps := epsilon(plan(z), delta, accountant)) > target_epsilon:
         z *= 1 + rel_tol / 4
+    if key:
+        calibration_cache.store(key, z, eps)
     return z
+
+
+def _calibration_key(event: PrivacyEvent, accountant: str, delta: float, target: float,
+                     rel_tol: float) -> dict:
+    """Everything the calibrated z depends on (the event's z itself is a placeholder)."""
+    return {"version": CALIBRATION_VERSION, "dp_accounting": _dp_accounting_version(),
+            "accountant": accountant, "delta": delta, "target_epsilon": target,
+            "rel_tol": rel_tol,
+            **{k: v for k, v in event.to_dict().items() if k != "noise_multiplier"}}
+
+
+@functools.lru_cache(maxsize=1)
+def _dp_accounting_version() -> str:
+    return importlib.metadata.version("dp-accounting")
+
+
+def _bracket(eps, target: float, start: float | None) -> tuple[float, float]:
+    """(lo, hi) with eps(hi) <= target and hi <= 2 lo (or lo tiny), eps decreasing in z."""
+    hi = start or 1.0
+    while eps(hi) > target:
+        hi *= 2
+        if hi > 1e4:
+            raise AccountingError(
+                f"target epsilon {target} is unreachable with noise multiplier <= 1e4")
+    lo = hi / 2
+    while lo > 1e-3 and eps(lo) <= target:
+        hi, lo = lo, lo / 2
+    return lo, hi
+
+
+def _unsampled_noise_multiplier(target: float, delta: float, steps: int) -> float:
+    """Smallest z (to 1e-9 relative) with T Gaussian steps of multiplier z at (target, δ)."""
+    lo, hi = 1e-6, 1.0
+    while _gaussian_delta(hi / math.sqrt(steps), target) > delta:
+        lo, hi = hi, hi * 2
+    while hi - lo > 1e-9 * hi:
+        mid = (lo + hi) / 2
+        lo, hi = (lo, mid) if _gaussian_delta(mid / math.sqrt(steps), target) <= delta else (
+            mid, hi)
+    return hi
 
 
 def _bisect(eps, target: float, rel_tol: float, bracket: tuple[float, float] | None = None,
@@ -369,23 +431,24 @@ def gaussian_epsilon(noise_multiplier: float, delta: float) -> float:
     if noise_multiplier <= 0:
         return math.inf
     z = noise_multiplier
-
-    def phi(x: float) -> float:
-        return 0.5 * math.erfc(-x / math.sqrt(2))
-
-    def delta_of(eps: float) -> float:
-        second = phi(-1 / (2 * z) - eps * z)
-        return phi(1 / (2 * z) - eps * z) - (math.exp(eps + math.log(second)) if second > 0
-                                              else 0.0)
-
-    if delta_of(0.0) <= delta:
+    if _gaussian_delta(z, 0.0) <= delta:
         return 0.0
     lo, hi = 0.0, 1.0
-    while delta_of(hi) > delta:
+    while _gaussian_delta(z, hi) > delta:
         lo, hi = hi, hi * 2
         if hi > 1e6:
             return math.inf
     for _ in range(100):
         mid = (lo + hi) / 2
-        lo, hi = (lo, mid) if delta_of(mid) <= delta else (mid, hi)
+        lo, hi = (lo, mid) if _gaussian_delta(z, mid) <= delta else (mid, hi)
     return hi
+
+
+def _gaussian_delta(z: float, eps: float) -> float:
+    """δ(ε) of one Gaussian mechanism, sensitivity 1, std z (Balle & Wang 2018, Thm. 8)."""
+    def phi(x: float) -> float:
+        return 0.5 * math.erfc(-x / math.sqrt(2))
+
+    second = phi(-1 / (2 * z) - eps * z)
+    return phi(1 / (2 * z) - eps * z) - (math.exp(eps + math.log(second)) if second > 0
+                                          else 0.0)
