@@ -292,11 +292,14 @@ def conf_dir() -> Path:
     env = os.environ.get("FEDLLM_CONF_DIR")
     if env:
         return Path(env)
-    path = Path(__file__).parent / "conf"  # link to ../conf in a checkout; files in a wheel
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"config tree not found at {path}; install fedllm with `pip install -e .` "
-                          "from its checkout or set FEDLLM_CONF_DIR")
-    return path
+    here = Path(__file__).parent
+    # fedllm/conf: a link to ../conf in a checkout, files in a wheel. ../conf itself: a Flower
+    # app bundle (FAB), which holds conf/ but never follows links.
+    for path in (here / "conf", here.parent / "conf"):
+        if (path / "config.yaml").is_file():
+            return path
+    raise ConfigError(f"config tree not found at {here / 'conf'}; install fedllm with "
+                      "`pip install -e .` from its checkout or set FEDLLM_CONF_DIR")
 
 
 def compose_tree(overrides: list[str] | None = None):
@@ -342,6 +345,42 @@ def _short_message(exc: BaseException) -> str:
         options = [ln for ln in lines[1:] if not ln.startswith(("Config search", "provider="))]
         return f"{head}; {' '.join(options)}" if options else head
     return f"{key}: {head}" if key else head
+
+
+def schema_keys(cls: type = FedLLMConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``federation.rounds``."""
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        nested = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        keys += schema_keys(nested, f"{prefix}{f.name}.") if nested else [f"{prefix}{f.name}"]
+    return keys
+
+
+# ----------------------------------------------------------------------------- flwr run
+# `flwr run --run-config` only accepts keys declared in [tool.flwr.app.config] of
+# pyproject.toml, so every config group and every schema key is declared there, each with ""
+# ("as in conf/": the values stay in the YAML tree). Given keys become Hydra overrides.
+
+def run_config_keys() -> list[str]:
+    """The keys `flwr run --run-config` takes: the same as `fedllm simulate` (groups such as
+    ``model`` and ``adapter``, and every dotted key)."""
+    groups = sorted(d.name for d in conf_dir().iterdir() if d.is_dir())
+    return groups + schema_keys()
+
+
+def run_config_overrides(run_config: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Hydra overrides from a Flower run config: one ``key=value`` per key given a value (the
+    declared "" means unset). Strings pass verbatim, so ``"null"`` and ``"[a,b]"`` keep their
+    Hydra meaning; booleans become true/false."""
+    overrides = []
+    for key, value in run_config.items():
+        if key in ignore or value == "":
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        overrides.append(f"{key}={text}")
+    return overrides
 
 
 def to_yaml(cfg: FedLLMConfig) -> str:
