@@ -1,8 +1,10 @@
 """Flower ServerApp: FedAvg of DP-trained LoRA adapters, per-round metrics, final export.
 
-``app`` reads the resolved fedllm config from the run config key ``fedllm-config`` (how
-``flwr run`` delivers it in deployment); ``make_server_app(cfg_text)`` builds the same app
-around a given config for ``fedllm simulate``. Both call ``run_federation``.
+``app`` is what ``flwr run`` starts: it takes the resolved fedllm config from the run config
+key ``fedllm-config`` (as ``fedllm launch`` sends it), else composes it from conf/ and the
+config keys given with ``flwr run --run-config`` (``config_from_run_config``);
+``make_server_app(cfg_text)`` builds the same app around a given config for
+``fedllm simulate``. Both call ``run_federation``.
 """
 
 from __future__ import annotations

@@ -152,6 +152,9 @@ def flwr_env(tmp_path):
     env = dict(os.environ, FLWR_HOME=str(home), FLWR_TELEMETRY_ENABLED="0",
                RAY_USAGE_STATS_ENABLED="0", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
                TRANSFORMERS_OFFLINE="1", FLWR_DISABLE_UPDATE_CHECK="1",
+               # Flower 1.42 would otherwise `uv sync` the app's dependencies into a fresh
+               # environment per run (downloads torch; fails offline): use this environment.
+               FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1",
                FLWR_LOCAL_SUPERLINK_HTTP_API_PORT=_free_port(),
                FLWR_LOCAL_CONTROL_API_PORT=_free_port())
     yield env
@@ -183,7 +186,7 @@ def test_flwr_run_trains_the_tiny_model_on_the_local_simulation_runtime(tmp_path
     assert from_yaml((run_dir / "config.yaml").read_text()).model.name == "tiny"
 
     # A bad value stops the run with the one-line message, before any training.
-    bad = flwr_run(flwr_env, tmp_path, 'model="tiny" model.adapter="ia3"')
+    bad = flwr_run(flwr_env, tmp_path, 'model.adapter="ia3"')
     assert ("model.adapter: Invalid value 'ia3', expected one of [lora, prompt_tuning]"
             in bad.stdout + bad.stderr), (bad.stdout + bad.stderr)[-4000:]
     # An undeclared key is refused by Flower itself, naming the key, and nothing starts.
