@@ -162,6 +162,7 @@ def flwr_env(tmp_path):
 
 
 def flwr_run(env, cwd, *run_config, supernodes=2, timeout=900):
+    env = dict(env, COLUMNS="400")  # Flower's error boxes: one line per message
     command = ["flwr", "run", str(PROJECT), "--stream",
                "--federation-config", f"num-supernodes={supernodes}"]
     for arg in run_config:
@@ -189,7 +190,16 @@ def test_flwr_run_trains_the_tiny_model_on_the_local_simulation_runtime(tmp_path
     bad = flwr_run(flwr_env, tmp_path, 'model.adapter="ia3"')
     assert ("model.adapter: Invalid value 'ia3', expected one of [lora, prompt_tuning]"
             in bad.stdout + bad.stderr), (bad.stdout + bad.stderr)[-4000:]
-    # An undeclared key is refused by Flower itself, naming the key, and nothing starts.
+    # An undeclared key never reaches the app: Flower refuses the run ("Invalid run
+    # configuration", exit 1); only the local SuperLink's log names the key.
     typo = flwr_run(flwr_env, tmp_path, "federation.roundz=1")
-    assert typo.returncode != 0 and "federation.roundz" in typo.stdout + typo.stderr
+    assert typo.returncode != 0 and "Invalid run configuration" in typo.stdout + typo.stderr
+    superlink_log = Path(flwr_env["FLWR_HOME"]) / "local-superlink" / "superlink.log"
+    assert "Key 'federation.roundz' is not present" in superlink_log.read_text()
     assert len(list((tmp_path / "runs").iterdir())) == 1  # neither made a run directory
+
+    # One SuperNode per client: any other count is refused with both fixes.
+    mismatch = flwr_run(flwr_env, tmp_path, 'model="tiny" federation.num_clients=2 '
+                        "federation.clients_per_round=2", supernodes=3)
+    assert ("federation.num_clients: this simulation has 3 SuperNodes but the data has 2 "
+            "clients" in mismatch.stdout + mismatch.stderr), (mismatch.stdout + mismatch.stderr)[-4000:]
