@@ -43,11 +43,10 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     try:
-        cfg_text = config_from_run_config(dict(context.run_config))
+        run_federation(grid, config_from_run_config(dict(context.run_config)))
     except ConfigError as exc:
         log.error("fedllm: %s", exc)  # the one readable line, before Flower's traceback
         raise
-    run_federation(grid, cfg_text)
 
 
 def config_from_run_config(run_config: dict) -> str:
