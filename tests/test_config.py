@@ -86,3 +86,86 @@ def test_ffa_lora_group_carries_its_measured_settings_and_overrides_win():
     assert compose(["model=tiny", "adapter=ffa_lora", "privacy.example.max_grad_norm=0.5"]
                    ).privacy.example.max_grad_norm == 0.5
     assert compose(["model=tiny"]).privacy.example.max_grad_norm == 1.0  # other adapters: C=1
+
+
+# ----------------------------------------------------------------------------- one source of defaults
+
+def _schema_leaves(cls, prefix=""):
+    """(dotted key, dataclass field) for every leaf of the schema."""
+    import dataclasses
+
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        if f.default_factory is not dataclasses.MISSING and dataclasses.is_dataclass(
+                f.default_factory):
+            yield from _schema_leaves(f.default_factory, key + ".")
+        else:
+            yield key, f
+
+
+def test_schema_holds_no_values_so_it_cannot_disagree_with_the_yaml_tree():
+    from omegaconf import MISSING
+
+    from fedllm.config import FedLLMConfig
+
+    leaves = dict(_schema_leaves(FedLLMConfig))
+    assert len(leaves) > 70  # the whole schema was walked
+    with_value = [k for k, f in leaves.items() if f.default != MISSING]
+    assert with_value == []
+
+
+def _group_options():
+    from fedllm.config import conf_dir
+
+    return [(d.name, f.stem) for d in sorted(conf_dir().iterdir()) if d.is_dir()
+            for f in sorted(d.glob("*.yaml"))]
+
+
+# Keys a group option leaves to the user on purpose (composing without them names the key).
+REQUIRED_FROM_USER = {("model", "hf"): {"model.path"}, ("data", "jsonl"): {"data.path"},
+                      ("data", "text"): {"data.path"}}
+
+
+@pytest.mark.parametrize("group,option", _group_options())
+def test_yaml_tree_sets_every_schema_key_for_every_group_option(group, option):
+    from omegaconf import OmegaConf
+
+    from fedllm.config import FedLLMConfig, compose_tree
+
+    tree = compose_tree([f"{group}={option}"])
+    schema_keys = {k for k, _ in _schema_leaves(FedLLMConfig)}
+    missing = {k for k in schema_keys if OmegaConf.is_missing(
+        OmegaConf.select(tree, k.rsplit(".", 1)[0]), k.rsplit(".", 1)[1])}
+    assert missing == REQUIRED_FROM_USER.get((group, option), set())
+
+
+def test_yaml_tree_values_are_the_demo():
+    """The values the README promises, read through compose (i.e. from conf/ only)."""
+    cfg = compose([])
+    assert (cfg.model.adapter, cfg.train.batch_size, cfg.train.physical_batch_size,
+            cfg.train.lr, cfg.eval.mode, cfg.federation.rounds) == (
+        "prompt_tuning", 32, 16, 0.2, "server", 3)
+    assert cfg.privacy.example.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
+
+
+@pytest.mark.parametrize("override,allowed", [
+    ("model.adapter=ia3", "[lora, prompt_tuning]"),
+    ("eval.mode=remote", "[server, clients]"),
+    ("strategy.name=fedprox", "[fedavg, fedavgm, fedadam, fedyogi]"),
+    ("privacy.accountant=gdp", "[pld, rdp]"),
+])
+def test_enum_choices_are_rejected_by_omegaconf_in_one_line(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as info:
+        compose([override])
+    message = str(info.value)
+    assert message == f"{key}: Invalid value '{value}', expected one of {allowed}"
+
+
+def test_enum_values_behave_as_plain_strings():
+    import json
+
+    cfg = compose(["model=tiny", "adapter=lora"])
+    assert cfg.model.name == "tiny" and f"{cfg.model.adapter}" == "lora"
+    assert json.dumps({"a": cfg.model.adapter}) == '{"a": "lora"}'
+    assert "name: tiny" in to_yaml(cfg)
