@@ -177,8 +177,7 @@ def _run_simulation(cfg, data, verbose: bool) -> int:
     simulation = importlib.import_module("fedllm.server.simulation")
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
-    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
-                        verbose=verbose, parallel_clients=cfg.run.parallel_clients)
+    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg), verbose=verbose)
     summary_path = run_dir / "summary.json"
     if not summary_path.exists():
         raise CliError(f"the simulation ended without a result; see the log above ({run_dir})")
