@@ -65,7 +65,9 @@ def main() -> None:
         "this machine, 1 CPU per node; the run is `fedllm simulate " + cmd + "` joined to it; "
         "per-node counts: client trainings per Ray node, from the run's `placement.jsonl`). "
         "Wall time includes the driver's data preparation and joining the cluster, not "
-        "starting it.",
+        "starting it. Both nodes and the driver share this one machine's cores (with any other "
+        "load on it), so the seconds say nothing about a real cluster's speed: the counts "
+        "show that clients were placed on both nodes.",
         "",
         "| cluster | federation | client trainings per node | per round (median) | wall |",
         "|---|---|---|---|---|",

@@ -24,6 +24,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -119,6 +120,8 @@ def join_cluster(res: SimulationResources, verbose: bool) -> None:
     Flower's backend then finds Ray initialized and uses this connection."""
     import ray
 
+    if res.address != "auto":
+        check_reachable(res.address)
     try:
         ray.init(address=res.address, logging_level="ERROR", log_to_driver=verbose,
                  runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}})
@@ -141,6 +144,17 @@ def join_cluster(res: SimulationResources, verbose: bool) -> None:
              res.client_cpus, res.client_gpus)
     if gpus and not res.client_gpus:
         log.warning("The cluster has GPUs but run.client_gpus=0: clients train on CPU")
+
+
+def check_reachable(address: str, timeout: float = 10.0) -> None:
+    """Fail fast when nothing listens at ``host:port``: ray.init would retry for minutes."""
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise ConfigError(f"run.ray_address: nothing answers at {address} ({exc}); start the "
+                          "cluster's head with `ray start --head --port PORT` and use its "
+                          "host:PORT") from None
 
 
 def worker_pythonpath() -> str:

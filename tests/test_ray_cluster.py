@@ -9,6 +9,7 @@ nodes whatever happens.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -96,6 +97,16 @@ def test_clients_fit_node_by_node_not_in_the_pooled_total():
     assert clients_that_fit([{"CPU": 2}, {"CPU": 4}], 3, 0) == 1
     assert clients_that_fit([{"CPU": 4}, {"CPU": 4, "GPU": 2}], 1, 0.5) == 4
     assert clients_that_fit([{"CPU": 1}], 0.1, 0) == 10   # no float round-off loss
+
+
+def test_an_address_where_nothing_listens_is_one_readable_error_not_a_long_retry():
+    from fedllm.server.simulation import SimulationResources, join_cluster
+
+    with socket.socket() as s:  # a port that was free a moment ago: nothing listens there
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(ConfigError, match=f"run.ray_address: nothing answers at 127.0.0.1:{port}"):
+        join_cluster(SimulationResources(f"127.0.0.1:{port}", 1.0, 0.0), verbose=False)
 
 
 @pytest.mark.slow
