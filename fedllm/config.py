@@ -74,8 +74,8 @@ class RunConfig:
     parallel_clients: int = 1       # simulation: clients training at once (cores are split)
     # Simulation on Ray (docs/scale-out.md). ray_address: null = a private local Ray instance;
     # "auto" or "host:port" = join that running cluster. client_cpus / client_gpus: each
-    # client's share (null: this machine's cores / GPU split by parallel_clients; on a
-    # cluster 1 CPU and no GPU).
+    # client's share (null: this machine's cores / GPU split by parallel_clients, or the cores
+    # among the clients a GPU share fits; on a cluster 1 CPU and no GPU).
     ray_address: Optional[str] = None
     client_cpus: Optional[float] = None
     client_gpus: Optional[float] = None
@@ -442,14 +442,16 @@ def _validate_simulation_resources(run: RunConfig, device: str) -> None:
              f"must be null (a private local Ray instance), auto, or host:port of a running "
              f"cluster's head (e.g. 10.0.0.5:6379; Ray Client ray:// addresses are not "
              f"supported); got {address!r}")
-    for key, value, low in (("client_cpus", run.client_cpus, "> 0"),
-                            ("client_gpus", run.client_gpus, ">= 0")):
-        if value is None:
-            continue
-        _positive(value, f"run.{key}", allow_zero=low == ">= 0")
-        # Ray accepts fractions of one unit, or whole units.
-        _require(value <= 1 or float(value).is_integer(), f"run.{key}",
-                 f"must be a fraction of one (e.g. 0.5) or a whole number, got {value!r}")
+    if run.client_cpus is not None:
+        _positive(run.client_cpus, "run.client_cpus")
+        _require(run.client_cpus >= 1e-4, "run.client_cpus",
+                 f"must be at least 0.0001 (Ray's resource unit), got {run.client_cpus!r}")
+    if run.client_gpus is not None:
+        _positive(run.client_gpus, "run.client_gpus", allow_zero=True)
+        # A GPU is a unit resource in Ray: a share of one GPU, or whole GPUs.
+        _require(run.client_gpus <= 1 or float(run.client_gpus).is_integer(), "run.client_gpus",
+                 f"must be a fraction of one GPU (e.g. 0.25) or a whole number, "
+                 f"got {run.client_gpus!r}")
     shares = [k for k in ("client_cpus", "client_gpus") if getattr(run, k) is not None]
     _require(run.parallel_clients == 1 or not (shares or address), "run.parallel_clients",
              f"({run.parallel_clients}) splits this machine's cores and GPU evenly; it cannot be "

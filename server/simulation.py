@@ -74,11 +74,9 @@ def plan_resources(run: RunConfig, *, cpu_count: int, gpu_count: int) -> Simulat
     if run.ray_address is not None:  # the cluster's nodes are checked once joined
         return SimulationResources(address=run.ray_address, client_cpus=run.client_cpus or 1.0,
                                    client_gpus=run.client_gpus or 0.0)
-    # By default one client at a time gets every core: torch parallelizes one step better than
-    # two clients would share two cores, and memory holds one client model only.
-    cpus = run.client_cpus or max(cpu_count / run.parallel_clients, 0.01)
     gpus = run.client_gpus if run.client_gpus is not None else (
         1.0 / run.parallel_clients if gpu_count else 0.0)
+    cpus = run.client_cpus or _cpu_share(cpu_count, run.parallel_clients, gpus, gpu_count)
     if cpus > cpu_count:
         raise ConfigError(f"run.client_cpus: {cpus:g} CPUs per client, but this machine has "
                           f"{cpu_count}: no client would fit")
@@ -87,6 +85,19 @@ def plan_resources(run: RunConfig, *, cpu_count: int, gpu_count: int) -> Simulat
                           "GPU(s) here (none: no CUDA device is visible, or model.device=cpu)")
     return SimulationResources(address="local", client_cpus=cpus, client_gpus=gpus,
                                local_cpus=cpu_count, local_gpus=gpu_count)
+
+
+def _cpu_share(cpu_count: int, parallel_clients: int, client_gpus: float,
+               gpu_count: int) -> float:
+    """Each client's cores when run.client_cpus is unset: split among the clients meant to run
+    at once: ``parallel_clients``, or as many as an explicit GPU share fits on the GPUs. By
+    default that is one client with every core: torch parallelizes one step better than two
+    clients would share two cores, and memory holds one client model only."""
+    at_once = parallel_clients
+    if client_gpus and gpu_count:
+        at_once = max(math.floor(gpu_count / client_gpus + 1e-9), 1)
+    # Rounded down to Ray's resource unit (1e-4), so that at_once shares fit in the cores.
+    return max(math.floor(cpu_count / at_once * 1e4) / 1e4, 0.01)
 
 
 def backend_config(res: SimulationResources, verbose: bool) -> dict:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     (["run.ray_address=ray://10.0.0.5:10001"], "run.ray_address: must be null"),
     (["run.ray_address=head-node"], "run.ray_address: must be null"),
     (["run.client_cpus=0"], "run.client_cpus: must be a finite number > 0"),
-    (["run.client_cpus=1.5"], "run.client_cpus: must be a fraction of one"),
+    (["run.client_gpus=1.5"], "run.client_gpus: must be a fraction of one GPU"),
     (["run.client_gpus=-0.5"], "run.client_gpus: must be a finite number >= 0"),
     (["run.parallel_clients=2", "run.client_cpus=0.5"],
      "run.parallel_clients: (2) splits this machine's cores and GPU evenly; it cannot be "
@@ -63,6 +63,15 @@ def test_parallel_clients_split_cores_and_the_gpu():
     res = plan_resources(RunConfig(parallel_clients=4), cpu_count=8, gpu_count=1)
     assert (res.client_cpus, res.client_gpus) == (2.0, 0.25)
     assert clients_that_fit([{"CPU": 8, "GPU": 1}], res.client_cpus, res.client_gpus) == 4
+
+
+def test_a_gpu_share_alone_splits_the_cores_among_the_clients_it_fits():
+    res = plan_resources(RunConfig(client_gpus=0.25), cpu_count=16, gpu_count=1)
+    assert (res.client_cpus, res.client_gpus) == (4.0, 0.25)
+    assert clients_that_fit([{"CPU": 16, "GPU": 1}], res.client_cpus, res.client_gpus) == 4
+    odd = plan_resources(RunConfig(parallel_clients=3), cpu_count=16, gpu_count=0)
+    assert odd.client_cpus == 5.3333  # rounded down to Ray's unit: three fit in 16 cores
+    assert clients_that_fit([{"CPU": 16}], odd.client_cpus, 0) == 3
 
 
 def test_explicit_shares_bound_how_many_clients_run_at_once():
