@@ -118,6 +118,15 @@ def test_an_address_where_nothing_listens_is_one_readable_error_not_a_long_retry
         join_cluster(SimulationResources(f"127.0.0.1:{port}", 1.0, 0.0), verbose=False)
 
 
+def test_a_listening_address_passes_the_reachability_check():
+    from fedllm.server.simulation import check_reachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        check_reachable(f"127.0.0.1:{server.getsockname()[1]}")  # no error
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("ray") is None, reason="the `ray` CLI is not installed")
 def test_simulation_joins_a_two_node_ray_cluster_and_clients_train_on_both(tmp_path):
