@@ -161,7 +161,7 @@ def check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail fast when nothing listens at ``host:port``: ray.init would retry for minutes."""
     host, _, port = address.rpartition(":")
     try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
     except OSError as exc:
         raise ConfigError(f"run.ray_address: nothing answers at {address} ({exc}); start the "
                           "cluster's head with `ray start --head --port PORT` and use its "
