@@ -13,7 +13,10 @@ from __future__ import annotations
 import copy
 import functools
 import logging
+import os
 import secrets
+import socket
+import sys
 import time
 from collections import OrderedDict
 from pathlib import Path
@@ -30,6 +33,7 @@ from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import (ClientData, FederatedData, build_federated_data,
                                    build_local_client)
 from fedllm.evaluate import evaluate
+from fedllm.io import append_jsonl
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise, epsilon
 from fedllm.privacy.ledger import Ledger, LedgerError, load_release, save_release
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
@@ -154,6 +158,7 @@ def train(msg: Message, context: Context) -> Message:
     if stage:  # one of the SecAgg+ stages of this round
         return secagg_stage(str(stage), msg, context, local_update)
     update, metrics, client = local_update(msg, context)
+    record_ray_placement(msg, str(client["client_id"]))
     content = RecordDict({
         protocol.ARRAYS_RECORD: _array_record(update) if update is not None else ArrayRecord(),
         protocol.METRICS_RECORD: metrics,
@@ -327,6 +332,27 @@ def _refuse(client_id: str, reason: str) -> tuple[None, MetricRecord, ConfigReco
     log.error("client %s refuses to train: %s", client_id, reason)
     return (None, MetricRecord({"declined": 1, "refused": 1}),
             ConfigRecord({"client_id": client_id, "reason": reason}))
+
+
+PLACEMENT_FILE = "placement.jsonl"
+
+
+def record_ray_placement(msg: Message, client_id: str) -> None:
+    """Simulation on Ray only: note which Ray node ran this client this round, one line of
+    ``<run.dir>/placement.jsonl`` (docs/scale-out.md). Elsewhere (a SuperNode) nothing."""
+    ray = sys.modules.get("ray")  # never imported here for this: deployment has no Ray
+    if ray is None or not ray.is_initialized():
+        return
+    cfg = _config(str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY]))
+    if not cfg.run.dir:
+        return
+    record = {"round": int(msg.content[protocol.CONFIG_RECORD][protocol.ROUND_KEY]),
+              "client_id": client_id, "node_id": ray.get_runtime_context().get_node_id(),
+              "host": socket.gethostname(), "pid": os.getpid()}
+    try:
+        append_jsonl(Path(cfg.run.dir) / PLACEMENT_FILE, record)
+    except OSError as exc:  # e.g. run.dir not shared with this node: a note lost, not a round
+        log.warning("could not record the placement of client %s: %s", client_id, exc)
 
 
 def _array_record(arrays: "dict") -> ArrayRecord:

@@ -268,8 +268,7 @@ def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], 
     simulation = importlib.import_module("fedllm.server.simulation")
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
-    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg),
-                        verbose=verbose, parallel_clients=cfg.run.parallel_clients)
+    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg), verbose=verbose)
     if not (run_dir / "summary.json").exists():
         raise RunError(f"the simulation ended without a result; see the log above ({run_dir})")
     return RunResult.from_run_dir(run_dir, wall_seconds=time.time() - started)

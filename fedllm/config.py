@@ -160,6 +160,13 @@ class RunConfig:
     dir: Optional[str] = MISSING    # null: runs/<timestamp>
     seed: int = MISSING
     parallel_clients: int = MISSING  # simulation: clients training at once (cores are split)
+    # Simulation on Ray (docs/scale-out.md). ray_address: null = a private local Ray instance;
+    # "auto" or "host:port" = join that running cluster. client_cpus / client_gpus: each
+    # client's share (null: this machine's cores / GPU split by parallel_clients, or the cores
+    # among the clients a GPU share fits; on a cluster 1 CPU and no GPU).
+    ray_address: Optional[str] = MISSING
+    client_cpus: Optional[float] = MISSING
+    client_gpus: Optional[float] = MISSING
     id: Optional[str] = MISSING     # set once per run (ledger entries are keyed by it)
     resume: bool = MISSING          # continue run.dir from its last checkpoint
 
@@ -524,6 +531,7 @@ def validate(cfg: FedLLMConfig) -> None:
                  f"federation.clients_per_round ({f.clients_per_round})")
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
+    _validate_simulation_resources(cfg.run, cfg.model.device)
     _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
@@ -545,6 +553,42 @@ def _validate_secagg_graph(s_: SecAggConfig) -> None:
     _require(_is_int(t) and n != "auto" and n / 2 < t <= n, "secagg.reconstruction_threshold",
              f"must be auto, or an integer above secagg.num_shares/2 and at most "
              f"secagg.num_shares (an integer), got {t!r} with num_shares={n!r}")
+
+
+def _validate_simulation_resources(run: RunConfig, device: str) -> None:
+    """run.ray_address / client_cpus / client_gpus, alone and with parallel_clients and the
+    device. (What this machine or the cluster holds is checked when the simulation starts.)"""
+    address = run.ray_address
+    _require(address is None or address == "auto" or _is_host_port(address), "run.ray_address",
+             f"must be null (a private local Ray instance), auto, or host:port of a running "
+             f"cluster's head (e.g. 10.0.0.5:6379; Ray Client ray:// addresses are not "
+             f"supported); got {address!r}")
+    if run.client_cpus is not None:
+        _positive(run.client_cpus, "run.client_cpus")
+        _require(run.client_cpus >= 1e-4, "run.client_cpus",
+                 f"must be at least 0.0001 (Ray's resource unit), got {run.client_cpus!r}")
+    if run.client_gpus is not None:
+        _positive(run.client_gpus, "run.client_gpus", allow_zero=True)
+        # A GPU is a unit resource in Ray: a share of one GPU, or whole GPUs.
+        _require(run.client_gpus <= 1 or float(run.client_gpus).is_integer(), "run.client_gpus",
+                 f"must be a fraction of one GPU (e.g. 0.25) or a whole number, "
+                 f"got {run.client_gpus!r}")
+    shares = [k for k in ("client_cpus", "client_gpus") if getattr(run, k) is not None]
+    _require(run.parallel_clients == 1 or not (shares or address), "run.parallel_clients",
+             f"({run.parallel_clients}) splits this machine's cores and GPU evenly; it cannot be "
+             f"combined with {', '.join(f'run.{k}' for k in shares) or 'run.ray_address'}: "
+             "set each client's share with run.client_cpus / run.client_gpus instead")
+    gpus = run.client_gpus
+    _require(not (gpus and device == "cpu"), "run.client_gpus",
+             f"({gpus}) asks for a GPU share but model.device=cpu")
+    _require(not (gpus == 0 and device.startswith("cuda")), "run.client_gpus",
+             f"is 0, so Ray hides every GPU from the clients, but model.device={device}")
+
+
+def _is_host_port(address: str) -> bool:
+    host, _, port = address.rpartition(":")
+    return bool(host) and "/" not in host and " " not in host and port.isdigit() \
+        and 0 < int(port) < 65536
 
 
 def _validate_audit(a: AuditConfig) -> None:
