@@ -14,12 +14,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import dataclasses
+
 import pytest
 
-from fedllm.config import ConfigError, RunConfig, compose
+from fedllm.config import ConfigError, compose
 from fedllm.server.simulation import (backend_config, clients_that_fit, plan_resources)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
+
+
+def run_config(**overrides):
+    """The demo's run section (conf/ holds the defaults) with some fields replaced."""
+    return dataclasses.replace(compose([]).run, **overrides)
 
 
 @pytest.mark.parametrize("overrides,message", [
@@ -35,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments"))
     (["run.client_gpus=0.5", "model.device=cpu"], "model.device=cpu"),
     (["run.client_gpus=0", "model.device=cuda"], "Ray hides every GPU"),
 ])
+
 def test_bad_resource_combinations_are_one_readable_config_error(overrides, message):
     with pytest.raises(ConfigError) as err:
         compose(["model=tiny", *overrides])
@@ -50,7 +58,7 @@ def test_good_resource_settings_compose():
 
 
 def test_local_default_is_one_client_with_every_core_and_a_private_instance():
-    res = plan_resources(RunConfig(), cpu_count=8, gpu_count=0)
+    res = plan_resources(run_config(), cpu_count=8, gpu_count=0)
     assert (res.address, res.client_cpus, res.client_gpus) == ("local", 8, 0.0)
     cfg = backend_config(res, verbose=False)
     # "local": never joins RAY_ADDRESS or a cluster started on this machine by accident
@@ -60,30 +68,30 @@ def test_local_default_is_one_client_with_every_core_and_a_private_instance():
 
 
 def test_parallel_clients_split_cores_and_the_gpu():
-    res = plan_resources(RunConfig(parallel_clients=4), cpu_count=8, gpu_count=1)
+    res = plan_resources(run_config(parallel_clients=4), cpu_count=8, gpu_count=1)
     assert (res.client_cpus, res.client_gpus) == (2.0, 0.25)
     assert clients_that_fit([{"CPU": 8, "GPU": 1}], res.client_cpus, res.client_gpus) == 4
 
 
 def test_a_gpu_share_alone_splits_the_cores_among_the_clients_it_fits():
-    res = plan_resources(RunConfig(client_gpus=0.25), cpu_count=16, gpu_count=1)
+    res = plan_resources(run_config(client_gpus=0.25), cpu_count=16, gpu_count=1)
     assert (res.client_cpus, res.client_gpus) == (4.0, 0.25)
     assert clients_that_fit([{"CPU": 16, "GPU": 1}], res.client_cpus, res.client_gpus) == 4
-    odd = plan_resources(RunConfig(parallel_clients=3), cpu_count=16, gpu_count=0)
+    odd = plan_resources(run_config(parallel_clients=3), cpu_count=16, gpu_count=0)
     assert odd.client_cpus == 5.3333  # rounded down to Ray's unit: three fit in 16 cores
     assert clients_that_fit([{"CPU": 16}], odd.client_cpus, 0) == 3
 
 
 def test_explicit_shares_bound_how_many_clients_run_at_once():
-    res = plan_resources(RunConfig(client_cpus=1, client_gpus=0.5), cpu_count=8, gpu_count=1)
+    res = plan_resources(run_config(client_cpus=1, client_gpus=0.5), cpu_count=8, gpu_count=1)
     assert (res.client_cpus, res.client_gpus) == (1, 0.5)
     assert clients_that_fit([{"CPU": 8, "GPU": 1}], 1, 0.5) == 2   # the GPU bounds it
     assert clients_that_fit([{"CPU": 8}], 1, 0.0) == 8
 
 
 @pytest.mark.parametrize("run,message", [
-    (RunConfig(client_cpus=16), "run.client_cpus: 16 CPUs per client, but this machine has 8"),
-    (RunConfig(client_gpus=0.5), "run.client_gpus: 0.5 GPUs per client, but 0 usable GPU(s)"),
+    (run_config(client_cpus=16), "run.client_cpus: 16 CPUs per client, but this machine has 8"),
+    (run_config(client_gpus=0.5), "run.client_gpus: 0.5 GPUs per client, but 0 usable GPU(s)"),
 ])
 def test_shares_this_machine_cannot_hold_are_refused(run, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -91,13 +99,13 @@ def test_shares_this_machine_cannot_hold_are_refused(run, message):
 
 
 def test_joining_a_cluster_passes_only_the_address_to_ray_init():
-    res = plan_resources(RunConfig(ray_address="10.0.0.5:6379", client_cpus=4, client_gpus=1),
+    res = plan_resources(run_config(ray_address="10.0.0.5:6379", client_cpus=4, client_gpus=1),
                          cpu_count=2, gpu_count=0)  # this machine's size does not matter
     cfg = backend_config(res, verbose=True)
     assert cfg["init_args"] == {"address": "10.0.0.5:6379", "logging_level": "ERROR",
                                 "log_to_driver": True}  # ray.init refuses sizes when joining
     assert cfg["client_resources"] == {"num_cpus": 4, "num_gpus": 1}
-    default = plan_resources(RunConfig(ray_address="auto"), cpu_count=2, gpu_count=1)
+    default = plan_resources(run_config(ray_address="auto"), cpu_count=2, gpu_count=1)
     assert (default.client_cpus, default.client_gpus) == (1.0, 0.0)
 
 
