@@ -8,13 +8,12 @@ nodes whatever happens.
 
 import json
 import os
+import dataclasses
 import shutil
 import socket
 import subprocess
 import sys
 from pathlib import Path
-
-import dataclasses
 
 import pytest
 
