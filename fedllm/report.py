@@ -260,8 +260,17 @@ def write_reports(run_dir: Path) -> dict:
                       render_html(run, report, png, audit_section_html(audit, run_dir)))
     if (run_dir / "adapter").is_dir():
         final = run.metrics[-1] if run.metrics else None
-        atomic_write_text(run_dir / "adapter" / "README.md", model_card(run.cfg, report, final))
+        atomic_write_text(run_dir / "adapter" / "README.md",
+                          model_card(run.cfg, report, final, read_samples(run_dir)))
     return report
+
+
+SAMPLES_FILE = "samples.json"  # written at export by fedllm.export.write_samples
+
+
+def read_samples(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / SAMPLES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _json_default(value):
@@ -426,10 +435,12 @@ text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background
 """
 
 
-def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
+def model_card(cfg, report: dict, final_metrics: dict | None, samples: dict | None = None) -> str:
     ex = report["example_level"]
+    base_model = portable_base_model(cfg)
     lines = [
         "---",
+        *([f"base_model: {json.dumps(base_model)}"] if base_model else []),
         "library_name: peft",
         f"tags: [fedllm, federated-learning, differential-privacy, {_adapter_tag(cfg)}]",
         "---",
@@ -483,9 +494,27 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
         lines += ["", "## Evaluation", "",
                   f"Held-out loss {final_metrics['eval_loss']:.4f}, perplexity "
                   f"{final_metrics['perplexity']:.2f}."]
+    lines += sample_lines(samples)
     lines += ["", "See `privacy_report.json` / `privacy_report.html` in the run directory for "
               "per-client values.", ""]
     return "\n".join(lines)
+
+
+def sample_lines(samples: dict | None) -> list[str]:
+    """The card's "Sample generations" section: base model vs adapter, fixed prompts."""
+    if samples is None:
+        return []
+    lines = ["", "## Sample generations", ""]
+    if "skipped" in samples:
+        return lines + [f"None: {samples['skipped']}."]
+    lines += [f"Greedy continuations ({samples['max_new_tokens']} new tokens at most) of fixed "
+              "prompts, by the base model alone and with this adapter "
+              "(`fedllm generate RUN_DIR --prompt TEXT` makes more):", ""]
+    for s in samples["samples"]:
+        lines += [f"- **Prompt:** {json.dumps(s['prompt'], ensure_ascii=False)}",
+                  f"  - base: {json.dumps(s['base'], ensure_ascii=False)}",
+                  f"  - adapter: {json.dumps(s['adapter'], ensure_ascii=False)}"]
+    return lines
 
 
 def threat_model_lines(report: dict) -> list[str]:
@@ -532,6 +561,20 @@ def _range(clients: dict, key: str) -> str:
         return "n/a"
     lo, hi = min(values), max(values)
     return f"{lo:.3g}" if math.isclose(lo, hi) else f"{lo:.3g}–{hi:.3g} (per client)"
+
+
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def portable_base_model(cfg) -> str | None:
+    """The base model as others can load it: the hub id of the bundled SmolLM2, else the
+    model.path the run was given (never fedllm's local conversion cache); None for the
+    random-init tiny model, which only the run's seed reproduces."""
+    if cfg.model.name == "tiny":
+        return None
+    if cfg.model.name == "smollm2" and not cfg.model.path:
+        return SMOLLM2_HUB_ID
+    return cfg.model.path
 
 
 def _base_name(cfg) -> str:

@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm import models, protocol
+from fedllm import export, models, protocol
 from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, participation_cap,
                            to_yaml)
 from fedllm.data.federated import build_federated_data
@@ -358,6 +358,8 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: A
     models.load_adapter_state(loaded.model, final_arrays)
     adapter_dir = run_dir / "adapter"
     models.unwrap(loaded.model).save_pretrained(adapter_dir)
+    export.set_portable_base(adapter_dir, cfg)
+    export.write_samples(run_dir, cfg, models.unwrap(loaded.model), loaded.tokenizer)  # card
     report = write_reports(run_dir)
     final_metrics = recorder.history[-1] if recorder.history else None
     ex = report["example_level"]
