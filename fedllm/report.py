@@ -3,8 +3,10 @@
 Inputs (all written during the run): ``config.yaml``, ``metrics.jsonl`` and
 ``privacy_events.jsonl`` (one line per DP release the server saw, and per client that
 declined for budget or refused to train, e.g. over an unreadable ledger). Outputs:
-``privacy_report.json``, ``epsilon.png``, ``privacy_report.html`` (self-contained), and the
-model card ``adapter/README.md``.
+``privacy_report.json``, ``epsilon.png`` (ε and held-out loss per round),
+``privacy_report.html`` (self-contained; rendered from the Jinja2 templates in
+``fedllm/templates`` with autoescape and one stylesheet), and the model card
+``adapter/README.md`` (with the samples of ``samples.json`` when the ServerApp wrote them).
 ``fedllm report RUN_DIR`` calls ``write_reports`` too, so a report can always be rebuilt.
 
 Every epsilon is computed by ``fedllm.privacy.accounting`` from the events of the mechanism
