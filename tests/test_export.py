@@ -181,6 +181,24 @@ def test_gguf_export_round_trips_names_shapes_and_logits(lora_run, lora_model, t
                                rtol=1e-4, atol=1e-4)
 
 
+def test_gguf_writer_handles_grouped_query_attention(tmp_path):
+    """SmolLM2 has 9 query heads and 3 key/value heads: k's rows are permuted per kv head."""
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=49152, hidden_size=48, intermediate_size=96,
+                         num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=2,
+                         tie_word_embeddings=False)
+    model = LlamaForCausalLM(config).eval()
+    path = tmp_path / "gqa.gguf"
+    export._write_gguf(model, models.smollm2_gguf_path(), path, name="gqa test")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=path.name)
+    ids = torch.tensor([[1, 500, 42, 7, 9000]])
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, model(input_ids=ids).logits,
+                                   rtol=1e-4, atol=1e-4)
+
+
 def test_gguf_export_of_a_soft_prompt_is_refused_with_the_reason(prompt_run, tmp_path, capsys):
     path = tmp_path / "model.gguf"
     assert main(["export", str(prompt_run[0]), "--gguf", str(path)]) == 2
