@@ -99,22 +99,53 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 32, adapter: b
 
     ``adapter=False`` generates with the base model alone (adapter disabled).
     """
+    return generate_batch(model, tokenizer, [prompt], max_new_tokens, adapter, do_sample)[0]
+
+
+def generate_batch(model, tokenizer, prompts: list[str], max_new_tokens: int = 32,
+                   adapter: bool = True, do_sample: bool = False) -> list[str]:
+    """Continuations of several prompts in one ``generate`` call (left-padded batch): on a
+    CPU a step costs about the same for 1 or 3 sequences, so batching divides the cost."""
     import torch
 
     device = next(model.parameters()).device
-    inputs = tokenizer(prompt, return_tensors="pt").to(device)
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"  # new tokens must follow each prompt directly
+    try:
+        inputs = tokenizer(list(prompts), return_tensors="pt", padding=True).to(device)
+    finally:
+        tokenizer.padding_side = side
     kwargs = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
                   pad_token_id=tokenizer.pad_token_id)
     if not do_sample:  # no sampling knobs: the model's generation_config may carry some
         kwargs.update(temperature=None, top_p=None, top_k=None)
-    with torch.no_grad():
+    with torch.no_grad(), _cpu_threads(1 if device.type == "cpu" else None):
         if adapter:
             out = model.generate(**inputs, **kwargs)
         else:
             with model.disable_adapter():
                 out = model.get_base_model().generate(**inputs, **kwargs)
-    new_tokens = out[0, inputs["input_ids"].shape[1]:]
-    return tokenizer.decode(new_tokens, skip_special_tokens=True)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:]
+    return tokenizer.batch_decode(new_tokens, skip_special_tokens=True)
+
+
+@contextlib.contextmanager
+def _cpu_threads(count: int | None):
+    """Run torch on ``count`` CPU threads inside the block (None: unchanged).
+
+    Decoding runs one token at a time: tiny matrix products, where synchronising threads
+    costs more than it saves. Measured on SmolLM2 (2 shared cores): 12 greedy tokens took
+    0.5 s of CPU on one thread against 5-6 s on two.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 @dataclass
@@ -125,10 +156,11 @@ class Comparison:
 
 
 def compare(model, tokenizer, prompts, max_new_tokens: int = 32) -> list[Comparison]:
-    """Base-model and adapter continuations of each prompt, greedy."""
-    return [Comparison(prompt=p, base=generate(model, tokenizer, p, max_new_tokens, adapter=False),
-                       adapter=generate(model, tokenizer, p, max_new_tokens, adapter=True))
-            for p in prompts]
+    """Base-model and adapter continuations of each prompt, greedy, one batch per side."""
+    prompts = list(prompts)
+    base = generate_batch(model, tokenizer, prompts, max_new_tokens, adapter=False)
+    tuned = generate_batch(model, tokenizer, prompts, max_new_tokens, adapter=True)
+    return [Comparison(prompt=p, base=b, adapter=a) for p, b, a in zip(prompts, base, tuned)]
 
 
 def sample_generations(cfg, model, tokenizer) -> dict:
