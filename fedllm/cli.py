@@ -452,8 +452,7 @@ def cmd_generate(args) -> int:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     _setup_logging(verbose=False)
     try:
-        tokenizer = export.load_tokenizer(args.run_dir)
-        model = export.load_adapter(args.run_dir, device=args.device)
+        _, model, tokenizer = export.load_run_model(args.run_dir, device=args.device)
     except export.ExportError as exc:
         raise CliError(str(exc)) from None
     table = Table(title=f"fedllm generate: {args.run_dir} "

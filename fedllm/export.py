@@ -17,6 +17,7 @@ Exports:
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -25,7 +26,8 @@ from pathlib import Path
 
 from fedllm.report import SAMPLES_FILE, portable_base_model
 
-# Fixed prompts for the model card's sample generations (short: they run at every export).
+# Fixed prompts for the model card's sample generations (short and greedy: the ServerApp
+# generates them at the end of every run).
 SAMPLE_PROMPTS = ("To be, or not to be,", "My lord, I", "Good morrow, sweet")
 SAMPLE_TOKENS = 24
 
@@ -55,10 +57,14 @@ def adapter_dir(run_dir: Path) -> Path:
 
 def load_tokenizer(run_dir: Path):
     """The tokenizer the run trained with."""
+    return _tokenizer(run_config(run_dir))
+
+
+def _tokenizer(cfg):
     from fedllm import models
 
     try:
-        return models.load_tokenizer(run_config(run_dir).model)
+        return models.load_tokenizer(cfg.model)
     except models.ModelError as exc:
         raise ExportError(str(exc)) from None
 
@@ -75,16 +81,20 @@ def load_base(cfg, tokenizer):
 
 def load_adapter(run_dir: Path, device: str = "cpu"):
     """The run's trained adapter on its base model: a ``peft.PeftModel`` in eval mode."""
+    return load_run_model(run_dir, device)[1]
+
+
+def load_run_model(run_dir: Path, device: str = "cpu"):
+    """(config, ``peft.PeftModel`` in eval mode, tokenizer) of a finished run."""
     from peft import PeftModel
 
-    run_dir = Path(run_dir)
     cfg = run_config(run_dir)
     adapter = adapter_dir(run_dir)
-    base = load_base(cfg, load_tokenizer(run_dir))
-    model = PeftModel.from_pretrained(base, adapter)
+    tokenizer = _tokenizer(cfg)
+    model = PeftModel.from_pretrained(load_base(cfg, tokenizer), adapter)
     model.to(device)
     model.eval()
-    return model
+    return cfg, model, tokenizer
 
 
 def is_prompt_tuning(model) -> bool:
@@ -183,8 +193,6 @@ def sample_generations(cfg, model, tokenizer) -> dict:
 
 def write_samples(run_dir: Path, cfg, model, tokenizer) -> None:
     """``samples.json`` in the run directory; the model card (fedllm.report) reads it."""
-    import json
-
     from fedllm.io import atomic_write_text
 
     doc = sample_generations(cfg, model, tokenizer)
@@ -194,8 +202,6 @@ def write_samples(run_dir: Path, cfg, model, tokenizer) -> None:
 def set_portable_base(adapter_path: Path, cfg) -> None:
     """Point the exported adapter_config.json at a portable base model (a hub id or the path
     the user gave), never at fedllm's local conversion cache."""
-    import json
-
     from fedllm.io import atomic_write_text
 
     path = Path(adapter_path) / "adapter_config.json"
@@ -216,9 +222,7 @@ def export_merged(run_dir: Path, out_dir: Path) -> ExportResult:
     """A standard Hugging Face checkpoint in ``out_dir`` (which must not exist or be empty)."""
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     _check_free(out_dir)
-    cfg = run_config(run_dir)
-    tokenizer = load_tokenizer(run_dir)
-    model = load_adapter(run_dir)
+    cfg, model, tokenizer = load_run_model(run_dir)
     with _staging_dir(out_dir) as tmp:
         if is_prompt_tuning(model):
             description = _save_base_with_prompt(model, cfg, tmp, out_dir)
@@ -302,7 +306,7 @@ def export_gguf(run_dir: Path, out_file: Path) -> ExportResult:
             "could be merged. Use `fedllm export RUN_DIR --merged DIR` (base model + PEFT soft "
             "prompt) or train with adapter=lora")
     source = _tokenizer_gguf(cfg)
-    model = load_adapter(run_dir)
+    model = load_run_model(run_dir)[1]
     merged = model.merge_and_unload()
     _check_llama(merged.config)
     with _staging_file(out_file) as tmp:

@@ -414,7 +414,8 @@ def render_html(run: RunFiles, report: dict, png: bytes | None, audit: dict | No
         audit=audit, audit_png_b64=_b64(audit_png))
 
 
-def model_card(cfg, report: dict, final_metrics: dict | None, samples: dict | None = None) -> str:
+def model_card(cfg, report: dict, final_metrics: dict | None,
+               samples: dict | None = None) -> str:
     ex = report["example_level"]
     base_model = portable_base_model(cfg)
     lines = [
