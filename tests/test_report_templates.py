@@ -136,3 +136,18 @@ def test_templates_ship_as_package_data():
     files = [p.relative_to(ROOT / "fedllm").as_posix() for p in TEMPLATES.iterdir()]
     assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
     assert any(d.lower().startswith("jinja2") for d in project["project"]["dependencies"])
+
+
+def test_a_rebuilt_model_card_keeps_the_samples_of_the_run(tmp_path):
+    """`fedllm report` rebuilds the card from the run's files, samples.json included."""
+    import json
+
+    run_dir = hand_made_run(tmp_path / "run")
+    (run_dir / "adapter").mkdir()
+    sample = {"prompt": "My lord,", "base": " I am", "adapter": " thou art"}
+    (run_dir / "samples.json").write_text(json.dumps(
+        {"max_new_tokens": 24, "decoding": "greedy", "samples": [sample]}))
+    write_reports(run_dir)
+    card = (run_dir / "adapter" / "README.md").read_text()
+    assert '- **Prompt:** "My lord,"' in card and 'adapter: " thou art"' in card
+    assert card.index("## Sample generations") > card.index("## Privacy guarantee")
