@@ -17,7 +17,7 @@ from pathlib import Path
 from flwr.app import Array, ArrayRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
-from fedllm import export, models, protocol
+from fedllm import models, protocol
 from fedllm.config import (FedLLMConfig, from_yaml, min_client_sequences, participation_cap,
                            to_yaml)
 from fedllm.data.federated import build_federated_data
@@ -355,6 +355,8 @@ def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: AdapterFedAvg,
 def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: AdapterFedAvg,
              recorder: RoundRecorder, started: float) -> dict:
     """Export the adapter (PEFT format) with its model card, the privacy report, a summary."""
+    from fedllm import export
+
     models.load_adapter_state(loaded.model, final_arrays)
     adapter_dir = run_dir / "adapter"
     models.unwrap(loaded.model).save_pretrained(adapter_dir)
