@@ -4,6 +4,8 @@
   fedllm simulate -m key=a,b [...]       a sweep: one run per combination, then a table
   fedllm accountant --sample-rate Q --noise-multiplier Z --steps T --delta D [...]
   fedllm audit [hydra overrides...]      canary audit: empirical ε lower bound vs the claim
+  fedllm generate RUN_DIR --prompt TEXT  base model vs trained adapter, side by side
+  fedllm export RUN_DIR --merged DIR [--gguf FILE]   use the adapter outside fedllm
 
 Bad input ends with one readable line on stderr and a non-zero exit, never a traceback.
 """
@@ -362,6 +364,59 @@ def _fmt_eps(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:.4f}"
 
 
+# --------------------------------------------------------------------------- using the adapter
+
+def cmd_generate(args) -> int:
+    """Base model and trained adapter, side by side, on the same prompts."""
+    import torch
+    from rich.table import Table
+
+    from fedllm import export
+
+    if args.max_new_tokens < 1:
+        raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    _setup_logging(verbose=False)
+    try:
+        _, model, tokenizer = export.load_run_model(args.run_dir, device=args.device)
+    except export.ExportError as exc:
+        raise CliError(str(exc)) from None
+    table = Table(title=f"fedllm generate: {args.run_dir} "
+                        f"({'sampled, seed %d' % args.seed if args.sample else 'greedy'}, "
+                        f"{args.max_new_tokens} new tokens at most)", show_lines=True)
+    for column in ("prompt", "base model", "with adapter"):
+        table.add_column(column, overflow="fold")
+    for prompt in args.prompt:
+        outputs = []
+        for adapter in (False, True):
+            torch.manual_seed(args.seed)  # sampling: both sides draw from the same seed
+            outputs.append(export.generate(model, tokenizer, prompt, args.max_new_tokens,
+                                           adapter=adapter, do_sample=args.sample))
+        table.add_row(prompt, *outputs)
+    _console().print(table)
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Merged Hugging Face checkpoint (--merged) and/or llama.cpp GGUF file (--gguf)."""
+    from fedllm import export
+
+    if not (args.merged or args.gguf):
+        raise CliError("give --merged DIR and/or --gguf FILE")
+    _setup_logging(verbose=False)
+    try:
+        export.run_config(args.run_dir)  # a bad run directory fails before any export
+        results = []
+        if args.gguf:  # checked first: its refusals are cheap and a refusal writes nothing
+            results.append(export.export_gguf(args.run_dir, Path(args.gguf)))
+        if args.merged:
+            results.append(export.export_merged(args.run_dir, Path(args.merged)))
+    except export.ExportError as exc:
+        raise CliError(str(exc)) from None
+    for result in results:
+        print(f"wrote {result.path}: {result.description}")
+    return 0
+
+
 # --------------------------------------------------------------------------- main
 
 def _parser() -> argparse.ArgumentParser:
@@ -424,6 +479,21 @@ def _parser() -> argparse.ArgumentParser:
     acc.add_argument("--population", type=int)
     acc.add_argument("--json", action="store_true")
     acc.set_defaults(func=cmd_accountant)
+
+    gen = sub.add_parser("generate", help="base model vs trained adapter on a prompt")
+    gen.add_argument("run_dir")
+    gen.add_argument("--prompt", action="append", required=True, help="text (repeatable)")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
+    gen.add_argument("--seed", type=int, default=0, help="seed for --sample")
+    gen.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    gen.set_defaults(func=cmd_generate)
+
+    exp = sub.add_parser("export", help="merged HF checkpoint and/or GGUF file of a run")
+    exp.add_argument("run_dir")
+    exp.add_argument("--merged", metavar="DIR", help="write a Hugging Face checkpoint here")
+    exp.add_argument("--gguf", metavar="FILE", help="write a llama.cpp GGUF file (LoRA runs)")
+    exp.set_defaults(func=cmd_export)
     return parser
 
 

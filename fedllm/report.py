@@ -3,8 +3,10 @@
 Inputs (all written during the run): ``config.yaml``, ``metrics.jsonl`` and
 ``privacy_events.jsonl`` (one line per DP release the server saw, and per client that
 declined for budget or refused to train, e.g. over an unreadable ledger). Outputs:
-``privacy_report.json``, ``epsilon.png``, ``privacy_report.html`` (self-contained), and the
-model card ``adapter/README.md``.
+``privacy_report.json``, ``epsilon.png`` (ε and held-out loss per round),
+``privacy_report.html`` (self-contained; rendered from the Jinja2 templates in
+``fedllm/templates`` with autoescape and one stylesheet), and the model card
+``adapter/README.md`` (with the samples of ``samples.json`` when the ServerApp wrote them).
 ``fedllm report RUN_DIR`` calls ``write_reports`` too, so a report can always be rebuilt.
 
 Every epsilon is computed by ``fedllm.privacy.accounting`` from the events of the mechanism
@@ -14,7 +16,7 @@ that actually ran (sample rate, noise multiplier, steps), never estimated.
 from __future__ import annotations
 
 import base64
-import html
+import functools
 import io
 import json
 import math
@@ -252,23 +254,33 @@ def write_reports(run_dir: Path) -> dict:
     report = build_privacy_report(run)
     atomic_write_text(run_dir / "privacy_report.json",
                       json.dumps(report, indent=2, default=_json_default) + "\n")
-    png = epsilon_plot(report)
+    png = epsilon_plot(report, run.metrics)
     if png is not None:
         atomic_write_bytes(run_dir / "epsilon.png", png)
-    audit = read_audit(run_dir)
     atomic_write_text(run_dir / "privacy_report.html",
-                      render_html(run, report, png, audit_section_html(audit, run_dir)))
+                      render_html(run, report, png, read_audit(run_dir), read_audit_png(run_dir)))
     if (run_dir / "adapter").is_dir():
         final = run.metrics[-1] if run.metrics else None
-        atomic_write_text(run_dir / "adapter" / "README.md", model_card(run.cfg, report, final))
+        atomic_write_text(run_dir / "adapter" / "README.md",
+                          model_card(run.cfg, report, final, read_samples(run_dir)))
     return report
+
+
+SAMPLES_FILE = "samples.json"  # written at export by fedllm.export.write_samples
+
+
+def read_samples(run_dir: Path) -> dict | None:
+    path = Path(run_dir) / SAMPLES_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
 
 
 def _json_default(value):
     raise TypeError(f"not JSON serializable: {value!r}")
 
 
-def epsilon_plot(report: dict) -> bytes | None:
+def epsilon_plot(report: dict, metrics: list[dict] | None = None) -> bytes | None:
+    """Example-level ε per round (per client, max, median) and, beside it, the held-out loss
+    of the global adapter per round (when the run evaluated one)."""
     ex = report["example_level"]
     if ex is None or not ex["epsilon_by_round"]["round"]:
         return None
@@ -276,10 +288,26 @@ def epsilon_plot(report: dict) -> bytes | None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    losses = [(m["round"], m["eval_loss"]) for m in metrics or []
+              if m.get("eval_loss") is not None]
+    fig, axes = plt.subplots(1, 2 if losses else 1, figsize=(12 if losses else 7, 4), dpi=110,
+                             squeeze=False)
+    _epsilon_axes(axes[0][0], report)
+    if losses:
+        _loss_axes(axes[0][1], losses)
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _epsilon_axes(ax, report: dict) -> None:
     from matplotlib.ticker import MaxNLocator
 
+    ex = report["example_level"]
     curve = ex["epsilon_by_round"]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
     for values in curve["clients"].values():
         ax.plot(curve["round"], values, color="0.8", linewidth=0.8, zorder=1)
     ax.plot(curve["round"], curve["max"], marker="o", label="max over clients", zorder=3)
@@ -293,11 +321,18 @@ def epsilon_plot(report: dict) -> bytes | None:
     ax.set_title("Example-level privacy loss per client")
     ax.grid(alpha=0.3)
     ax.legend()
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    plt.close(fig)
-    return buf.getvalue()
+
+
+def _loss_axes(ax, losses: list[tuple[int, float]]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    rounds, values = zip(*losses)
+    ax.plot(rounds, values, marker="o", color="tab:green")
+    ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("held-out loss (nats per token)")
+    ax.set_title("Held-out loss of the global adapter")
+    ax.grid(alpha=0.3)
 
 
 def _fmt(value, spec: str = ".3f") -> str:
@@ -306,36 +341,6 @@ def _fmt(value, spec: str = ".3f") -> str:
     if isinstance(value, float) and math.isinf(value):
         return "∞"
     return format(value, spec)
-
-
-def plain_summary(cfg, report: dict) -> str:
-    ex = report["example_level"]
-    if ex is None and report["user_level"] is None:
-        return ("This run used <strong>no differential privacy</strong>. The trained adapter may "
-                "reveal or reproduce the clients' training text.")
-    if ex is None:
-        return "No example-level DP-SGD in this run. " + user_sentence(report, html_output=True)
-    text = (
-        f"Each participating client's training data is protected at the level of a single "
-        f"training sequence: whether any one sequence was in a client's data or not changes the "
-        f"probability of anything the client sent by at most a factor e<sup>ε</sup> (plus a "
-        f"δ = {report['delta']:g} chance of failure). The largest ε among clients in this run is "
-        f"<strong>{_fmt(ex['max_epsilon'])}</strong> (median {_fmt(ex['median_epsilon'])}), "
-        f"computed with the {ex['accountant'].upper()} accountant from the exact mechanism run: "
-        f"{cfg.train.local_steps} DP-SGD steps per round with Poisson sampling, per-sample "
-        f"clipping to {cfg.privacy.example.max_grad_norm:g} and Gaussian noise; "
-        f"{participation_text(cfg)}. Smaller ε is "
-        f"stronger privacy; ε ≤ 1 is strong, ε ≈ 8 is a common practical compromise.")
-    if ex.get("budget") is not None:
-        text += (f" Each client enforces a lifetime budget of ε = {ex['budget']:g} across all "
-                 f"runs that used its ledger; {len(ex['exhausted_clients'])} time(s) a client "
-                 f"declined to train because of it.")
-    if ex.get("ledger_mismatches"):
-        text += (f" <strong>Warning:</strong> the ledgers of {len(ex['ledger_mismatches'])} "
-                 "client(s) hold less than this run released (deleted or replaced during the "
-                 "run): their lifetime ε and budget are understated.")
-    text += " " + user_sentence(report, html_output=True)
-    return text
 
 
 def participation_text(cfg) -> str:
@@ -348,88 +353,74 @@ def participation_text(cfg) -> str:
             f"{calibrated}its own ledger refuses any further participation")
 
 
-def user_sentence(report: dict, html_output: bool = False) -> str:
+def user_sentence(report: dict) -> str:
+    """The user-level guarantee in one paragraph of plain text (model card)."""
+    parts = user_sentence_parts(report)
+    return parts["before"] + parts["epsilon"] + parts["after"]
+
+
+def user_sentence_parts(report: dict) -> dict:
+    """The user-level sentence split around its ε, which the HTML report sets in bold."""
     u = report["user_level"]
     if u is None:
-        return ("This is not user-level privacy: a client's participation as a whole is not "
-                "hidden.")
+        return {"before": "This is not user-level privacy: a client's participation as a whole "
+                          "is not hidden.", "epsilon": "", "after": ""}
     where = ("added by each client in shares (distributed), so the server never sees an update "
              "with less than the calibrated noise" if u["noise"] == "distributed"
              else "added by the server to the sum (central: the server is trusted to add it)")
     secagg = ("Updates are combined with secure aggregation (SecAgg+): the server learns only "
               "their sum." if u["secure_aggregation"] else
               "Without secure aggregation the server sees each clipped update.")
-    eps = f"<strong>{_fmt(u['epsilon'])}</strong>" if html_output else _fmt(u["epsilon"])
     server = ("unknown (records of an older fedllm)" if u.get("epsilon_vs_server") is None else
               f"{_fmt(u['epsilon_vs_server'])} (a client's update entered at most "
               f"{u['max_rounds_per_client']} round(s))")
-    return (f"User level: all data of any one client is protected with ε = {eps} at "
-            f"δ = {report['delta']:g} against parties that see only the models, amplified by "
+    return {
+        "before": "User level: all data of any one client is protected with ε = ",
+        "epsilon": _fmt(u["epsilon"]),
+        "after": (
+            f" at δ = {report['delta']:g} against parties that see only the models, amplified by "
             f"client sampling over {u['rounds']} rounds ({u['sampling']} client "
             f"sampling, each update clipped to L2 norm {u['clip_norm']:g}, Gaussian noise "
             f"multiplier {_fmt(u['noise_multiplier'])} {where}; averages divide by the expected "
             f"cohort {u['expected_cohort']}). Against the server, which picks the cohorts and "
             f"so knows who took part, sampling amplifies nothing: ε = {server}. {secagg} The "
-            f"noise guarantee holds with up to {u['tolerated_dropouts']} dropouts per round.")
+            f"noise guarantee holds with up to {u['tolerated_dropouts']} dropouts per round."),
+    }
 
 
-def render_html(run: RunFiles, report: dict, png: bytes | None, audit_html: str = "") -> str:
-    cfg, ex = run.cfg, report["example_level"]
-    rows = []
-    if ex is not None:
-        for cid, c in ex["clients"].items():
-            rows.append(
-                f"<tr><td>{html.escape(cid)}</td><td>{c['rounds']}</td><td>{c['steps']}</td>"
-                f"<td>{_fmt(c['sample_rate'], '.4f')}</td><td>{_fmt(c['noise_multiplier'])}</td>"
-                f"<td>{_fmt(c['max_grad_norm'], 'g')}</td><td>{_fmt(c['epsilon'])}</td>"
-                f"<td>{_fmt(c['lifetime_epsilon'])}</td></tr>")
-    exhausted = "".join(
-        f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
-        f"{html.escape(d['reason'])}</li>" for d in (ex or {}).get("exhausted_clients", []))
-    refused = "".join(
-        f"<li>round {d['round']}: <code>{html.escape(d['client_id'])}</code> — "
-        f"{html.escape(d['reason'])}</li>" for d in report.get("refused_clients", []))
-    img = (f'<img alt="epsilon per round" src="data:image/png;base64,'
-           f'{base64.b64encode(png).decode()}">' if png else "")
-    metric_rows = "".join(
-        f"<tr><td>{m['round']}</td><td>{m['num_clients']}</td><td>{_fmt(m.get('train_loss'), '.4f')}"
-        f"</td><td>{_fmt(m['eval_loss'], '.4f')}</td><td>{_fmt(m['perplexity'], '.2f')}</td>"
-        f"<td>{_fmt(m.get('epsilon_example_max'))}</td></tr>" for m in run.metrics)
-    table = ("<table id='clients'><thead><tr><th>client</th><th>rounds</th><th>steps</th>"
-             "<th>sample rate q</th><th>noise z</th><th>clip C</th><th>ε (this run)</th>"
-             "<th>ε (lifetime ledger)</th></tr></thead><tbody>" + "".join(rows) +
-             "</tbody></table>") if ex is not None else ""
-    return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>fedllm privacy report</title>
-<style>
-body{{font-family:system-ui,sans-serif;max-width:60em;margin:2em auto;padding:0 1em;color:#222}}
-table{{border-collapse:collapse;margin:1em 0}}td,th{{border:1px solid #ccc;padding:.3em .6em;
-text-align:right}}td:first-child,th:first-child{{text-align:left}}th{{background:#f3f3f3}}
-.summary{{background:#f6f8fa;border-left:4px solid #2c7be5;padding:.8em 1em}}img{{max-width:100%}}
-</style></head><body>
-<h1>Privacy report</h1>
-<p class="summary">{plain_summary(cfg, report)}</p>
-<p>δ = {report['delta']:g} · accountant: {report['accountant'].upper()} · rounds: {report['rounds']}
-· clients per round: {cfg.federation.clients_per_round} ({cfg.federation.sampling} sampling)
-· trained: {html.escape(describe_adapter(cfg.model))}</p>
-{img}
-<h2>Per-client privacy loss</h2>
-{table}
-{"<h2>Clients stopped by their budget</h2><ul id='exhausted'>" + exhausted + "</ul>" if exhausted else ""}
-{"<h2>Clients that refused to train</h2><ul id='refused'>" + refused + "</ul>" if refused else ""}
-<h2>Rounds</h2>
-<table id="rounds"><thead><tr><th>round</th><th>clients</th><th>train loss</th>
-<th>held-out loss</th><th>perplexity</th><th>max ε</th></tr></thead><tbody>{metric_rows}</tbody></table>
-{audit_html}
-<h2>Notes</h2><ul>{''.join(f'<li>{html.escape(n)}</li>' for n in report['notes'])}</ul>
-</body></html>
-"""
+@functools.cache
+def _templates():
+    """The Jinja2 environment of the HTML reports (fedllm/templates, shipped as package data).
+    Autoescape is on: every value is HTML-escaped unless a template says otherwise."""
+    import jinja2
+
+    env = jinja2.Environment(loader=jinja2.PackageLoader("fedllm", "templates"),
+                             autoescape=True, undefined=jinja2.StrictUndefined,
+                             trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
+    env.filters["fmt"] = _fmt
+    return env
 
 
-def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
+def _b64(data: bytes | None) -> str | None:
+    return base64.b64encode(data).decode() if data else None
+
+
+def render_html(run: RunFiles, report: dict, png: bytes | None, audit: dict | None = None,
+                audit_png: bytes | None = None) -> str:
+    return _templates().get_template("report.html.j2").render(
+        cfg=run.cfg, report=report, ex=report["example_level"], user=report["user_level"],
+        user_parts=user_sentence_parts(report), participation=participation_text(run.cfg),
+        adapter=describe_adapter(run.cfg.model), metrics=run.metrics, png_b64=_b64(png),
+        audit=audit, audit_png_b64=_b64(audit_png))
+
+
+def model_card(cfg, report: dict, final_metrics: dict | None,
+               samples: dict | None = None) -> str:
     ex = report["example_level"]
+    base_model = portable_base_model(cfg)
     lines = [
         "---",
+        *([f"base_model: {json.dumps(base_model)}"] if base_model else []),
         "library_name: peft",
         f"tags: [fedllm, federated-learning, differential-privacy, {_adapter_tag(cfg)}]",
         "---",
@@ -483,9 +474,27 @@ def model_card(cfg, report: dict, final_metrics: dict | None) -> str:
         lines += ["", "## Evaluation", "",
                   f"Held-out loss {final_metrics['eval_loss']:.4f}, perplexity "
                   f"{final_metrics['perplexity']:.2f}."]
+    lines += sample_lines(samples)
     lines += ["", "See `privacy_report.json` / `privacy_report.html` in the run directory for "
               "per-client values.", ""]
     return "\n".join(lines)
+
+
+def sample_lines(samples: dict | None) -> list[str]:
+    """The card's "Sample generations" section: base model vs adapter, fixed prompts."""
+    if samples is None:
+        return []
+    lines = ["", "## Sample generations", ""]
+    if "skipped" in samples:
+        return lines + [f"None: {samples['skipped']}."]
+    lines += [f"Greedy continuations ({samples['max_new_tokens']} new tokens at most) of fixed "
+              "prompts, by the base model alone and with this adapter "
+              "(`fedllm generate RUN_DIR --prompt TEXT` makes more):", ""]
+    for s in samples["samples"]:
+        lines += [f"- **Prompt:** {json.dumps(s['prompt'], ensure_ascii=False)}",
+                  f"  - base: {json.dumps(s['base'], ensure_ascii=False)}",
+                  f"  - adapter: {json.dumps(s['adapter'], ensure_ascii=False)}"]
+    return lines
 
 
 def threat_model_lines(report: dict) -> list[str]:
@@ -534,6 +543,20 @@ def _range(clients: dict, key: str) -> str:
     return f"{lo:.3g}" if math.isclose(lo, hi) else f"{lo:.3g}–{hi:.3g} (per client)"
 
 
+SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def portable_base_model(cfg) -> str | None:
+    """The base model as others can load it: the hub id of the bundled SmolLM2, else the
+    model.path the run was given (never fedllm's local conversion cache); None for the
+    random-init tiny model, which only the run's seed reproduces."""
+    if cfg.model.name == "tiny":
+        return None
+    if cfg.model.name == "smollm2" and not cfg.model.path:
+        return SMOLLM2_HUB_ID
+    return cfg.model.path
+
+
 def _base_name(cfg) -> str:
     if cfg.model.path:
         return cfg.model.path
@@ -564,14 +587,16 @@ def write_audit_files(run_dir: Path, audit: dict) -> list[Path]:
         write_reports(run_dir)
         written.append(run_dir / "privacy_report.html")
     else:
-        page = ("<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>fedllm privacy "
-                "audit</title><style>body{font-family:system-ui,sans-serif;max-width:60em;"
-                "margin:2em auto;padding:0 1em;color:#222}table{border-collapse:collapse}td,th"
-                "{border:1px solid #ccc;padding:.3em .6em}img{max-width:100%}</style></head><body>"
-                "<h1>Privacy audit</h1>" + audit_section_html(audit, run_dir) + "</body></html>\n")
+        page = _templates().get_template("audit.html.j2").render(
+            audit=audit, audit_png_b64=_b64(read_audit_png(run_dir)))
         atomic_write_text(run_dir / "audit.html", page)
         written.append(run_dir / "audit.html")
     return written
+
+
+def read_audit_png(run_dir: Path) -> bytes | None:
+    path = Path(run_dir) / AUDIT_ROC_FILE
+    return path.read_bytes() if path.is_file() else None
 
 
 def audit_roc_plot(audit: dict) -> bytes:
@@ -604,47 +629,3 @@ def audit_roc_plot(audit: dict) -> bytes:
     fig.savefig(buf, format="png")
     plt.close(fig)
     return buf.getvalue()
-
-
-def audit_section_html(audit: dict | None, run_dir: Path) -> str:
-    """The report's "Empirical privacy audit" section ('' without an audit)."""
-    if audit is None:
-        return ""
-    png_path = Path(run_dir) / AUDIT_ROC_FILE
-    img = (f'<img alt="audit ROC" src="data:image/png;base64,'
-           f'{base64.b64encode(png_path.read_bytes()).decode()}">' if png_path.is_file() else "")
-    t = audit["test"]
-    verdict = (f"<strong>VIOLATION</strong>: the empirical lower bound exceeds the claimed ε, so "
-               f"with {audit['confidence']:.0%} confidence the mechanism that ran is not "
-               f"({_fmt(audit['claimed_epsilon'])}, {audit['delta']:g})-DP."
-               if audit["flag"] else
-               "Consistent: the lower bound does not exceed the claimed ε. (An audit can refute a "
-               "privacy claim, never prove one; bounds from small models are loose.)")
-    if audit["method"] == "one_run":
-        counts = (f"{t['canaries']} canaries, {t['included']} inserted (fair coins); "
-                  f"{t['correct']} of {t['guesses']} guesses correct")
-    else:
-        counts = (f"{audit['canaries']} independent runs, one canary each; best threshold: "
-                  f"TP {t['tp']}, FN {t['fn']}, FP {t['fp']}, TN {t['tn']}")
-    broken = audit["break_mechanism"]
-    drill = (f"<p><strong>Drill:</strong> <code>audit.break_mechanism={html.escape(broken)}</code> "
-             f"— a deliberately broken mechanism ran (test/drill only).</p>"
-             if broken != "none" else "")
-    m = audit["claimed_mechanism"]
-    return f"""<h2 id="audit">Empirical privacy audit</h2>
-<p class="summary">{verdict}</p>{drill}
-<table id="audit-table"><tbody>
-<tr><td>empirical ε lower bound ({audit['confidence']:.0%} confidence)</td>
-<td>{_fmt(audit['epsilon_lower_bound'])}</td></tr>
-<tr><td>claimed ε (same client and mechanism, δ = {audit['delta']:g},
-{audit['accountant'].upper()})</td><td>{_fmt(audit['claimed_epsilon'])}</td></tr>
-<tr><td>mechanism</td><td>q = {_fmt(m['sample_rate'], '.4f')}, z = {_fmt(m['noise_multiplier'])},
-C = {m['max_grad_norm']:g}, {m['steps']} steps</td></tr>
-<tr><td>game</td><td>{html.escape(counts)}</td></tr>
-<tr><td>membership AUC</td><td>{_fmt(audit['auc'])}</td></tr>
-</tbody></table>
-{img}
-<p>Method: {html.escape(audit['citation'])}. Score: {html.escape(audit['score'])}. The canary
-client trained in-process with fedllm's own client code (<code>local_round</code>: Poisson
-sampling, per-sample clipping, Gaussian noise), not through Flower/Ray.</p>
-"""

@@ -423,9 +423,13 @@ def prepare_run_files(cfg: FedLLMConfig, run_dir: Path, strategy: Strategy,
 def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: Strategy,
              recorder: RoundRecorder, started: float) -> dict:
     """Export the adapter (PEFT format) with its model card, the privacy report, a summary."""
+    from fedllm import export
+
     models.load_adapter_state(loaded.model, final_arrays)
     adapter_dir = run_dir / "adapter"
     models.unwrap(loaded.model).save_pretrained(adapter_dir)
+    export.set_portable_base(adapter_dir, cfg)
+    export.write_samples(run_dir, cfg, models.unwrap(loaded.model), loaded.tokenizer)  # card
     report = write_reports(run_dir)
     final_metrics = recorder.history[-1] if recorder.history else None
     ex = report["example_level"]
