@@ -15,6 +15,7 @@ _LAZY = {
     "Config": "fedllm.api",
     "ConfigError": "fedllm.config",
     "sweep": "fedllm.multirun",
+    "load_adapter": "fedllm.export",
 }
 
 __all__ = ["__version__", *_LAZY]

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import fedllm
@@ -18,7 +19,7 @@ def test_import_fedllm_is_cheap_and_exports_the_api_lazily():
             "heavy = [m for m in ('torch', 'flwr', 'ray', 'hydra', 'omegaconf', 'transformers')"
             " if m in sys.modules]\n"
             "assert not heavy, heavy\n"
-            "api = {'compose', 'simulate', 'sweep', 'RunResult', 'ConfigError'}\n"
+            "api = {'compose', 'simulate', 'sweep', 'RunResult', 'ConfigError', 'load_adapter'}\n"
             "assert api <= set(dir(fedllm)), dir(fedllm)\n"
             "from fedllm import ConfigError, RunResult, compose, simulate, sweep\n"
             "assert issubclass(ConfigError, ValueError) and RunResult.__module__ == 'fedllm.api'\n"
@@ -102,3 +103,14 @@ def test_simulate_returns_a_result_matching_the_files_on_disk(tmp_path, monkeypa
     again = fedllm.RunResult.from_run_dir(run_dir)
     assert (again.summary, again.rounds, again.privacy) == (result.summary, result.rounds,
                                                             result.privacy)
+    # The trained adapter comes back as a PeftModel carrying exactly the exported weights.
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.numpy import load_file
+
+    model = fedllm.load_adapter(run_dir)
+    assert isinstance(model, PeftModel)
+    saved = load_file(result.adapter_dir / "adapter_model.safetensors")
+    loaded = get_peft_model_state_dict(model)
+    assert saved and set(saved) == set(loaded)
+    for name, value in saved.items():
+        assert np.allclose(loaded[name].detach().numpy(), value), name
