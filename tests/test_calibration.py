@@ -149,3 +149,13 @@ def test_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FEDLLM_CALIBRATION_CACHE", str(blocker / "calibration"))
     z = calibrate_noise(8.0, DELTA, steps=4, sample_rate=0.16)
     assert math.isfinite(z) and z > 0
+
+
+def test_a_target_below_the_accountants_resolution_is_refused():
+    # dp_accounting's PLD reports epsilon 0 for huge noise, so without this guard a target
+    # of 1e-9 would be "met" by rounding. It must fail instead.
+    from fedllm.privacy.accounting import AccountingError, calibrate_noise
+
+    with pytest.raises(AccountingError, match="cannot tell it from 0"):
+        calibrate_noise(1e-9, 1e-5, steps=2, sample_rate=0.5)
+    assert calibrate_noise(0.05, 1e-5, steps=2, sample_rate=0.5) > 10

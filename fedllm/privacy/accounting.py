@@ -47,6 +47,10 @@ EXACT_MAX_MECHANISMS = 4
 COMPOSITION_DISCRETIZATION = 1e-3
 # Bump when the calibration search or its verification changes: old cache entries are ignored.
 CALIBRATION_VERSION = 2
+# The PLD grid resolves privacy losses to about REPORT_DISCRETIZATION; a target within a few
+# grid steps of 0 would be "met" by rounding (the accountant reports 0 for very large noise),
+# not by the mechanism. Refuse targets below this instead of calibrating to them.
+MIN_TARGET_EPSILON = 100 * REPORT_DISCRETIZATION
 
 
 class AccountingError(ValueError):
@@ -226,6 +230,10 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
     """
     if not _is_number(target_epsilon) or target_epsilon <= 0:
         raise AccountingError(f"target epsilon must be > 0, got {target_epsilon!r}")
+    if target_epsilon < MIN_TARGET_EPSILON:
+        raise AccountingError(
+            f"target epsilon {target_epsilon:g} is unreachable: below {MIN_TARGET_EPSILON:g}, "
+            "the accountant's grid cannot tell it from 0")
     _check_delta(delta)
     prior = list(prior)
 
