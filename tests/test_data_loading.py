@@ -116,3 +116,21 @@ def test_missing_client_file_is_one_readable_error(tmp_path, tiny_loaded):
         load_client(cfg.data, tok, index, index.client_ids.index("ann"), seq_len=SEQ_LEN, seed=0)
     with pytest.raises(DataError, match="partition-id 5 but only 2 clients"):
         load_client(cfg.data, tok, index, 5, seq_len=SEQ_LEN, seed=0)
+
+
+def test_simulated_client_app_gets_its_partition_from_the_cached_index(tmp_path, tiny_cfg,
+                                                                       tiny_data):
+    """The ClientApp's ``this_client`` (partition-id) matches the whole-corpus federation, and
+    the index it used is the one cached in the run directory."""
+    import copy
+
+    from fedllm.clients.app import this_client
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.run.dir = str(tmp_path / "run")
+    for position in (0, len(tiny_data.clients) - 1):
+        client = this_client(cfg, {"partition-id": position})
+        expected = tiny_data.clients[position]
+        assert client.client_id == expected.client_id
+        assert torch.equal(client.train, expected.train) and torch.equal(client.eval, expected.eval)
+    assert len(list((tmp_path / "run" / ".cache" / "data").glob("index-*.json"))) == 1

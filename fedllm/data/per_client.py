@@ -330,7 +330,9 @@ def _units_of(data_cfg, ids: list[str], index: ClientIndex, seed: int, where: Pa
                 raise DataError(f"client {cids[0]!r}: no play named {play!r}")
             owners = owners_in_file(file_units(data_cfg, files[play]))
             for cid in cids:
-                yield cid, owners.get(cid, [])
+                if cid not in owners:
+                    raise DataError(f"client {cid!r}: no such role in {files[play]}")
+                yield cid, owners[cid]
     else:
         for cid in ids:
             yield cid, natural_client_units(data_cfg, cid)
