@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import time
@@ -42,15 +43,40 @@ from fedllm.data.federated import build_federated_data
 from fedllm.data.per_client import build_client_index, load_client
 
 mode, data_dir, cache = sys.argv[1], sys.argv[2], Path(sys.argv[3])
-cfg = compose(["model=tiny", "data=jsonl", f"data.path={data_dir}"])
+iid = mode.startswith("iid-")
+mode = mode.removeprefix("iid-")
+cfg = compose(["model=tiny", "data=jsonl", f"data.path={data_dir}"]
+              + (["data.partitioning=iid"] if iid else []))
 tok = models.load_tokenizer(cfg.model)
 kw = dict(seq_len=cfg.train.seq_len, min_sequences=cfg.train.batch_size, num_clients=None,
           seed=0)
 
+if iid:  # a fixed cost, not the corpus's: count it in the baseline
+    import datasets, flwr_datasets.partitioner
+
 def rss_kb():
     return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE") // 1024
 
+def reset_peak():
+    # Linux: writing 5 to clear_refs resets the peak RSS (VmHWM) to the current RSS, so the
+    # peak measured below is the loading's, not the imports'.
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+def peak_kb(exact):
+    if exact:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
 base = rss_kb()
+base_file_mb = int(dict(line.split(":", 1) for line in
+                        Path("/proc/self/status").read_text().splitlines())["RssFile"].split()[0]) / 1024
+exact = reset_peak()
 start, cpu0 = time.perf_counter(), time.process_time()
 if mode == "whole":
     n = len(build_federated_data(cfg.data, tok, **kw).clients)
@@ -58,11 +84,15 @@ elif mode == "index":
     n = len(build_client_index(cfg.data, tok, **kw, where=cache).clients)
 else:
     index = build_client_index(cfg.data, tok, **kw, where=cache)  # cached: read back
-    n = len(load_client(cfg.data, tok, index, 0, seq_len=cfg.train.seq_len, seed=0).train)
+    n = len(load_client(cfg.data, tok, index, 0, seq_len=cfg.train.seq_len, seed=0,
+                        where=cache).train)
 wall, cpu = time.perf_counter() - start, time.process_time() - cpu0
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+peak = peak_kb(exact)
+status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines())
+file_mb = int(status.get("RssFile", "0 kB").split()[0]) / 1024  # mapped file pages (page cache)
 print(json.dumps({"mode": mode, "peak_mb": (peak - base) / 1024, "base_mb": base / 1024,
-                  "wall_s": wall, "cpu_s": cpu, "n": n}))
+                  "wall_s": wall, "cpu_s": cpu, "n": n, "exact_peak": exact,
+                  "file_mb": file_mb - base_file_mb}))
 """
 
 
@@ -98,6 +128,8 @@ def main() -> None:
     ap.add_argument("--kb-per-client", type=int, default=64)
     ap.add_argument("--whole-max", type=int, default=100,
                     help="measure the old whole-corpus path up to this many clients")
+    ap.add_argument("--iid", action=argparse.BooleanOptionalAction, default=True,
+                    help="also measure data.partitioning=iid (on-disk Arrow corpus)")
     ap.add_argument("--workdir", type=Path, default=Path("/tmp/fedllm-bench-data"))
     ap.add_argument("--no-write", action="store_true", help="print only; leave BENCHMARKS.md")
     args = ap.parse_args()
@@ -106,8 +138,12 @@ def main() -> None:
         data = make_corpus(args.workdir, n, args.kb_per_client)
         mb = sum(f.stat().st_size for f in data.glob("*.jsonl")) / 2**20
         cache = args.workdir / f"cache-{n}"
+        shutil.rmtree(cache, ignore_errors=True)  # the index row measures a fresh build
         row = {"clients": n, "corpus_mb": mb, "index": measure("index", data, cache),
                "client": measure("client", data, cache)}
+        if args.iid:  # the same corpus re-partitioned IID: rows from the on-disk Arrow copy
+            row["iid_index"] = measure("iid-index", data, cache)
+            row["iid_client"] = measure("iid-client", data, cache)
         if n <= args.whole_max:
             row["whole"] = measure("whole", data, cache)
         rows.append(row)
@@ -119,27 +155,37 @@ def main() -> None:
 def cell(r: dict | None) -> str:
     if r is None:
         return "—"
-    return f"{r['peak_mb']:.0f} MB, {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s CPU)"
+    mapped = f" ({r['file_mb']:.0f} MB of it mapped file pages)" if r["file_mb"] >= 1 else ""
+    return f"{r['peak_mb']:.0f} MB{mapped}, {r['wall_s']:.1f} s ({r['cpu_s']:.1f} s CPU)"
 
 
 def write(rows: list[dict], args) -> None:
     from benchmarks_md import write_section
 
     cmd = (f"python experiments/bench_data_memory.py --clients {' '.join(map(str, args.clients))} "
-           f"--kb-per-client {args.kb_per_client} --whole-max {args.whole_max}")
+           f"--kb-per-client {args.kb_per_client} --whole-max {args.whole_max}"
+           + ("" if args.iid else " --no-iid"))
     lines = ["## Scale: per-client data loading", "",
-             "Peak RSS added by data loading (above imports + tokenizer) and its time, in a "
+             "Peak RSS added by data loading (above imports, `datasets` included, + tokenizer) and its time, in a "
              "fresh process, for synthetic JSONL corpora with one file per client, every "
              f"client {args.kb_per_client} KiB (model=tiny's tokenizer, seq_len 64). "
              "*One client* is what each simulated ClientApp now does (its own file only, "
              "with the cached client index); *index* is the one streaming pass of `fedllm "
              "simulate`'s preflight that counts every client's sequences; *whole corpus* is "
              "the previous path, which every process ran.", "",
-             "| clients | corpus | one client | index (once per run) | whole corpus (before) |",
-             "|---:|---:|---|---|---|"]
+             "*iid* columns: the same corpus with `data.partitioning=iid` (as many partitions "
+             "as files), a client's rows read from the memory-mapped Arrow copy; its index "
+             "pass includes writing that copy and its seeded permutation (both memory-mapped "
+             "by the clients). Pages of memory-mapped files count in RSS but are page cache "
+             "(shared, dropped under memory pressure); the table says how much of a peak they "
+             "were at the end.", "",
+             "| clients | corpus | one client | index (once per run) | one client, iid | "
+             "index, iid | whole corpus (before) |",
+             "|---:|---:|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['clients']} | {r['corpus_mb']:.1f} MB | {cell(r['client'])} | "
-                     f"{cell(r['index'])} | {cell(r.get('whole'))} |")
+                     f"{cell(r['index'])} | {cell(r.get('iid_client'))} | "
+                     f"{cell(r.get('iid_index'))} | {cell(r.get('whole'))} |")
     lines += ["", f"Command: `{cmd}`. Load average during the run: "
               f"{' '.join(f'{x:.1f}' for x in os.getloadavg())} (shared machine)."]
     write_section("data_memory", "\n".join(lines))

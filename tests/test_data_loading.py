@@ -100,7 +100,9 @@ def test_iid_partitions_come_from_the_on_disk_corpus(tmp_path, tiny_loaded):
     old = build_federated_data(cfg.data, tok, **kw)
     cache = tmp_path / "cache"
     index = build_client_index(cfg.data, tok, **kw, where=cache)
-    assert index.num_partitions == 4 and len(list(cache.glob("corpus-*.arrow"))) == 1
+    # The corpus and its seeded permutation are on disk (memory-mapped by each client).
+    assert index.num_partitions == 4 and len(list(cache.glob("corpus-*-seed7.arrow"))) == 1
+    assert len(list(cache.glob("corpus-*.arrow"))) == 2
     same_clients(old, index, lambda pos: load_client(cfg.data, tok, index, pos,
                                                      seq_len=SEQ_LEN, seed=7, where=cache))
 
@@ -119,13 +121,14 @@ def test_missing_client_file_is_one_readable_error(tmp_path, tiny_loaded):
 
 
 def test_simulated_client_app_gets_its_partition_from_the_cached_index(tmp_path, tiny_cfg,
-                                                                       tiny_data):
+                                                                       tiny_data, monkeypatch):
     """The ClientApp's ``this_client`` (partition-id) matches the whole-corpus federation, and
     the index it used is the one cached in the run directory."""
     import copy
 
     from fedllm.clients.app import this_client
 
+    monkeypatch.delenv("FEDLLM_CACHE", raising=False)  # default: under the run directory
     cfg = copy.deepcopy(tiny_cfg)
     cfg.run.dir = str(tmp_path / "run")
     for position in (0, len(tiny_data.clients) - 1):

@@ -169,9 +169,17 @@ def iid_partitioner(data_cfg, files: list[Path], num_partitions: int, seed: int,
     if num_partitions > len(corpus):
         raise DataError(f"cannot split {len(corpus)} units into {num_partitions} IID partitions")
     partitioner = IidPartitioner(num_partitions=num_partitions)
-    # keep_in_memory: the permutation only (8 bytes a unit), never the rows themselves.
-    partitioner.dataset = corpus.shuffle(seed=seed, keep_in_memory=True)
+    partitioner.dataset = _shuffled(corpus, seed, where)
     return partitioner
+
+
+def _shuffled(corpus, seed: int, where: Path | None):
+    """The corpus in its seeded order. With a cache dir the permutation is written once next
+    to the corpus and memory-mapped after, so a client never holds one entry per unit."""
+    if where is None:
+        return corpus.shuffle(seed=seed, keep_in_memory=True)
+    stem = Path(corpus.cache_files[0]["filename"]).stem
+    return corpus.shuffle(seed=seed, indices_cache_file_name=str(where / f"{stem}-seed{seed}.arrow"))
 
 
 def iid_client_id(pid: int) -> str:
