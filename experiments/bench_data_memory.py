@@ -176,7 +176,8 @@ def write(rows: list[dict], args) -> None:
            f"--kb-per-client {args.kb_per_client} --whole-max {args.whole_max}"
            + ("" if args.iid else " --no-iid"))
     lines = ["## Scale: per-client data loading", "",
-             "Peak RSS added by data loading (above imports, `datasets` included, + tokenizer) and its time, in a "
+             "Peak memory added by data loading (above imports, `datasets` included, and the "
+             "tokenizer) and its time, in a "
              "fresh process, for synthetic JSONL corpora with one file per client, every "
              f"client {args.kb_per_client} KiB (model=tiny's tokenizer, seq_len 64). "
              "*One client* is what each simulated ClientApp now does (its own file only, "

@@ -179,7 +179,8 @@ def _shuffled(corpus, seed: int, where: Path | None):
     if where is None:
         return corpus.shuffle(seed=seed, keep_in_memory=True)
     stem = Path(corpus.cache_files[0]["filename"]).stem
-    return corpus.shuffle(seed=seed, indices_cache_file_name=str(where / f"{stem}-seed{seed}.arrow"))
+    permutation = where / f"{stem}-seed{seed}.arrow"
+    return corpus.shuffle(seed=seed, indices_cache_file_name=str(permutation))
 
 
 def iid_client_id(pid: int) -> str:
