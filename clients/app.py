@@ -30,8 +30,8 @@ from fedllm import models, protocol
 from fedllm.config import (DataConfig, FedLLMConfig, ModelConfig, from_yaml,
                            min_client_sequences, to_yaml)
 from fedllm.config import ledger_dir as config_ledger_dir
-from fedllm.data.federated import (ClientData, FederatedData, build_federated_data,
-                                   build_local_client)
+from fedllm.data.federated import ClientData, build_local_client
+from fedllm.data.per_client import ClientIndex, build_client_index, cache_dir, load_client
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise, epsilon
@@ -87,11 +87,24 @@ def _model(model_yaml: str, seed: int) -> models.LoadedModel:
 
 
 @functools.lru_cache(maxsize=1)
-def _simulated_clients(model_yaml: str, data_yaml: str, seq_len: int, seed: int,
-                       min_sequences: int, num_clients: int | None) -> FederatedData:
-    tokenizer = _model(model_yaml, seed).tokenizer
-    return build_federated_data(_section(DataConfig, data_yaml), tokenizer, seq_len=seq_len,
-                                min_sequences=min_sequences, num_clients=num_clients, seed=seed)
+def _client_index(model_yaml: str, data_yaml: str, seq_len: int, seed: int, min_sequences: int,
+                  num_clients: int | None, run_dir: str) -> ClientIndex:
+    """The federation's client list and sizes: cached on disk by the CLI's preflight."""
+    return build_client_index(_section(DataConfig, data_yaml), _model(model_yaml, seed).tokenizer,
+                              seq_len=seq_len, min_sequences=min_sequences,
+                              num_clients=num_clients, seed=seed, where=cache_dir(run_dir))
+
+
+# Only this client's partition is read and tokenized, never the corpus. An actor that serves
+# several virtual clients keeps the last few it served.
+@functools.lru_cache(maxsize=4)
+def _simulated_client(model_yaml: str, data_yaml: str, seq_len: int, seed: int,
+                      min_sequences: int, num_clients: int | None, run_dir: str,
+                      position: int) -> ClientData:
+    index = _client_index(model_yaml, data_yaml, seq_len, seed, min_sequences, num_clients,
+                          run_dir)
+    return load_client(_section(DataConfig, data_yaml), _model(model_yaml, seed).tokenizer,
+                       index, position, seq_len=seq_len, seed=seed, where=cache_dir(run_dir))
 
 
 @functools.lru_cache(maxsize=2)
@@ -108,13 +121,10 @@ def this_client(cfg: FedLLMConfig, node_config) -> ClientData:
     """Simulation: the partition-id-th client of the bundled/configured source. Deployment:
     the site's own files at node config ``data-path`` (client id: ``client-id``)."""
     if "partition-id" in node_config:
-        data = _simulated_clients(to_yaml(cfg.model), to_yaml(cfg.data),
-                                  cfg.train.seq_len, cfg.run.seed, min_client_sequences(cfg),
-                                  cfg.federation.num_clients)
-        index = int(node_config["partition-id"])
-        if index >= len(data.clients):
-            raise ValueError(f"partition-id {index} but only {len(data.clients)} clients exist")
-        return data.clients[index]
+        return _simulated_client(to_yaml(cfg.model), to_yaml(cfg.data), cfg.train.seq_len,
+                                 cfg.run.seed, min_client_sequences(cfg),
+                                 cfg.federation.num_clients, cfg.run.dir,
+                                 int(node_config["partition-id"]))
     if "data-path" not in node_config:
         raise ValueError("this SuperNode has no data: start it with --node-config "
                          "\"data-path=/path/to/data client-id=NAME\"")

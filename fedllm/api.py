@@ -139,9 +139,9 @@ def _as_config(config_or_overrides: ConfigOrOverrides) -> Config:
 
 def prepare(cfg: Config):
     """Fill in the run's identity (dir, id) and check data, model and privacy feasibility
-    before any training. Returns (config, federated data); raises ConfigError."""
+    before any training. Returns (config, client index); raises ConfigError."""
     from fedllm import models
-    from fedllm.data.federated import build_federated_data
+    from fedllm.data.per_client import run_index
     from fedllm.data.sources import DataError
 
     if cfg.run.resume:
@@ -157,10 +157,8 @@ def prepare(cfg: Config):
     try:
         tokenizer = models.load_tokenizer(cfg.model)
         models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
-        data = build_federated_data(
-            cfg.data, tokenizer, seq_len=cfg.train.seq_len,
-            min_sequences=fcfg.min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
-            seed=cfg.run.seed)
+        # Sizes only (cached for the server and the clients): no process holds the corpus.
+        data = run_index(cfg, tokenizer)
     except (DataError, models.ModelError, OSError) as exc:
         raise ConfigError(str(exc)) from None
     _check_fault_clients(cfg, data.client_ids)
@@ -180,7 +178,7 @@ def _check_privacy_feasible(cfg: Config, data) -> None:
     ex = cfg.privacy.example
     if not ex.enabled or ex.noise_multiplier is not None:
         return
-    smallest = min(len(c.train) for c in data.clients)
+    smallest = min(c.num_train for c in data.clients)
     q = example_sample_rate(cfg.train.batch_size, smallest)
     cap = fcfg.participation_cap(cfg, len(data.clients))
     steps = cap * cfg.train.local_steps

@@ -23,9 +23,9 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import Strategy
 
 from fedllm import models, protocol
-from fedllm.config import (ConfigError, FedLLMConfig, compose, from_yaml, min_client_sequences,
-                           participation_cap, run_config_overrides, to_yaml)
-from fedllm.data.federated import build_federated_data
+from fedllm.config import (ConfigError, FedLLMConfig, compose, from_yaml, participation_cap,
+                           run_config_overrides, to_yaml)
+from fedllm.data.per_client import run_eval_sequences, run_index
 from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
 from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
@@ -327,11 +327,9 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     started = time.time()
     loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
     if cfg.eval.mode == "server":  # simulation: the server can read the held-out share
-        data = build_federated_data(
-            cfg.data, loaded.tokenizer, seq_len=cfg.train.seq_len,
-            min_sequences=min_client_sequences(cfg), num_clients=cfg.federation.num_clients,
-            seed=cfg.run.seed)
-        eval_sequences, population = data.eval_sequences(cfg.eval.max_sequences), len(data.clients)
+        index = run_index(cfg, loaded.tokenizer)  # built by `fedllm simulate`'s preflight
+        eval_sequences = run_eval_sequences(cfg, loaded.tokenizer, index)
+        population = len(index.clients)
         check_simulated_nodes(grid, population)
     else:  # deployment: data stays on the nodes; the federation is whoever is connected
         eval_sequences, population = None, wait_for_nodes(grid, cfg)

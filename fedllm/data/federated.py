@@ -4,6 +4,10 @@ and pack into fixed-length sequences.
 Clients are ordered by size (largest first, ties by id), so ``federation.num_clients=N`` takes
 the N largest eligible clients and every process (server, simulated or real nodes) agrees on
 which client index is which.
+
+This module builds the whole federation in memory (the library's in-process uses: audit,
+studies, tests); a run's processes use ``per_client``, which gives the same clients and
+sequences one client at a time.
 """
 
 from __future__ import annotations
