@@ -388,13 +388,21 @@ def user_sentence_parts(report: dict) -> dict:
     }
 
 
+def report_templates() -> dict[str, str]:
+    """Template name -> source (the stylesheet is ``report.css``)."""
+    import yaml
+
+    return yaml.safe_load((Path(__file__).parent / "templates" / "reports.yaml").read_text())
+
+
 @functools.cache
 def _templates():
-    """The Jinja2 environment of the HTML reports (fedllm/templates, shipped as package data).
-    Autoescape is on: every value is HTML-escaped unless a template says otherwise."""
+    """The Jinja2 environment of the HTML reports (fedllm/templates/reports.yaml, shipped as
+    package data and inside Flower app bundles). Autoescape is on: every value is HTML-escaped
+    unless a template says otherwise."""
     import jinja2
 
-    env = jinja2.Environment(loader=jinja2.PackageLoader("fedllm", "templates"),
+    env = jinja2.Environment(loader=jinja2.DictLoader(report_templates()),
                              autoescape=True, undefined=jinja2.StrictUndefined,
                              trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True)
     env.filters["fmt"] = _fmt

@@ -10,7 +10,7 @@ import pytest
 
 from fedllm.config import compose, to_yaml
 from fedllm.io import append_jsonl
-from fedllm.report import write_audit_files, write_reports
+from fedllm.report import report_templates, write_audit_files, write_reports
 
 ROOT = Path(__file__).resolve().parent.parent
 TEMPLATES = ROOT / "fedllm" / "templates"
@@ -68,12 +68,12 @@ def test_autoescape_escapes_a_hostile_client_id_everywhere(example_run):
 
 
 def test_one_stylesheet_for_every_page(example_run, tmp_path):
-    css = (TEMPLATES / "report.css").read_text()
+    css = report_templates()["report.css"]
     write_audit_files(tmp_path, AUDIT)  # not a run directory: a standalone audit.html
     for page in ((example_run / "privacy_report.html").read_text(),
                  (tmp_path / "audit.html").read_text()):
         assert page.count("<style>") == 1 and css.strip() in page
-    assert list(TEMPLATES.glob("*.css")) == [TEMPLATES / "report.css"]
+    assert [n for n in report_templates() if n.endswith(".css")] == ["report.css"]
 
 
 def test_audit_section_is_escaped_in_both_pages(tmp_path):
@@ -135,6 +135,12 @@ def test_templates_ship_as_package_data():
     patterns = project["tool"]["setuptools"]["package-data"]["fedllm"]
     files = [p.relative_to(ROOT / "fedllm").as_posix() for p in TEMPLATES.iterdir()]
     assert files and all(any(fnmatch.fnmatch(f, pat) for pat in patterns) for f in files)
+    # A Flower app bundle carries only these file types; the deployed ServerApp renders the
+    # report from the bundle, so its templates must be one of them.
+    from flwr.common.constant import FAB_INCLUDE_PATTERNS
+
+    allowed = {p.removeprefix("**/*") for p in FAB_INCLUDE_PATTERNS if p.startswith("**/*.")}
+    assert all(Path(f).suffix in allowed for f in files), files
     assert any(d.lower().startswith("jinja2") for d in project["project"]["dependencies"])
 
 
