@@ -10,6 +10,7 @@ ServerApp, Ray, client actors), sampled every 0.2 s. Goal: memory grows <= 10% f
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -28,8 +29,10 @@ def main() -> None:
     common = [f"model={args.model}", f"federation.rounds={args.rounds}",
               "federation.clients_per_round=10", "train.local_steps=2", "train.seq_len=32",
               "data.min_client_sequences=1", "eval.max_sequences=32"]
-    rows, base_mem = [], None
+    rows, base_mem, base_round, ratios = [], None, None, []
     with tempfile.TemporaryDirectory(prefix="fedllm-scale-") as tmp:
+        # A cold calibration cache per benchmark (shared by the runs' clients, as in use).
+        os.environ["FEDLLM_CALIBRATION_CACHE"] = str(Path(tmp) / "calibration")
         for n in (10, 100, None):
             overrides = [*common, f"federation.num_clients={n if n else 'null'}"]
             run = simulate(overrides, Path(tmp) / f"n{n or 'all'}")
@@ -38,9 +41,12 @@ def main() -> None:
             population = run.summary["population"]
             per_round = statistics.median(r["seconds"] for r in run.rows)
             base_mem = base_mem or run.peak_tree_rss
+            base_round = base_round or per_round
+            ratios.append(per_round / base_round)
             rows.append(f"| {population:,} | {run.peak_tree_rss / 2**20:,.0f} | "
                         f"{run.peak_tree_rss / base_mem:.3f}x | {run.peak_driver_rss / 2**20:,.0f} "
-                        f"| {per_round:.1f} | {run.wall_s:.0f} | `{command_line(overrides)}` |")
+                        f"| {per_round:.1f} | {per_round / base_round:.2f}x | {run.wall_s:.0f} | "
+                        f"{os.getloadavg()[0]:.1f} | `{command_line(overrides)}` |")
             print(rows[-1], flush=True)
     write_section("scale", "\n".join([
         f"## Scale: 10 clients per round, growing federation (model={args.model})",
@@ -50,23 +56,22 @@ def main() -> None:
         "bundled plays; one virtual SuperNode per client). *Peak memory*: the largest sum of "
         "RSS over the simulation's process tree (driver + ServerApp, Ray, client actors), "
         "sampled every 0.2 s; *driver*: the driver process alone. *Per round*: median of "
-        "metrics.jsonl `seconds`. Goal: memory grows <= 10% from 10 clients to all.",
+        "metrics.jsonl `seconds`; *load*: the 1-minute load average when the run ended. Goals: "
+        "memory grows <= 10% and seconds per round stay within 1.2x from 10 clients to all.",
         "",
         "| clients in federation | peak memory MiB | vs 10 | driver MiB | s per round | "
-        "wall s | run |",
-        "|---|---|---|---|---|---|---|",
+        "vs 10 | wall s | load | run |",
+        "|---|---|---|---|---|---|---|---|---|",
         *rows,
         "",
-        "Partitions are not loaded per sampled client: every process tokenizes the whole "
-        "corpus once (a few MB of token ids for the plays) and indexes its client in it. Memory "
-        "stays flat because that is small next to the model, a client's optimizer state exists "
-        "only while it trains, and Flower's per-node state is small; a corpus of many GB would "
-        "need per-client loading (not built). Time per "
-        "round is dominated by the clients sampled for the first time: each calibrates its "
-        "noise multiplier for its own sample rate (PLD bisection, 1-5 s on this machine; "
-        "clients with q = 1 are cheap) and evaluates its ledger, so a federation where every "
-        "round brings new clients pays that each round, while a 10-client federation pays it "
-        "once. Wall times here are sensitive to other load on the machine.",
+        f"Seconds per round: largest ratio to the 10-client federation {max(ratios):.2f}x "
+        f"(goal <= 1.2x: {'met' if max(ratios) <= 1.2 else 'not met'}). "
+        "Each simulated client loads only its own partition through the client index "
+        "(`fedllm/data/per_client.py`), so memory does not follow the corpus. A client sampled "
+        "for the first time calibrates its noise multiplier for its own sample rate; with the "
+        "calibration cache (cold at the start of this benchmark) that is ~0.3 s cold and "
+        "milliseconds for a (q, steps) already seen, where it was a 1-5 s PLD bisection before. "
+        "Wall times are sensitive to other load on the machine (see *load*).",
     ]))
 
 
