@@ -11,7 +11,7 @@ import time
 import pytest
 
 from fedllm.config import ConfigError, compose
-from fedllm.privacy.ledger import read_ledger_dir
+from fedllm.privacy.ledger import LedgerError, read_ledger_dir
 
 TINY = ["model=tiny", "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
         "train.physical_batch_size=null",
@@ -29,6 +29,17 @@ def rows(run_dir):
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
+def _round_in_flight(run_dir, round_):
+    """True once some client has recorded `round_` in its ledger and the server has not finished it."""
+    try:
+        done = len(rows(run_dir)) if (run_dir / "metrics.jsonl").exists() else 0
+        ledgers = read_ledger_dir(run_dir / "ledger") if (run_dir / "ledger").is_dir() else {}
+    except (OSError, ValueError, LedgerError):  # a file caught mid-write: look again
+        return False
+    started = any(e.round == round_ for entries in ledgers.values() for e in entries)
+    return started and done == round_ - 1
+
+
 @pytest.mark.slow
 def test_sigkill_in_round_two_then_resume(tmp_path):
     run_dir = tmp_path / "run"
@@ -38,14 +49,14 @@ def test_sigkill_in_round_two_then_resume(tmp_path):
          "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0", f"run.dir={run_dir}"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env, start_new_session=True)
     try:
+        # Kill as soon as a client has written its write-ahead ledger entry for round 2: that
+        # happens before it trains, so round 2 is certainly in flight (a fixed sleep raced
+        # with fast machines, where round 2 finished inside it).
         deadline = time.time() + 600
-        while time.time() < deadline:
-            if (run_dir / "metrics.jsonl").exists() and rows(run_dir):
-                break
-            assert proc.poll() is None, "simulation ended before round 1 completed"
-            time.sleep(0.5)
-        time.sleep(3)  # well inside round 2
-        assert proc.poll() is None
+        while not _round_in_flight(run_dir, 2):
+            assert time.time() < deadline, "round 2 never started"
+            assert proc.poll() is None, "simulation ended before round 2 started"
+            time.sleep(0.05)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the server and its Ray workers, no cleanup
         proc.wait()
