@@ -115,6 +115,7 @@ class TinyModelConfig:
     hidden_size: int = MISSING
     num_layers: int = MISSING
     num_heads: int = MISSING
+    vocab_size: Optional[int] = MISSING  # first N tokens of SmolLM2's tokenizer; null: all
 
 
 @dataclass
@@ -448,6 +449,10 @@ def validate(cfg: FedLLMConfig) -> None:
         _positive_int(getattr(m.tiny, key), f"model.tiny.{key}")
     _require(m.tiny.hidden_size % m.tiny.num_heads == 0, "model.tiny.hidden_size",
              "must be divisible by model.tiny.num_heads")
+    if m.tiny.vocab_size is not None:
+        _positive_int(m.tiny.vocab_size, "model.tiny.vocab_size")
+        _require(m.tiny.vocab_size >= 1024, "model.tiny.vocab_size",
+                 f"must be at least 1024 (or null for all 49,152), got {m.tiny.vocab_size}")
 
     d = cfg.data
     if d.name in ("jsonl", "text"):

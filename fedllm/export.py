@@ -357,15 +357,15 @@ def _write_gguf(model, source: Path, out: Path, name: str) -> None:
     config = model.config
     reader = gguf.GGUFReader(source)
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    if vocab != config.vocab_size:
+    if vocab < config.vocab_size:
         raise ExportError(f"GGUF export: the model has {config.vocab_size} token embeddings but "
-                          f"the tokenizer of {source.name} has {vocab} tokens")
+                          f"the tokenizer of {source.name} has only {vocab} tokens")
     writer = gguf.GGUFWriter(out, GGUF_ARCH)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
     _add_hyperparameters(writer, config)
     writer.add_file_type(gguf.LlamaFileType.ALL_F32)
-    _copy_tokenizer(reader, writer)
+    _copy_tokenizer(reader, writer, config.vocab_size)
     for gguf_name, array in _gguf_tensors(model):
         writer.add_tensor(gguf_name, array)
     writer.write_header_to_file()
@@ -392,15 +392,30 @@ def _add_hyperparameters(writer, config) -> None:
         writer.add_value_length(head_dim)
 
 
-def _copy_tokenizer(reader, writer) -> None:
+def _copy_tokenizer(reader, writer, vocab_size: int) -> None:
+    """The source's tokenizer fields; cut to the first ``vocab_size`` tokens (and the merges
+    that make them) when the model uses a truncated copy of it (``model.tiny.vocab_size``)."""
     import gguf
 
+    from fedllm import models
+
+    tokens = reader.fields["tokenizer.ggml.tokens"].contents()
+    kept = set(tokens[:vocab_size])
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
         vtype = field.types[0]
         sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
-        writer.add_key_value(key, field.contents(), vtype, sub_type=sub_type)
+        value = field.contents()
+        if vocab_size < len(tokens) and key == "tokenizer.ggml.merges":
+            value = value[:vocab_size - models.FIRST_MERGE_ID]
+            if any("".join(m.split(" ")) not in kept for m in value):
+                raise ExportError("GGUF export: the source tokenizer's merges do not follow its "
+                                  "token order, so it cannot be cut to the model's vocabulary")
+        elif vocab_size < len(tokens) and vtype == gguf.GGUFValueType.ARRAY \
+                and len(value) == len(tokens):
+            value = value[:vocab_size]  # tokens, scores, token types: one per token
+        writer.add_key_value(key, value, vtype, sub_type=sub_type)
 
 
 def _gguf_tensors(model):

@@ -117,10 +117,18 @@ def resolve_model_dir(name: str, path: str | None) -> Path | None:
     return p
 
 
-def tokenizer_dir(name: str, path: str | None) -> Path:
-    """Tiny models borrow SmolLM2's tokenizer (real BPE, 49k vocab) unless given a path."""
+# SmolLM2's byte-level BPE: 17 special tokens, the 235 byte symbols its training kept, then
+# merge i creates token id FIRST_MERGE_ID + i (checked when a truncated copy is built).
+FIRST_MERGE_ID = 252
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja")
+
+
+def tokenizer_dir(name: str, path: str | None, vocab_size: int | None = None) -> Path:
+    """Tiny models borrow SmolLM2's tokenizer unless given a path: its first ``vocab_size``
+    tokens (None: all 49,152), so that the tiny model's output layer stays small."""
     if name == "tiny" and not path:
-        return resolve_model_dir("smollm2", None)
+        full = resolve_model_dir("smollm2", None)
+        return full if vocab_size is None else _truncated_tokenizer(full, vocab_size)
     if name != "tiny":
         return resolve_model_dir(name, path)
     p = Path(path).expanduser()
@@ -130,11 +138,52 @@ def tokenizer_dir(name: str, path: str | None) -> Path:
     return p
 
 
+def _truncated_tokenizer(full: Path, vocab_size: int) -> Path:
+    """SmolLM2's tokenizer with only its first ``vocab_size`` tokens: the same byte-level BPE
+    minus its later merges, so any text still tokenizes (into somewhat more, shorter tokens).
+    Built once into the cache (atomic); a 4,096-token vocabulary makes the tiny model's output
+    layer, which is almost all of its parameters and of its training cost, 12x smaller."""
+    import json
+
+    out_dir = cache_dir() / f"tiny-tokenizer-{vocab_size}"
+    with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
+        if (out_dir / "tokenizer.json").is_file():
+            return out_dir
+        spec = json.loads((full / "tokenizer.json").read_text())
+        bpe = spec["model"]
+        if not FIRST_MERGE_ID < vocab_size <= len(bpe["vocab"]):
+            raise ModelError(f"model.tiny.vocab_size must be at most {len(bpe['vocab'])} (the "
+                             f"size of {full.name}'s tokenizer), got {vocab_size}")
+        merges = bpe["merges"][:vocab_size - FIRST_MERGE_ID]
+        for i, merge in enumerate(merges):
+            left, right = merge if isinstance(merge, list) else merge.split(" ")
+            if bpe["vocab"].get(left + right) != FIRST_MERGE_ID + i:
+                raise ModelError(f"{full}/tokenizer.json: merge {i} does not create token "
+                                 f"{FIRST_MERGE_ID + i}; cannot truncate this tokenizer")
+        bpe["vocab"] = {tok: i for tok, i in bpe["vocab"].items() if i < vocab_size}
+        bpe["merges"] = merges
+        spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab_size]
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+        try:
+            for name in TOKENIZER_FILES:
+                if (full / name).is_file():
+                    shutil.copyfile(full / name, tmp / name)
+            (tmp / "tokenizer.json").write_text(json.dumps(spec, ensure_ascii=False))
+            os.replace(tmp, out_dir)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def _tiny_vocab(model_cfg) -> int | None:
+    return model_cfg.tiny.vocab_size if model_cfg.name == "tiny" else None
+
+
 def load_tokenizer(model_cfg):
     from transformers import AutoTokenizer
 
     offline_env()
-    directory = tokenizer_dir(model_cfg.name, model_cfg.path)
+    directory = tokenizer_dir(model_cfg.name, model_cfg.path, _tiny_vocab(model_cfg))
     try:
         tok = AutoTokenizer.from_pretrained(directory)
     except (OSError, ValueError) as exc:
@@ -207,7 +256,8 @@ def attach_prompt_tuning(base_model, model_cfg, seed: int):
     kwargs = {}
     if pt.init == "text":
         kwargs = dict(prompt_tuning_init_text=pt.init_text,
-                      tokenizer_name_or_path=str(tokenizer_dir(model_cfg.name, model_cfg.path)))
+                      tokenizer_name_or_path=str(tokenizer_dir(model_cfg.name, model_cfg.path,
+                                                               _tiny_vocab(model_cfg))))
     init = {"sample_vocab": PromptTuningInit.SAMPLE_VOCAB, "random": PromptTuningInit.RANDOM,
             "text": PromptTuningInit.TEXT}[pt.init]
     torch.manual_seed(seed)
