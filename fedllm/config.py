@@ -395,10 +395,25 @@ def to_yaml(cfg: FedLLMConfig) -> str:
     return OmegaConf.to_yaml(OmegaConf.structured(cfg))
 
 
+# Keys added after runs were already written, with the value that reproduces what those runs
+# did (not today's default): a run directory from before a key existed still loads, resumes
+# and exports as it trained.
+KEYS_ADDED_LATER: dict[str, Any] = {
+    "model.tiny.vocab_size": None,  # the tiny model used all 49,152 tokens before
+}
+
+
 def from_yaml(text: str) -> FedLLMConfig:
     """Rebuild (and validate) a config from ``to_yaml`` output, e.g. sent with a run."""
+    absent = object()
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(FedLLMConfig), OmegaConf.create(text))
+        written = OmegaConf.create(text)
+        for key, value in KEYS_ADDED_LATER.items():
+            parent = key.rsplit(".", 1)[0]
+            if (OmegaConf.select(written, parent, default=absent) is not absent
+                    and OmegaConf.select(written, key, default=absent) is absent):
+                OmegaConf.update(written, key, value, force_add=True)
+        merged = OmegaConf.merge(OmegaConf.structured(FedLLMConfig), written)
         obj = OmegaConf.to_object(merged)
     except Exception as exc:
         raise ConfigError(_short_message(exc)) from None
