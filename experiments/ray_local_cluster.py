@@ -14,13 +14,14 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from process_tree import process_trees, stop  # noqa: E402
 
 
 def free_port() -> int:
@@ -82,56 +83,10 @@ class LocalRayCluster:
 
     def stop(self) -> None:
         """End this cluster's processes (SIGTERM, then SIGKILL after 15 s); remove its dir."""
-        pids = self._own_pids()
-        for sig, wait in ((signal.SIGTERM, 15.0), (signal.SIGKILL, 5.0)):
-            for pid in pids:
-                try:
-                    os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
-            deadline = time.time() + wait
-            while time.time() < deadline and any(_running(p) for p in pids):
-                time.sleep(0.2)
-            pids = [p for p in pids if _running(p)]
-            if not pids:
-                break
+        stop(self._own_pids())
         shutil.rmtree(self.temp_dir, ignore_errors=True)
 
     def _own_pids(self) -> list[int]:
         """This cluster's processes: command line names its temp dir or its head's port (the
         GCS, raylets, the Ray client server), plus all their descendants (workers, agents)."""
-        tag = re.compile(re.escape(self.temp_dir) + "|:" + str(self.port) + r"\b")
-        table = _process_table()
-        roots = {pid for pid, (_, cmd) in table.items()
-                 if tag.search(cmd) and pid != os.getpid()}
-        own, frontier = set(roots), list(roots)
-        while frontier:
-            parent = frontier.pop()
-            children = [pid for pid, (ppid, _) in table.items() if ppid == parent]
-            frontier += [c for c in children if c not in own]
-            own.update(children)
-        return sorted(own)
-
-
-def _process_table() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line), from /proc (Linux)."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            cmd = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            stat = (entry / "stat").read_text()
-            ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        table[int(entry.name)] = (ppid, cmd)
-    return table
-
-
-def _running(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state != "Z"  # a zombie has ended; only its parent's wait remains
+        return process_trees(re.escape(self.temp_dir) + "|:" + str(self.port) + r"\b")

@@ -3,10 +3,10 @@ and takes the same config keys as `fedllm simulate` through `--run-config`."""
 
 import json
 import os
-import signal
+import re
 import socket
 import subprocess
-import time
+import sys
 import tomllib
 from pathlib import Path
 
@@ -16,6 +16,8 @@ from fedllm.config import ConfigError, compose, from_yaml, run_config_keys, run_
 from fedllm.protocol import CONFIG_KEY
 
 PROJECT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(PROJECT / "experiments"))
+from process_tree import process_trees, stop  # noqa: E402
 
 
 def declared_run_config() -> dict:
@@ -106,43 +108,10 @@ def _free_port() -> str:
         return str(sock.getsockname()[1])
 
 
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) for every process we can read."""
-    table = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            table[int(entry.name)] = (ppid, (entry / "cmdline").read_bytes().decode(errors="replace"))
-        except (OSError, IndexError, ValueError):
-            continue
-    return table
-
-
 def _stop_local_superlink(flwr_home: Path) -> None:
     """`flwr run` leaves the local SuperLink it started running, detached. Stop the one this
     test started (its log file is inside our FLWR_HOME) and whatever it spawned."""
-    table = _processes()
-    roots = [pid for pid, (_, cmd) in table.items()
-             if "flower-superlink" in cmd and str(flwr_home) in cmd]
-    doomed = set(roots)
-    while True:
-        more = {pid for pid, (ppid, _) in table.items() if ppid in doomed} - doomed
-        if not more:
-            break
-        doomed |= more
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    time.sleep(2)
-    for pid in doomed:
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    stop(process_trees("flower-superlink.*" + re.escape(str(flwr_home))))
 
 
 @pytest.fixture
