@@ -403,6 +403,23 @@ KEYS_ADDED_LATER: dict[str, Any] = {
 }
 
 
+def _fill_from_defaults(written, absent) -> None:
+    """Keys a run's config.yaml lacks (written by an older fedllm) take today's value from
+    conf/, with a warning naming them, so old run directories still resume, report and export.
+    A config that has them all is not touched (and composing conf/ is skipped)."""
+    missing = [k for k in schema_keys() if OmegaConf.select(written, k, default=absent) is absent]
+    if not missing:
+        return
+    import logging
+
+    defaults = compose_tree([])
+    for key in missing:
+        OmegaConf.update(written, key, OmegaConf.select(defaults, key), force_add=True)
+    logging.getLogger(__name__).warning(
+        "this config predates %d key(s), which take today's defaults: %s", len(missing),
+        ", ".join(missing))
+
+
 def from_yaml(text: str) -> FedLLMConfig:
     """Rebuild (and validate) a config from ``to_yaml`` output, e.g. sent with a run."""
     absent = object()
@@ -413,6 +430,7 @@ def from_yaml(text: str) -> FedLLMConfig:
             if (OmegaConf.select(written, parent, default=absent) is not absent
                     and OmegaConf.select(written, key, default=absent) is absent):
                 OmegaConf.update(written, key, value, force_add=True)
+        _fill_from_defaults(written, absent)
         merged = OmegaConf.merge(OmegaConf.structured(FedLLMConfig), written)
         obj = OmegaConf.to_object(merged)
     except Exception as exc:

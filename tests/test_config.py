@@ -169,3 +169,29 @@ def test_enum_values_behave_as_plain_strings():
     assert cfg.model.name == "tiny" and f"{cfg.model.adapter}" == "lora"
     assert json.dumps({"a": cfg.model.adapter}) == '{"a": "lora"}'
     assert "name: tiny" in to_yaml(cfg)
+
+
+# ----------------------------------------------------------------------------- old run dirs
+
+def test_a_run_written_before_the_key_existed_keeps_the_full_vocabulary():
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create(to_yaml(compose(["model=tiny"])))
+    del old.model.tiny["vocab_size"]
+    assert from_yaml(OmegaConf.to_yaml(old)).model.tiny.vocab_size is None
+    assert from_yaml(to_yaml(compose(["model=tiny"]))).model.tiny.vocab_size == 4096
+
+
+def test_keys_an_older_run_lacks_take_todays_defaults_with_a_warning(caplog):
+    from omegaconf import OmegaConf
+
+    old = OmegaConf.create(to_yaml(compose(["model=tiny", "federation.rounds=7"])))
+    del old.run["client_gpus"]
+    del old.privacy.example["max_participations"]
+    with caplog.at_level("WARNING"):
+        cfg = from_yaml(OmegaConf.to_yaml(old))
+    assert cfg.federation.rounds == 7  # what the run wrote is kept
+    today = compose([])
+    assert cfg.run.client_gpus == today.run.client_gpus
+    assert cfg.privacy.example.max_participations == today.privacy.example.max_participations
+    assert "run.client_gpus" in caplog.text and "max_participations" in caplog.text

@@ -37,13 +37,3 @@ def test_too_small_a_vocabulary_is_refused_up_front(value):
     with pytest.raises(ConfigError, match="model.tiny.vocab_size"):
         compose(["model=tiny", f"model.tiny.vocab_size={value}"])
 
-
-def test_a_run_written_before_the_key_existed_keeps_the_full_vocabulary():
-    from omegaconf import OmegaConf
-
-    from fedllm.config import from_yaml, to_yaml
-
-    old = OmegaConf.create(to_yaml(compose(["model=tiny"])))
-    del old.model.tiny["vocab_size"]
-    assert from_yaml(OmegaConf.to_yaml(old)).model.tiny.vocab_size is None
-    assert from_yaml(to_yaml(compose(["model=tiny"]))).model.tiny.vocab_size == 4096
