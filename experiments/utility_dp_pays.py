@@ -66,6 +66,9 @@ DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
 # DP step (noise std z*C/B per coordinate; z grows far slower than B at cap 1); keeping
 # data.min_client_sequences at 32 keeps the same 179 clients (q = min(1, B/n)).
 LEVERS["default, batch 64"] = [*DEFAULT, "train.batch_size=64", "data.min_client_sequences=32"]
+# DP-AdamBC: Adam's v estimates signal^2 + (zC/B)^2; taking the noise term out lets the
+# soft prompt's few well-aligned coordinates move faster than the noise-dominated ones.
+LEVERS["default, DP-AdamBC"] = [*DEFAULT, "train.optimizer=adam_bc"]
 LEVERS["default, batch 64, 2 local steps"] = [*DEFAULT, "train.batch_size=64",
                                                "data.min_client_sequences=32",
                                                "train.local_steps=2"]

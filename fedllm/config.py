@@ -71,6 +71,7 @@ class Sampling(StrEnum):
 class OptimizerName(StrEnum):
     adamw = "adamw"
     sgd = "sgd"
+    adam_bc = "adam_bc"     # DP-AdamBC: AdamW minus the DP noise's variance (fedllm.privacy.adam_bc)
 
 
 class AccountantName(StrEnum):
@@ -191,6 +192,7 @@ class TrainConfig:
     optimizer: OptimizerName = MISSING
     momentum: float = MISSING
     weight_decay: float = MISSING
+    adam_bc_floor: float = MISSING      # adam_bc: floor of the corrected v, x the noise variance
     seq_len: int = MISSING
 
 
@@ -516,6 +518,9 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(t.lr, "train.lr")
     _require(0 <= t.momentum < 1, "train.momentum", f"must be in [0, 1), got {t.momentum}")
     _positive(t.weight_decay, "train.weight_decay", allow_zero=True)
+    _require(isinstance(t.adam_bc_floor, (int, float)) and 0 < t.adam_bc_floor <= 1,
+             "train.adam_bc_floor", f"must be in (0, 1] (a fraction of the noise variance), "
+             f"got {t.adam_bc_floor!r}")
     _positive_int(t.seq_len, "train.seq_len")
     _require(t.seq_len >= 8, "train.seq_len", f"must be at least 8 tokens, got {t.seq_len}")
 

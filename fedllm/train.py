@@ -28,10 +28,17 @@ class LocalResult:
     max_grad_norm: float
 
 
-def make_optimizer(params, train_cfg) -> torch.optim.Optimizer:
+def make_optimizer(params, train_cfg, noise_std: float = 0.0) -> torch.optim.Optimizer:
+    """``noise_std``: std of the DP noise on each coordinate of the averaged gradient the
+    optimizer will see (z*C/B; 0 without DP), which ``adam_bc`` removes from Adam's v."""
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
                                weight_decay=train_cfg.weight_decay)
+    if train_cfg.optimizer == "adam_bc":
+        from fedllm.privacy.adam_bc import AdamBC
+
+        return AdamBC(params, lr=train_cfg.lr, noise_std=noise_std,
+                      floor=train_cfg.adam_bc_floor, weight_decay=train_cfg.weight_decay)
     return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
 
 
@@ -62,8 +69,10 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
 
     if dp.enabled:
         with dpsgd.per_sample_gradients(model, dp.per_sample_grads) as gsm:
+            # Opacus adds N(0, (z*C)^2) to the sum of clipped gradients and divides by B.
+            noise_std = noise_multiplier * dp.max_grad_norm / t.batch_size
             optimizer = dpsgd.make_dp_optimizer(
-                make_optimizer(params, t), noise_multiplier=noise_multiplier,
+                make_optimizer(params, t, noise_std), noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,
                 generator=noise_generator)
             for _ in range(t.local_steps):
