@@ -268,15 +268,24 @@ def _plot(sweep: list[dict]) -> None:
         med = [100 * s["dp_gain"]["median"] / n for (_, s), n in zip(pts, np_med)]
         lo = [100 * s["dp_gain"]["min"] / n for (_, s), n in zip(pts, np_med)]
         hi = [100 * s["dp_gain"]["max"] / n for (_, s), n in zip(pts, np_med)]
-        line, = ax.plot(xs, med, "o-", label=name)
+        line, = ax.plot(xs, med, "-", label=name)
         ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15)
+        # Filled: a median of >= 3 DP runs; hollow: fewer (an anecdote), run count beside it.
+        for (eps, s), y in zip(pts, med):
+            n = s["dp_gain"]["n"]
+            ax.plot([eps], [y], "o", color=line.get_color(),
+                    markerfacecolor=line.get_color() if n >= 3 else "white")
+            if n < 3:
+                ax.annotate(f"n={n}", (eps, y), textcoords="offset points", xytext=(4, -10),
+                            fontsize=6, color=line.get_color())
     ax.axhline(80, color="grey", ls=":", lw=1)
     ax.axhline(60, color="grey", ls=":", lw=1)
     ax.set_xscale("log", base=2)
     ax.set_xticks(list(EPSILONS), [f"{e:g}" for e in EPSILONS])
     ax.set_xlabel("per-client example-level ε (δ = 1e-5)")
     ax.set_ylabel("held-out gain kept vs twin (%, nats)")
-    ax.set_title("median of 3 runs; band: min-max", fontsize=9)
+    ax.set_title("median of the DP runs (filled: >= 3, hollow: fewer, n given); "
+                 "band: min-max", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=120)
