@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 
 import psutil
 
@@ -43,8 +44,11 @@ def stop(pids: list[int], term_wait: float = 15.0, kill_wait: float = 5.0) -> li
                 getattr(proc, send)()
             except psutil.NoSuchProcess:
                 pass
-        _, procs = psutil.wait_procs(procs, timeout=wait)
-        procs = [p for p in procs if _running(p)]
+        # Poll rather than psutil.wait_procs: these are not our children, and a zombie nobody
+        # reaps keeps its pid, which wait_procs would wait on until the timeout.
+        deadline = time.monotonic() + wait
+        while (procs := [p for p in procs if _running(p)]) and time.monotonic() < deadline:
+            time.sleep(0.2)
         if not procs:
             break
     return [p.pid for p in procs]

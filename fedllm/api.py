@@ -62,7 +62,7 @@ class RunResult:
                  "metrics": run_dir / "metrics.jsonl", "adapter": run_dir / "adapter",
                  "report_json": run_dir / "privacy_report.json",
                  "report_html": run_dir / "privacy_report.html"}
-        return cls(run_dir=run_dir, config=fcfg.from_yaml(files["config"].read_text()),
+        return cls(run_dir=run_dir, config=fcfg.load_run_config(files["config"]),
                    summary=json.loads(summary_path.read_text()),
                    rounds=read_jsonl(files["metrics"]),
                    privacy=json.loads(files["report_json"].read_text()),
@@ -210,7 +210,7 @@ def resumed_config(cfg: Config) -> Config:
     saved = Path(cfg.run.dir).expanduser() / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"run.resume: {saved} not found (nothing to resume)")
-    resumed = fcfg.from_yaml(saved.read_text())
+    resumed = fcfg.load_run_config(saved, resuming=True)
     resumed.run.resume = True
     _check_run_records(Path(cfg.run.dir).expanduser())
     return resumed

@@ -226,7 +226,7 @@ def _audit_config(overrides: list[str]):
         text = OmegaConf.to_yaml(OmegaConf.merge(
             OmegaConf.create(saved.read_text()),
             OmegaConf.from_dotlist([o for o in overrides if o.startswith("audit.")])))
-        cfg = fcfg.from_yaml(text)
+        cfg = fcfg.from_yaml(text, fill_missing=True, refuse_missing=("privacy.", "secagg."))
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / time.strftime("audit-%Y%m%d-%H%M%S"))
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())

@@ -405,16 +405,35 @@ KEYS_ADDED_LATER: dict[str, Any] = {
 }
 
 
-def _fill_from_defaults(written, absent) -> None:
+def _run_groups(written) -> list[str]:
+    """The config-group choices a written config was composed with, as far as its values tell
+    (model, data, adapter), so that filled keys take that group's defaults."""
+    model = OmegaConf.select(written, "model.name", default=None)
+    data = OmegaConf.select(written, "data.name", default=None)
+    adapter = OmegaConf.select(written, "model.adapter", default=None)
+    if adapter == "lora" and OmegaConf.select(written, "model.lora.freeze_a", default=False):
+        adapter = "ffa_lora"
+    choices = [("model", model), ("data", data), ("adapter", adapter)]
+    return [f"{group}={name}" for group, name in choices
+            if isinstance(name, str) and (conf_dir() / group / f"{name}.yaml").is_file()]
+
+
+def _fill_from_defaults(written, absent, refuse_prefixes: tuple[str, ...]) -> None:
     """Keys a run's config.yaml lacks (written by an older fedllm) take today's value from
-    conf/, with a warning naming them, so old run directories still resume, report and export.
-    A config that has them all is not touched (and composing conf/ is skipped)."""
+    conf/ (with the run's own model, data and adapter groups), with a warning naming them, so
+    old run directories still report, export and resume. A missing key under one of
+    ``refuse_prefixes`` is an error instead (resuming must not change the privacy mechanism)."""
     missing = [k for k in schema_keys() if OmegaConf.select(written, k, default=absent) is absent]
     if not missing:
         return
+    refused = [k for k in missing if k.startswith(refuse_prefixes)]
+    if refused:
+        raise ConfigError(f"{refused[0]}: this run's config.yaml predates it (and "
+                          f"{len(refused) - 1} other privacy key(s)); continuing would change "
+                          "the run's privacy mechanism: start a new run instead")
     import logging
 
-    defaults = compose_tree([])
+    defaults = compose_tree(_run_groups(written))
     for key in missing:
         OmegaConf.update(written, key, OmegaConf.select(defaults, key), force_add=True)
     logging.getLogger(__name__).warning(
@@ -422,23 +441,39 @@ def _fill_from_defaults(written, absent) -> None:
         ", ".join(missing))
 
 
-def from_yaml(text: str) -> FedLLMConfig:
-    """Rebuild (and validate) a config from ``to_yaml`` output, e.g. sent with a run."""
+def from_yaml(text: str, *, fill_missing: bool = False,
+              refuse_missing: tuple[str, ...] = ()) -> FedLLMConfig:
+    """Rebuild (and validate) a config from ``to_yaml`` output, e.g. sent with a run.
+
+    Strict by default: a config sent between server and clients must have every key. A run
+    directory's own config.yaml is read with ``fill_missing=True`` (report, export, resume):
+    keys added since it was written take their old behaviour (``KEYS_ADDED_LATER``) or today's
+    default, except those under ``refuse_missing``.
+    """
     absent = object()
     try:
         written = OmegaConf.create(text)
-        for key, value in KEYS_ADDED_LATER.items():
-            parent = key.rsplit(".", 1)[0]
-            if (OmegaConf.select(written, parent, default=absent) is not absent
-                    and OmegaConf.select(written, key, default=absent) is absent):
-                OmegaConf.update(written, key, value, force_add=True)
-        _fill_from_defaults(written, absent)
+        if fill_missing:
+            for key, value in KEYS_ADDED_LATER.items():
+                parent = key.rsplit(".", 1)[0]
+                if (OmegaConf.select(written, parent, default=absent) is not absent
+                        and OmegaConf.select(written, key, default=absent) is absent):
+                    OmegaConf.update(written, key, value, force_add=True)
+            _fill_from_defaults(written, absent, refuse_missing)
         merged = OmegaConf.merge(OmegaConf.structured(FedLLMConfig), written)
         obj = OmegaConf.to_object(merged)
+    except ConfigError:
+        raise
     except Exception as exc:
         raise ConfigError(_short_message(exc)) from None
     validate(obj)
     return obj
+
+
+def load_run_config(path: "str | Path", *, resuming: bool = False) -> FedLLMConfig:
+    """A run directory's config.yaml, readable even if an older fedllm wrote it."""
+    return from_yaml(Path(path).read_text(), fill_missing=True,
+                     refuse_missing=("privacy.", "secagg.") if resuming else ())
 
 
 def to_dict(cfg: FedLLMConfig) -> dict[str, Any]:

@@ -39,12 +39,12 @@ class ExportError(RuntimeError):
 # --------------------------------------------------------------------------- loading
 
 def run_config(run_dir: Path):
-    from fedllm.config import from_yaml
+    from fedllm.config import load_run_config
 
     path = Path(run_dir) / "config.yaml"
     if not path.is_file():
         raise ExportError(f"{run_dir} is not a fedllm run directory (no config.yaml)")
-    return from_yaml(path.read_text())
+    return load_run_config(path)
 
 
 def adapter_dir(run_dir: Path) -> Path:
@@ -310,7 +310,10 @@ def export_gguf(run_dir: Path, out_file: Path) -> ExportResult:
     merged = model.merge_and_unload()
     _check_llama(merged.config)
     with _staging_file(out_file) as tmp:
-        _write_gguf(merged, source, tmp, name=f"fedllm {portable_base_model_name(cfg)} + LoRA")
+        # The tiny model's tokenizer is SmolLM2's cut to its first N tokens: cut the copy too.
+        cut = cfg.model.name == "tiny" and not cfg.model.path and cfg.model.tiny.vocab_size
+        _write_gguf(merged, source, tmp, name=f"fedllm {portable_base_model_name(cfg)} + LoRA",
+                    cut_vocab=bool(cut))
     return ExportResult(path=out_file, description=(
         f"a llama.cpp GGUF file (architecture llama, fp32) of the base model with the LoRA "
         f"adapter merged, tokenizer from {source.name}. Run it with llama.cpp, e.g. "
@@ -351,15 +354,16 @@ def _check_llama(config) -> None:
                           "here; use llama.cpp's convert_hf_to_gguf.py on --merged DIR")
 
 
-def _write_gguf(model, source: Path, out: Path, name: str) -> None:
+def _write_gguf(model, source: Path, out: Path, name: str, cut_vocab: bool = False) -> None:
+    """``cut_vocab``: the model's tokenizer is the source's first ``vocab_size`` tokens."""
     import gguf
 
     config = model.config
     reader = gguf.GGUFReader(source)
     vocab = len(reader.fields["tokenizer.ggml.tokens"].data)
-    if vocab < config.vocab_size:
+    if vocab != config.vocab_size and not (cut_vocab and vocab > config.vocab_size):
         raise ExportError(f"GGUF export: the model has {config.vocab_size} token embeddings but "
-                          f"the tokenizer of {source.name} has only {vocab} tokens")
+                          f"the tokenizer of {source.name} has {vocab} tokens")
     writer = gguf.GGUFWriter(out, GGUF_ARCH)
     writer.add_type(gguf.GGUFType.MODEL)
     writer.add_name(name)
@@ -400,7 +404,7 @@ def _copy_tokenizer(reader, writer, vocab_size: int) -> None:
     from fedllm import models
 
     tokens = reader.fields["tokenizer.ggml.tokens"].contents()
-    kept = set(tokens[:vocab_size])
+    kept = {token: i for i, token in enumerate(tokens[:vocab_size])}
     for key, field in reader.fields.items():
         if not key.startswith("tokenizer."):
             continue
@@ -409,12 +413,16 @@ def _copy_tokenizer(reader, writer, vocab_size: int) -> None:
         value = field.contents()
         if vocab_size < len(tokens) and key == "tokenizer.ggml.merges":
             value = value[:vocab_size - models.FIRST_MERGE_ID]
-            if any("".join(m.split(" ")) not in kept for m in value):
+            if any(kept.get("".join(m.split(" "))) != models.FIRST_MERGE_ID + i
+                   for i, m in enumerate(value)):
                 raise ExportError("GGUF export: the source tokenizer's merges do not follow its "
                                   "token order, so it cannot be cut to the model's vocabulary")
         elif vocab_size < len(tokens) and vtype == gguf.GGUFValueType.ARRAY \
                 and len(value) == len(tokens):
             value = value[:vocab_size]  # tokens, scores, token types: one per token
+        elif key.endswith("_token_id") and not 0 <= int(value) < vocab_size:
+            raise ExportError(f"GGUF export: {key} = {value} is outside the model's "
+                              f"{vocab_size}-token vocabulary")
         writer.add_key_value(key, value, vtype, sub_type=sub_type)
 
 

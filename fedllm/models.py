@@ -143,13 +143,17 @@ def _truncated_tokenizer(full: Path, vocab_size: int) -> Path:
     minus its later merges, so any text still tokenizes (into somewhat more, shorter tokens).
     Built once into the cache (atomic); a 4,096-token vocabulary makes the tiny model's output
     layer, which is almost all of its parameters and of its training cost, 12x smaller."""
+    import hashlib
     import json
 
-    out_dir = cache_dir() / f"tiny-tokenizer-{vocab_size}"
+    source = (full / "tokenizer.json").read_bytes()
+    # Keyed by the source's content too: a changed source tokenizer gets a fresh copy.
+    out_dir = cache_dir() / f"tiny-tokenizer-{vocab_size}-{hashlib.sha256(source).hexdigest()[:12]}"
     with _file_lock(out_dir.parent / f".{out_dir.name}.lock"):
         if (out_dir / "tokenizer.json").is_file():
             return out_dir
-        spec = json.loads((full / "tokenizer.json").read_text())
+        shutil.rmtree(out_dir, ignore_errors=True)  # a leftover without its tokenizer.json
+        spec = json.loads(source)
         bpe = spec["model"]
         if not FIRST_MERGE_ID < vocab_size <= len(bpe["vocab"]):
             raise ModelError(f"model.tiny.vocab_size must be at most {len(bpe['vocab'])} (the "

@@ -43,7 +43,7 @@ class RunFiles:
 
 
 def load_run(run_dir: Path) -> RunFiles:
-    from fedllm.config import from_yaml
+    from fedllm.config import load_run_config
 
     run_dir = Path(run_dir)
     cfg_path = run_dir / "config.yaml"
@@ -54,7 +54,7 @@ def load_run(run_dir: Path) -> RunFiles:
     # resends it), so keep one per (client, round). User-level releases are never merged: a
     # re-run round draws fresh server noise, a second release.
     releases = {(r["client_id"], r["round"]): r for r in records if r.get("kind") == "release"}
-    return RunFiles(cfg=from_yaml(cfg_path.read_text()),
+    return RunFiles(cfg=load_run_config(cfg_path),
                     metrics=read_jsonl(run_dir / "metrics.jsonl"),
                     releases=list(releases.values()),
                     declines=[r for r in records if r.get("kind") == "declined"],

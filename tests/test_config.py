@@ -173,25 +173,51 @@ def test_enum_values_behave_as_plain_strings():
 
 # ----------------------------------------------------------------------------- old run dirs
 
-def test_a_run_written_before_the_key_existed_keeps_the_full_vocabulary():
+def _old_run_config(tmp_path, *missing, overrides=("model=tiny", "federation.rounds=7")):
+    """A config.yaml as an older fedllm wrote it: without the keys in ``missing``."""
     from omegaconf import OmegaConf
 
-    old = OmegaConf.create(to_yaml(compose(["model=tiny"])))
-    del old.model.tiny["vocab_size"]
-    assert from_yaml(OmegaConf.to_yaml(old)).model.tiny.vocab_size is None
+    old = OmegaConf.create(to_yaml(compose(list(overrides))))
+    for key in missing:
+        parent, name = key.rsplit(".", 1)
+        del OmegaConf.select(old, parent)[name]
+    path = tmp_path / "config.yaml"
+    path.write_text(OmegaConf.to_yaml(old))
+    return path
+
+
+def test_a_run_written_before_the_key_existed_keeps_the_full_vocabulary(tmp_path):
+    from fedllm.config import load_run_config
+
+    path = _old_run_config(tmp_path, "model.tiny.vocab_size")
+    assert load_run_config(path).model.tiny.vocab_size is None
     assert from_yaml(to_yaml(compose(["model=tiny"]))).model.tiny.vocab_size == 4096
 
 
-def test_keys_an_older_run_lacks_take_todays_defaults_with_a_warning(caplog):
-    from omegaconf import OmegaConf
+def test_keys_an_older_run_lacks_take_todays_defaults_with_a_warning(tmp_path, caplog):
+    from fedllm.config import load_run_config
 
-    old = OmegaConf.create(to_yaml(compose(["model=tiny", "federation.rounds=7"])))
-    del old.run["client_gpus"]
-    del old.privacy.example["max_participations"]
+    path = _old_run_config(tmp_path, "run.client_gpus", "train.lr",
+                           overrides=("model=tiny", "adapter=ffa_lora", "federation.rounds=7"))
     with caplog.at_level("WARNING"):
-        cfg = from_yaml(OmegaConf.to_yaml(old))
+        cfg = load_run_config(path)
     assert cfg.federation.rounds == 7  # what the run wrote is kept
-    today = compose([])
-    assert cfg.run.client_gpus == today.run.client_gpus
-    assert cfg.privacy.example.max_participations == today.privacy.example.max_participations
-    assert "run.client_gpus" in caplog.text and "max_participations" in caplog.text
+    assert cfg.run.client_gpus == compose([]).run.client_gpus
+    # A group's own default: the run's adapter group (FFA-LoRA), not the top-level default.
+    assert cfg.train.lr == compose(["adapter=ffa_lora"]).train.lr != compose([]).train.lr
+    assert "run.client_gpus" in caplog.text and "train.lr" in caplog.text
+
+
+def test_a_config_sent_between_server_and_clients_must_be_complete(tmp_path):
+    path = _old_run_config(tmp_path, "run.client_gpus")
+    with pytest.raises(ConfigError, match="client_gpus"):
+        from_yaml(path.read_text())
+
+
+def test_resuming_a_run_that_predates_a_privacy_key_is_refused(tmp_path):
+    from fedllm.config import load_run_config
+
+    path = _old_run_config(tmp_path, "privacy.example.max_participations")
+    assert load_run_config(path).privacy.example.max_participations == "auto"  # report, export
+    with pytest.raises(ConfigError, match="privacy.example.max_participations.*new run"):
+        load_run_config(path, resuming=True)
