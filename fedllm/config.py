@@ -418,27 +418,33 @@ def _run_groups(written) -> list[str]:
             if isinstance(name, str) and (conf_dir() / group / f"{name}.yaml").is_file()]
 
 
-def _fill_from_defaults(written, absent, refuse_prefixes: tuple[str, ...]) -> None:
-    """Keys a run's config.yaml lacks (written by an older fedllm) take today's value from
-    conf/ (with the run's own model, data and adapter groups), with a warning naming them, so
-    old run directories still report, export and resume. A missing key under one of
-    ``refuse_prefixes`` is an error instead (resuming must not change the privacy mechanism)."""
+def _fill_missing(written, absent, refuse_prefixes: tuple[str, ...]) -> None:
+    """Keys a run's config.yaml lacks (written by an older fedllm) take their old behaviour
+    (``KEYS_ADDED_LATER``) or today's value from conf/ (with the run's own model, data and
+    adapter groups), with a warning naming them, so old run directories still report, export
+    and resume. A missing key under one of ``refuse_prefixes`` is an error instead (resuming
+    must not change the privacy mechanism)."""
     missing = [k for k in schema_keys() if OmegaConf.select(written, k, default=absent) is absent]
     if not missing:
         return
     refused = [k for k in missing if k.startswith(refuse_prefixes)]
     if refused:
-        raise ConfigError(f"{refused[0]}: this run's config.yaml predates it (and "
-                          f"{len(refused) - 1} other privacy key(s)); continuing would change "
-                          "the run's privacy mechanism: start a new run instead")
+        raise ConfigError(f"{refused[0]}: this run's config.yaml predates it ({len(refused)} "
+                          "privacy key(s) missing); continuing would change the run's privacy "
+                          "mechanism: start a new run instead")
     import logging
 
-    defaults = compose_tree(_run_groups(written))
+    defaults = None
     for key in missing:
-        OmegaConf.update(written, key, OmegaConf.select(defaults, key), force_add=True)
+        if key in KEYS_ADDED_LATER:
+            value = KEYS_ADDED_LATER[key]
+        else:
+            defaults = defaults or compose_tree(_run_groups(written))
+            value = OmegaConf.select(defaults, key)
+        OmegaConf.update(written, key, value, force_add=True)
     logging.getLogger(__name__).warning(
-        "this config predates %d key(s), which take today's defaults: %s", len(missing),
-        ", ".join(missing))
+        "this config predates %d key(s), which take their old behaviour or today's defaults: "
+        "%s", len(missing), ", ".join(missing))
 
 
 def from_yaml(text: str, *, fill_missing: bool = False,
@@ -454,12 +460,7 @@ def from_yaml(text: str, *, fill_missing: bool = False,
     try:
         written = OmegaConf.create(text)
         if fill_missing:
-            for key, value in KEYS_ADDED_LATER.items():
-                parent = key.rsplit(".", 1)[0]
-                if (OmegaConf.select(written, parent, default=absent) is not absent
-                        and OmegaConf.select(written, key, default=absent) is absent):
-                    OmegaConf.update(written, key, value, force_add=True)
-            _fill_from_defaults(written, absent, refuse_missing)
+            _fill_missing(written, absent, refuse_missing)
         merged = OmegaConf.merge(OmegaConf.structured(FedLLMConfig), written)
         obj = OmegaConf.to_object(merged)
     except ConfigError:

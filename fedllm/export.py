@@ -413,8 +413,7 @@ def _copy_tokenizer(reader, writer, vocab_size: int) -> None:
         value = field.contents()
         if vocab_size < len(tokens) and key == "tokenizer.ggml.merges":
             value = value[:vocab_size - models.FIRST_MERGE_ID]
-            if any(kept.get("".join(m.split(" "))) != models.FIRST_MERGE_ID + i
-                   for i, m in enumerate(value)):
+            if not models.merges_in_token_order(value, kept):
                 raise ExportError("GGUF export: the source tokenizer's merges do not follow its "
                                   "token order, so it cannot be cut to the model's vocabulary")
         elif vocab_size < len(tokens) and vtype == gguf.GGUFValueType.ARRAY \

@@ -138,6 +138,13 @@ def tokenizer_dir(name: str, path: str | None, vocab_size: int | None = None) ->
     return p
 
 
+def merges_in_token_order(merges: list, token_ids: dict[str, int]) -> bool:
+    """True if merge i (``"a b"`` or ``[a, b]``) creates token ``FIRST_MERGE_ID + i``: then the
+    first N tokens and the first N - FIRST_MERGE_ID merges form a tokenizer on their own."""
+    return all(token_ids.get("".join(m if isinstance(m, list) else m.split(" ")))
+               == FIRST_MERGE_ID + i for i, m in enumerate(merges))
+
+
 def _truncated_tokenizer(full: Path, vocab_size: int) -> Path:
     """SmolLM2's tokenizer with only its first ``vocab_size`` tokens: the same byte-level BPE
     minus its later merges, so any text still tokenizes (into somewhat more, shorter tokens).
@@ -159,11 +166,9 @@ def _truncated_tokenizer(full: Path, vocab_size: int) -> Path:
             raise ModelError(f"model.tiny.vocab_size must be at most {len(bpe['vocab'])} (the "
                              f"size of {full.name}'s tokenizer), got {vocab_size}")
         merges = bpe["merges"][:vocab_size - FIRST_MERGE_ID]
-        for i, merge in enumerate(merges):
-            left, right = merge if isinstance(merge, list) else merge.split(" ")
-            if bpe["vocab"].get(left + right) != FIRST_MERGE_ID + i:
-                raise ModelError(f"{full}/tokenizer.json: merge {i} does not create token "
-                                 f"{FIRST_MERGE_ID + i}; cannot truncate this tokenizer")
+        if not merges_in_token_order(merges, bpe["vocab"]):
+            raise ModelError(f"{full}/tokenizer.json: its merges do not follow its token order; "
+                             "cannot truncate this tokenizer")
         bpe["vocab"] = {tok: i for tok, i in bpe["vocab"].items() if i < vocab_size}
         bpe["merges"] = merges
         spec["added_tokens"] = [t for t in spec["added_tokens"] if t["id"] < vocab_size]
