@@ -77,6 +77,11 @@ LEVERS["default, batch 64, 2 local steps"] = [*DEFAULT, "train.batch_size=64",
 # coordinate (z*C/B) stays put: per-coordinate signal-to-noise grows as sqrt(8 / tokens).
 LEVERS["default, 2 virtual tokens"] = [*DEFAULT, "model.prompt_tuning.num_virtual_tokens=2"]
 LEVERS["default, 1 virtual token"] = [*DEFAULT, "model.prompt_tuning.num_virtual_tokens=1"]
+# Compute-neutral trades (the demo's 10-minute limit): half the local steps, and either twice
+# the batch (at q = 1 for most clients: fewer compositions, so a smaller z on a bigger batch)
+# or twice the clients per round (each client's noise averages down as 1/sqrt(K)).
+LEVERS["default, 6 clients/round, 2 local steps"] = [*DEFAULT, "federation.clients_per_round=6",
+                                                     "train.local_steps=2"]
 
 
 def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]]:
