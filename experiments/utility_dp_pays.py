@@ -61,6 +61,8 @@ LEVERS: dict[str, list[str]] = {
     "LoRA r=8, C=0.5, SGD lr 0.5": [*LORA, "privacy.example.max_grad_norm=0.5",
                                     "train.optimizer=sgd", "train.lr=0.5"],
 }
+# The LoRA configuration that kept the most at ε = 8 among the LoRA levers (3 + 3 runs).
+BEST_LORA = "FFA-LoRA r=1, C=0.25, lr 2e-2"
 DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
 # Levers on the default itself. A bigger expected batch raises the signal-to-noise ratio of a
 # DP step (noise std z*C/B per coordinate; z grows far slower than B at cap 1); keeping
@@ -94,7 +96,8 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
 
     sweep = [*with_twin("default (prompt tuning)", DEFAULT, EPSILONS),
              *with_twin(best_lora, LEVERS[best_lora], EPSILONS)]
-    levers = [run for name, ov in LEVERS.items() for run in with_twin(name, ov, (8.0,))]
+    levers = [run for name, ov in {"default (prompt tuning)": DEFAULT, **LEVERS}.items()
+              for run in with_twin(name, ov, (8.0,))]
     larger = [*with_twin("default (prompt tuning), 10x5", [*DEFAULT, *LARGER], (8.0,)),
               *with_twin(f"{best_lora}, 10x5", [*LEVERS[best_lora], *LARGER], (8.0,))]
     return {"sweep": sweep, "levers": levers, "larger": larger}
@@ -236,6 +239,7 @@ def write(best_lora: str) -> None:
         "",
         "### Levers at ε = 8 (demo federation: 3 rounds x 3 clients)",
         "",
+        *goals(sections),
         *table(sections["levers"], cmd.format(plan="levers")),
         *untwinned(rows, p["levers"]),
         "",
@@ -250,6 +254,33 @@ def write(best_lora: str) -> None:
         *table(sections["larger"], cmd.format(plan="larger")),
     ]
     write_section("utility_dp_pays", "\n".join(body))
+
+
+GOALS = {"default (prompt tuning)": 0.80, "LoRA": 0.60}  # gain kept at ε = 8, issue 14
+
+
+def goals(sections: dict) -> list[str]:
+    """Where each goal stands: the default's ε = 8 row and the best LoRA row that has >= 3 + 3
+    runs (anecdotes never count towards a goal)."""
+    rows = [s for v in sections.values() for s in v
+            if s["epsilon"] == 8.0 and s["rounds"] == 3 and s["dp_gain"]["n"] >= 3
+            and s["np_gain"]["n"] >= 3]
+    default = [s for s in rows if s["name"] == "default (prompt tuning)"]
+    lora = sorted((s for s in rows if "LoRA" in s["name"]), key=lambda s: -s["kept_nats"])
+    lines = []
+    for label, found, goal in (("the default demo", default, GOALS["default (prompt tuning)"]),
+                               ("the best LoRA", lora, GOALS["LoRA"])):
+        if not found:
+            lines.append(f"- Goal for {label} (keep ≥ {goal:.0%} at ε = 8): not measured with "
+                         "3 + 3 runs yet.")
+            continue
+        s, kept = found[0], found[0]["kept_nats"]
+        verdict = ("met" if kept >= goal
+                   else f"**not met: {100 * (goal - kept):.0f} points short**")
+        lines.append(f"- Goal for {label} (keep ≥ {goal:.0%} of its twin's gain at ε = 8, "
+                     f"median of ≥ 3 + 3): {s['name']} keeps {kept:.0%} in nats "
+                     f"({s['kept_ppl']:.0%} in perplexity): {verdict}.")
+    return [*lines, ""]
 
 
 def untwinned(rows: list[dict], plan: list) -> list[str]:
@@ -313,7 +344,7 @@ def main() -> None:
     parser.add_argument("--only", nargs="*", help="configuration names (exact)")
     parser.add_argument("--epsilons", type=float, nargs="*", help="run only these target ε")
     parser.add_argument("--no-twins", action="store_true", help="skip the non-private twins")
-    parser.add_argument("--best-lora", default="LoRA r=8, C=0.5",
+    parser.add_argument("--best-lora", default=BEST_LORA,
                         help="the LoRA configuration of the sweep and the larger federation")
     args = parser.parse_args()
     if args.action == "write":
