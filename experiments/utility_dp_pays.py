@@ -85,6 +85,8 @@ LEVERS["default, 1 virtual token"] = [*DEFAULT, "model.prompt_tuning.num_virtual
 # A larger step: under DP, Adam's m/sqrt(v) shrinks where noise dominates a coordinate, so the
 # signal moves slower than in the twin at the same learning rate.
 LEVERS["default, lr 0.4"] = [*DEFAULT, "train.lr=0.4"]
+LEVERS["default, batch 64, 2 local steps, lr 0.4"] = [
+    *LEVERS["default, batch 64, 2 local steps"], "train.lr=0.4"]
 LEVERS["default, 6 clients/round, 2 local steps"] = [*DEFAULT, "federation.clients_per_round=6",
                                                      "train.local_steps=2"]
 
