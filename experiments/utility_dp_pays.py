@@ -63,32 +63,31 @@ LEVERS: dict[str, list[str]] = {
 }
 # The LoRA configuration that kept the most at ε = 8 among the LoRA levers (3 + 3 runs).
 BEST_LORA = "FFA-LoRA r=1, C=0.25, lr 2e-2"
+# (The LoRA levers run at the LoRA adapter groups' own batch 32 x 4 local steps.)
+
 DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
-# Levers on the default itself. A bigger expected batch raises the signal-to-noise ratio of a
-# DP step (noise std z*C/B per coordinate; z grows far slower than B at cap 1); keeping
-# data.min_client_sequences at 32 keeps the same 179 clients (q = min(1, B/n)).
-LEVERS["default, batch 64"] = [*DEFAULT, "train.batch_size=64", "data.min_client_sequences=32"]
-# DP-AdamBC: Adam's v estimates signal^2 + (zC/B)^2; taking the noise term out lets the
-# soft prompt's few well-aligned coordinates move faster than the noise-dominated ones.
-LEVERS["default, DP-AdamBC"] = [*DEFAULT, "train.optimizer=adam_bc"]
-LEVERS["default, batch 64, 2 local steps"] = [*DEFAULT, "train.batch_size=64",
-                                               "data.min_client_sequences=32",
-                                               "train.local_steps=2"]
-# Fewer virtual tokens: every per-example gradient is clipped (its norm is 1-3.6 at C = 1
-# for 8 tokens), so the clipped signal spreads over fewer coordinates while the noise per
-# coordinate (z*C/B) stays put: per-coordinate signal-to-noise grows as sqrt(8 / tokens).
-LEVERS["default, 2 virtual tokens"] = [*DEFAULT, "model.prompt_tuning.num_virtual_tokens=2"]
-LEVERS["default, 1 virtual token"] = [*DEFAULT, "model.prompt_tuning.num_virtual_tokens=1"]
-# Compute-neutral trades (the demo's 10-minute limit): half the local steps, and either twice
-# the batch (at q = 1 for most clients: fewer compositions, so a smaller z on a bigger batch)
-# or twice the clients per round (each client's noise averages down as 1/sqrt(K)).
+# Levers on the soft prompt, relative to today's default: expected batch 64 (q = min(1, 64/n):
+# the whole of most clients' data), 2 local steps, clients with >= 32 sequences (the same 179).
+OLD_DEFAULT = ["train.batch_size=32", "train.local_steps=4"]  # the demo before 2026-12-03
+OLD_DEFAULT_NAME = "prompt tuning, B=32 x 4 steps (old default)"
+LEVERS[OLD_DEFAULT_NAME] = OLD_DEFAULT
+# Twice the steps at B = 64: more progress, but twice the compute (the demo's 10 minutes).
+LEVERS["prompt tuning, B=64 x 4 steps"] = ["train.local_steps=4"]
+# Fewer virtual tokens: every per-example gradient is clipped (norm 1-3.6 at C = 1 for 8
+# tokens), so the clipped signal spreads over fewer coordinates while the noise per
+# coordinate (z*C/B) stays put; but the soft prompt loses capacity.
+LEVERS["prompt tuning, B=32 x 4 steps, 2 tokens"] = [
+    *OLD_DEFAULT, "model.prompt_tuning.num_virtual_tokens=2"]
 # A larger step: under DP, Adam's m/sqrt(v) shrinks where noise dominates a coordinate, so the
 # signal moves slower than in the twin at the same learning rate.
-LEVERS["default, lr 0.4"] = [*DEFAULT, "train.lr=0.4"]
-LEVERS["default, batch 64, 2 local steps, lr 0.4"] = [
-    *LEVERS["default, batch 64, 2 local steps"], "train.lr=0.4"]
-LEVERS["default, 6 clients/round, 2 local steps"] = [*DEFAULT, "federation.clients_per_round=6",
-                                                     "train.local_steps=2"]
+LEVERS["prompt tuning, B=32 x 4 steps, lr 0.4"] = [*OLD_DEFAULT, "train.lr=0.4"]
+LEVERS["default, lr 0.4"] = ["train.lr=0.4"]
+# DP-AdamBC: Adam's v estimates signal^2 + (zC/B)^2; taking the noise term out lets the
+# soft prompt's few well-aligned coordinates move faster than the noise-dominated ones.
+LEVERS["default, DP-AdamBC"] = ["train.optimizer=adam_bc"]
+# Twice the clients per round at the old batch: each client's noise averages down as 1/sqrt(K).
+LEVERS["prompt tuning, B=32, 6 clients/round x 2 steps"] = [
+    "train.batch_size=32", "federation.clients_per_round=6"]
 
 
 def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]]:
@@ -97,6 +96,7 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
         return [(name, overrides, e) for e in epsilons] + [(name, overrides, None)]
 
     sweep = [*with_twin("default (prompt tuning)", DEFAULT, EPSILONS),
+             *with_twin(OLD_DEFAULT_NAME, OLD_DEFAULT, EPSILONS),
              *with_twin(best_lora, LEVERS[best_lora], EPSILONS)]
     levers = [run for name, ov in {"default (prompt tuning)": DEFAULT, **LEVERS}.items()
               for run in with_twin(name, ov, (8.0,))]

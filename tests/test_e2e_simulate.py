@@ -68,7 +68,8 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert all(c["rounds"] == 1 for c in ex["clients"].values())
     assert all(0.9 * 8.0 <= c["epsilon"] <= 8.0 for c in ex["clients"].values())
     from fedllm.config import from_yaml
-    assert from_yaml((run_dir / "config.yaml").read_text()).privacy.example.max_participations == 1
+    run_cfg = from_yaml((run_dir / "config.yaml").read_text())
+    assert run_cfg.privacy.example.max_participations == 1
     # The reported epsilon is recomputed from the reported mechanism, and meets the target.
     from fedllm.privacy.accounting import PrivacyEvent, epsilon
     for client in ex["clients"].values():
@@ -76,7 +77,7 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
                              sample_rate=client["sample_rate"])
         assert client["epsilon"] == pytest.approx(epsilon([event], 1e-5), rel=1e-6)
         assert client["epsilon"] <= 8.0
-        assert client["steps"] == client["rounds"] * 4
+        assert client["steps"] == client["rounds"] * run_cfg.train.local_steps
     assert ex["max_epsilon"] == pytest.approx(max(c["epsilon"] for c in ex["clients"].values()))
     assert rows[-1]["epsilon_example_max"] == pytest.approx(ex["max_epsilon"])
     card = (run_dir / "adapter" / "README.md").read_text()
