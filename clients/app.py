@@ -247,7 +247,7 @@ def local_update(msg: Message, context: Context
         (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
     # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
     result = local_round(loaded, global_adapter, client.train, cfg, noise_multiplier=z,
-                         seed=secrets.randbits(62))
+                         seed=secrets.randbits(62), server_round=server_round)
     if result.event != planned:  # the ledger must describe exactly what ran
         raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {planned}")
     update = user_level_update(cfg, result.delta, msg.content[protocol.CONFIG_RECORD])

@@ -137,14 +137,14 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
                             rng=random.Random(cfg.run.seed + 1000 * repeat))
     weights = dict(initial)
     events: dict[str, list] = {}
-    for _ in range(cfg.federation.rounds):
+    for server_round in range(1, cfg.federation.rounds + 1):
         chosen = sampler.sample(range(len(data.clients)))
         deltas = []
         for index in chosen:
             client = data.clients[index]
             z = noise_multiplier_for(cfg, len(client.train))
             res = local_round(loaded, weights, client.train, cfg, noise_multiplier=z,
-                              seed=secrets.randbits(62))
+                              seed=secrets.randbits(62), server_round=server_round)
             deltas.append(res.delta)
             if res.event is not None:
                 events.setdefault(client.client_id, []).append(res.event)

@@ -111,10 +111,11 @@ def train_client(loaded: models.LoadedModel, start: "dict[str, np.ndarray]",
     run_cfg = copy.deepcopy(cfg)
     run_cfg.privacy.example.max_grad_norm = mech.run_max_grad_norm
     adapter = {k: v.copy() for k, v in start.items()}
-    for _ in range(cfg.federation.rounds):
+    for server_round in range(1, cfg.federation.rounds + 1):
         result = local_round(loaded, adapter, train_data, run_cfg,
                              noise_multiplier=mech.run_noise_multiplier,
-                             seed=secrets.randbits(62))  # fresh entropy, as on a client
+                             seed=secrets.randbits(62),  # fresh entropy, as on a client
+                             server_round=server_round)
         adapter = {k: adapter[k] + cfg.strategy.server_lr * result.delta[k] for k in adapter}
     models.load_adapter_state(loaded.model, adapter)
     return adapter

@@ -74,6 +74,12 @@ class OptimizerName(StrEnum):
     adam_bc = "adam_bc"     # DP-AdamBC: AdamW minus the DP noise's variance (fedllm.privacy.adam_bc)
 
 
+class LrSchedule(StrEnum):
+    constant = "constant"
+    cosine = "cosine"       # over rounds: train.lr in round 1 down to lr x lr_final_fraction
+    linear = "linear"
+
+
 class AccountantName(StrEnum):
     pld = "pld"
     rdp = "rdp"
@@ -193,6 +199,8 @@ class TrainConfig:
     momentum: float = MISSING
     weight_decay: float = MISSING
     adam_bc_floor: float = MISSING      # adam_bc: floor of the corrected v, x the noise variance
+    lr_schedule: LrSchedule = MISSING   # across rounds (public: no privacy cost)
+    lr_final_fraction: float = MISSING  # the last round's lr, as a fraction of train.lr
     seq_len: int = MISSING
 
 
@@ -557,6 +565,9 @@ def validate(cfg: FedLLMConfig) -> None:
     _require(isinstance(t.adam_bc_floor, (int, float)) and 0 < t.adam_bc_floor <= 1,
              "train.adam_bc_floor", f"must be in (0, 1] (a fraction of the noise variance), "
              f"got {t.adam_bc_floor!r}")
+    _require(isinstance(t.lr_final_fraction, (int, float)) and 0 <= t.lr_final_fraction <= 1,
+             "train.lr_final_fraction", f"must be in [0, 1] (a fraction of train.lr), "
+             f"got {t.lr_final_fraction!r}")
     _positive_int(t.seq_len, "train.seq_len")
     _require(t.seq_len >= 8, "train.seq_len", f"must be at least 8 tokens, got {t.seq_len}")
 

@@ -28,18 +28,39 @@ class LocalResult:
     max_grad_norm: float
 
 
-def make_optimizer(params, train_cfg, noise_std: float = 0.0) -> torch.optim.Optimizer:
+def round_lr(train_cfg, server_round: int, rounds: int) -> float:
+    """The learning rate of round ``server_round`` (1-based) of ``rounds``.
+
+    ``constant``: train.lr. ``cosine`` / ``linear``: from train.lr in round 1 down to
+    train.lr x lr_final_fraction in round ``rounds`` (held there after it, e.g. on resume with
+    more rounds). The schedule depends on the round number only, so it costs no privacy.
+    """
+    if train_cfg.lr_schedule == "constant" or rounds <= 1:
+        return train_cfg.lr
+    progress = min(1.0, max(0.0, (server_round - 1) / (rounds - 1)))
+    if train_cfg.lr_schedule == "cosine":
+        factor = 0.5 * (1.0 + math.cos(math.pi * progress))
+    else:
+        factor = 1.0 - progress
+    final = train_cfg.lr_final_fraction
+    return train_cfg.lr * (final + (1.0 - final) * factor)
+
+
+def make_optimizer(params, train_cfg, noise_std: float = 0.0, lr: float | None = None
+                   ) -> torch.optim.Optimizer:
     """``noise_std``: std of the DP noise on each coordinate of the averaged gradient the
-    optimizer will see (z*C/B; 0 without DP), which ``adam_bc`` removes from Adam's v."""
+    optimizer will see (z*C/B; 0 without DP), which ``adam_bc`` removes from Adam's v.
+    ``lr``: this round's learning rate (default train.lr)."""
+    lr = train_cfg.lr if lr is None else lr
     if train_cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=train_cfg.lr, momentum=train_cfg.momentum,
+        return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum,
                                weight_decay=train_cfg.weight_decay)
     if train_cfg.optimizer == "adam_bc":
         from fedllm.privacy.adam_bc import AdamBC
 
-        return AdamBC(params, lr=train_cfg.lr, noise_std=noise_std,
+        return AdamBC(params, lr=lr, noise_std=noise_std,
                       floor=train_cfg.adam_bc_floor, weight_decay=train_cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=train_cfg.lr, weight_decay=train_cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
 
 
 def example_sample_rate(batch_size: int, num_sequences: int) -> float:
@@ -48,9 +69,10 @@ def example_sample_rate(batch_size: int, num_sequences: int) -> float:
 
 
 def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarray]",
-                train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int
-                ) -> LocalResult:
-    """Train the adapter for ``train.local_steps`` steps from ``global_adapter``.
+                train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int,
+                server_round: int = 1) -> LocalResult:
+    """Train the adapter for ``train.local_steps`` steps from ``global_adapter``, at the
+    learning rate ``train.lr_schedule`` gives round ``server_round`` of ``federation.rounds``.
 
     With example-level DP: DP-SGD with Poisson sampling at q = B/n, per-sample clipping to
     ``max_grad_norm`` and Gaussian noise ``noise_multiplier * max_grad_norm``. Returns the
@@ -65,6 +87,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
     q = example_sample_rate(t.batch_size, len(train_data))
+    lr = round_lr(t, server_round, cfg.federation.rounds)
     losses: list[float] = []
 
     if dp.enabled:
@@ -72,7 +95,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
             # Opacus adds N(0, (z*C)^2) to the sum of clipped gradients and divides by B.
             noise_std = noise_multiplier * dp.max_grad_norm / t.batch_size
             optimizer = dpsgd.make_dp_optimizer(
-                make_optimizer(params, t, noise_std), noise_multiplier=noise_multiplier,
+                make_optimizer(params, t, noise_std, lr), noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,
                 generator=noise_generator)
             for _ in range(t.local_steps):
@@ -83,7 +106,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
         event = PrivacyEvent(noise_multiplier=noise_multiplier, steps=t.local_steps,
                              sampling="poisson", sample_rate=q)
     else:
-        optimizer = make_optimizer(params, t)
+        optimizer = make_optimizer(params, t, lr=lr)
         for _ in range(t.local_steps):
             idx = torch.randperm(len(train_data), generator=generator)[: t.batch_size]
             loss = dpsgd.sequence_loss(model, train_data[idx].to(device))
