@@ -88,6 +88,14 @@ LEVERS["default, lr 0.4"] = ["train.lr=0.4"]
 # DP-AdamBC: Adam's v estimates signal^2 + (zC/B)^2; taking the noise term out lets the
 # soft prompt's few well-aligned coordinates move faster than the noise-dominated ones.
 LEVERS["default, DP-AdamBC"] = ["train.optimizer=adam_bc"]
+# Server optimizers on the noised average (the soft prompt moves ~lr per coordinate per local
+# step, so FedAdam needs a server lr near the local one, not its LoRA default 1e-2).
+LEVERS["default, FedAvgM"] = ["strategy=fedavgm"]
+LEVERS["default, FedAdam server lr 0.1"] = ["strategy=fedadam", "strategy.server_lr=0.1"]
+# Twice the clients per round: each client's noise averages down as 1/sqrt(K) (more compute).
+LEVERS["default, 6 clients/round"] = ["federation.clients_per_round=6"]
+# A learning-rate schedule over rounds: cosine from 0.2 in round 1 to 0.02 in the last.
+LEVERS["default, cosine lr"] = ["train.lr_schedule=cosine"]
 # Twice the clients per round at the old batch: each client's noise averages down as 1/sqrt(K).
 LEVERS["prompt tuning, B=32, 6 clients/round x 2 steps"] = [
     "train.batch_size=32", "data.min_client_sequences=32", "federation.clients_per_round=6"]
@@ -108,9 +116,14 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
     return {"sweep": sweep, "levers": levers, "larger": larger}
 
 
+# Settings that change nothing without DP: DP-AdamBC removes the DP noise's variance from
+# Adam's v, and without DP that variance is 0, so it is AdamW (tests/test_adam_bc.py).
+SAME_WITHOUT_DP = ("privacy.", "train.optimizer=adam_bc", "train.adam_bc_floor=")
+
+
 def twin_key(overrides: list[str]) -> str:
     """Runs without privacy that differ only in privacy settings are the same run."""
-    return json.dumps([o for o in overrides if not o.startswith("privacy.")])
+    return json.dumps([o for o in overrides if not o.startswith(SAME_WITHOUT_DP)])
 
 
 def load_rows() -> list[dict]:
