@@ -46,12 +46,11 @@ def round_lr(train_cfg, server_round: int, rounds: int) -> float:
     return train_cfg.lr * (final + (1.0 - final) * factor)
 
 
-def make_optimizer(params, train_cfg, noise_std: float = 0.0, lr: float | None = None
+def make_optimizer(params, train_cfg, lr: float, noise_std: float = 0.0
                    ) -> torch.optim.Optimizer:
-    """``noise_std``: std of the DP noise on each coordinate of the averaged gradient the
-    optimizer will see (z*C/B; 0 without DP), which ``adam_bc`` removes from Adam's v.
-    ``lr``: this round's learning rate (default train.lr)."""
-    lr = train_cfg.lr if lr is None else lr
+    """``lr``: this round's learning rate (``round_lr``). ``noise_std``: std of the DP noise on
+    each coordinate of the averaged gradient the optimizer will see (z*C/B; 0 without DP),
+    which ``adam_bc`` removes from Adam's v."""
     if train_cfg.optimizer == "sgd":
         return torch.optim.SGD(params, lr=lr, momentum=train_cfg.momentum,
                                weight_decay=train_cfg.weight_decay)
@@ -95,7 +94,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
             # Opacus adds N(0, (z*C)^2) to the sum of clipped gradients and divides by B.
             noise_std = noise_multiplier * dp.max_grad_norm / t.batch_size
             optimizer = dpsgd.make_dp_optimizer(
-                make_optimizer(params, t, noise_std, lr), noise_multiplier=noise_multiplier,
+                make_optimizer(params, t, lr, noise_std), noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,
                 generator=noise_generator)
             for _ in range(t.local_steps):
@@ -106,7 +105,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
         event = PrivacyEvent(noise_multiplier=noise_multiplier, steps=t.local_steps,
                              sampling="poisson", sample_rate=q)
     else:
-        optimizer = make_optimizer(params, t, lr=lr)
+        optimizer = make_optimizer(params, t, lr)
         for _ in range(t.local_steps):
             idx = torch.randperm(len(train_data), generator=generator)[: t.batch_size]
             loss = dpsgd.sequence_loss(model, train_data[idx].to(device))
