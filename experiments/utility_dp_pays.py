@@ -5,7 +5,7 @@ Run:
   python experiments/utility_dp_pays.py run sweep     # ε = 1, 2, 4, 8: default demo and LoRA
   python experiments/utility_dp_pays.py run larger    # 10 rounds x 5 clients at ε = 8
   python experiments/utility_dp_pays.py write         # BENCHMARKS.md section + plot
-Options: --repeats N (default 3), --only NAME-PREFIX ...
+Options: --repeats N (default 3), --only NAME ... (exact names), --epsilons E ..., --no-twins
 
 Every run is one federation in one process (experiments/utility_study.py `run_config`: the
 same data, DP-SGD `local_round`, per-client noise calibration for the participation cap,
@@ -96,6 +96,9 @@ LEVERS["default, FedAdam server lr 0.1"] = ["strategy=fedadam", "strategy.server
 LEVERS["default, 6 clients/round"] = ["federation.clients_per_round=6"]
 # A learning-rate schedule over rounds: cosine from 0.2 in round 1 to 0.02 in the last.
 LEVERS["default, cosine lr"] = ["train.lr_schedule=cosine"]
+# Its control: a constant lr near the cosine schedule's mean over 3 rounds (0.2, 0.11, 0.02),
+# to tell the schedule's shape from a smaller step.
+LEVERS["default, lr 0.1"] = ["train.lr=0.1"]
 # Twice the clients per round at the old batch: each client's noise averages down as 1/sqrt(K).
 LEVERS["prompt tuning, B=32, 6 clients/round x 2 steps"] = [
     "train.batch_size=32", "data.min_client_sequences=32", "federation.clients_per_round=6"]
