@@ -68,37 +68,45 @@ BEST_LORA = "FFA-LoRA r=1, C=0.25, lr 2e-2"
 # (The LoRA levers run at the LoRA adapter groups' own batch 32 x 4 local steps.)
 
 DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
-# Levers on the soft prompt, relative to today's default: expected batch 64 (q = min(1, 64/n):
-# the whole of most clients' data), 2 local steps, clients with >= 32 sequences (the same 179).
+# Levers on the soft prompt. The demo is expected batch 64 (q = min(1, 64/n): the whole of
+# most clients' data), 2 local steps, clients with >= 32 sequences (the same 179), and since
+# 2026-12-04 lr 0.1 (it was 0.2: the levers measured then carry an explicit train.lr=0.2, so
+# each row still says what ran).
+LR_02 = ["train.lr=0.2"]
+OLD_SHAPE = ["train.batch_size=32", "train.local_steps=4", "data.min_client_sequences=32"]
 # The demo before 2026-12-03 (its clients: >= 32 sequences, then the default for B = 32).
-OLD_DEFAULT = ["train.batch_size=32", "train.local_steps=4", "data.min_client_sequences=32"]
+OLD_DEFAULT = [*LR_02, *OLD_SHAPE]
 OLD_DEFAULT_NAME = "prompt tuning, B=32 x 4 steps (old default)"
 LEVERS[OLD_DEFAULT_NAME] = OLD_DEFAULT
+# The demo of 2026-12-03: B = 64 x 2 steps at lr 0.2.
+LR_02_DEFAULT_NAME = "prompt tuning, lr 0.2 (default until 2026-12-04)"
+LEVERS[LR_02_DEFAULT_NAME] = LR_02
 # Twice the steps at B = 64: more progress, but twice the compute (the demo's 10 minutes).
-LEVERS["prompt tuning, B=64 x 4 steps"] = ["train.local_steps=4"]
+LEVERS["prompt tuning, B=64 x 4 steps"] = [*LR_02, "train.local_steps=4"]
 # Fewer virtual tokens: every per-example gradient is clipped (norm 1-3.6 at C = 1 for 8
 # tokens), so the clipped signal spreads over fewer coordinates while the noise per
 # coordinate (z*C/B) stays put; but the soft prompt loses capacity.
 LEVERS["prompt tuning, B=32 x 4 steps, 2 tokens"] = [
     *OLD_DEFAULT, "model.prompt_tuning.num_virtual_tokens=2"]
-# A larger step: under DP, Adam's m/sqrt(v) shrinks where noise dominates a coordinate, so the
-# signal moves slower than in the twin at the same learning rate.
-LEVERS["prompt tuning, B=32 x 4 steps, lr 0.4"] = [*OLD_DEFAULT, "train.lr=0.4"]
+# The step size. Under DP each noise-dominated coordinate of AdamW's update still moves about
+# lr per step, in a random direction, so a smaller lr cuts the random walk more than the
+# signal's progress (the twin barely changes between lr 0.1 and 0.2).
+LEVERS["prompt tuning, B=32 x 4 steps, lr 0.4"] = [*OLD_SHAPE, "train.lr=0.4"]
 LEVERS["default, lr 0.4"] = ["train.lr=0.4"]
+LEVERS["default, lr 0.05"] = ["train.lr=0.05"]
 # DP-AdamBC: Adam's v estimates signal^2 + (zC/B)^2; taking the noise term out lets the
 # soft prompt's few well-aligned coordinates move faster than the noise-dominated ones.
-LEVERS["default, DP-AdamBC"] = ["train.optimizer=adam_bc"]
+LEVERS["prompt tuning, lr 0.2, DP-AdamBC"] = [*LR_02, "train.optimizer=adam_bc"]
 # Server optimizers on the noised average (the soft prompt moves ~lr per coordinate per local
 # step, so FedAdam needs a server lr near the local one, not its LoRA default 1e-2).
-LEVERS["default, FedAvgM"] = ["strategy=fedavgm"]
-LEVERS["default, FedAdam server lr 0.1"] = ["strategy=fedadam", "strategy.server_lr=0.1"]
+LEVERS["prompt tuning, lr 0.2, FedAvgM"] = [*LR_02, "strategy=fedavgm"]
+LEVERS["prompt tuning, lr 0.2, FedAdam server lr 0.1"] = [
+    *LR_02, "strategy=fedadam", "strategy.server_lr=0.1"]
 # Twice the clients per round: each client's noise averages down as 1/sqrt(K) (more compute).
-LEVERS["default, 6 clients/round"] = ["federation.clients_per_round=6"]
-# A learning-rate schedule over rounds: cosine from 0.2 in round 1 to 0.02 in the last.
-LEVERS["default, cosine lr"] = ["train.lr_schedule=cosine"]
-# Its control: a constant lr near the cosine schedule's mean over 3 rounds (0.2, 0.11, 0.02),
-# to tell the schedule's shape from a smaller step.
-LEVERS["default, lr 0.1"] = ["train.lr=0.1"]
+LEVERS["prompt tuning, lr 0.2, 6 clients/round"] = [*LR_02, "federation.clients_per_round=6"]
+# A learning-rate schedule over rounds: cosine from 0.2 in round 1 to 0.02 in the last (its
+# mean over 3 rounds, 0.11, is near lr 0.1: the control that tells shape from step size).
+LEVERS["prompt tuning, lr 0.2, cosine lr"] = [*LR_02, "train.lr_schedule=cosine"]
 # Twice the clients per round at the old batch: each client's noise averages down as 1/sqrt(K).
 LEVERS["prompt tuning, B=32, 6 clients/round x 2 steps"] = [
     "train.batch_size=32", "data.min_client_sequences=32", "federation.clients_per_round=6"]
@@ -110,11 +118,13 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
         return [(name, overrides, e) for e in epsilons] + [(name, overrides, None)]
 
     sweep = [*with_twin("default (prompt tuning)", DEFAULT, EPSILONS),
+             *with_twin(LR_02_DEFAULT_NAME, LR_02, EPSILONS),
              *with_twin(OLD_DEFAULT_NAME, OLD_DEFAULT, EPSILONS),
              *with_twin(best_lora, LEVERS[best_lora], EPSILONS)]
     levers = [run for name, ov in {"default (prompt tuning)": DEFAULT, **LEVERS}.items()
               for run in with_twin(name, ov, (8.0,))]
     larger = [*with_twin("default (prompt tuning), 10x5", [*DEFAULT, *LARGER], (8.0,)),
+              *with_twin("prompt tuning, lr 0.2, 10x5", [*LR_02, *LARGER], (8.0,)),
               *with_twin(f"{best_lora}, 10x5", [*LEVERS[best_lora], *LARGER], (8.0,))]
     return {"sweep": sweep, "levers": levers, "larger": larger}
 

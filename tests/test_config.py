@@ -69,7 +69,7 @@ def test_adapter_group_selects_prompt_tuning_and_keeps_lora_keys():
     assert cfg.model.adapter == "prompt_tuning"
     assert cfg.model.prompt_tuning.num_virtual_tokens == 8 and cfg.model.lora.r == 2
     demo = compose([])
-    assert demo.model.adapter == "prompt_tuning" and demo.train.lr == 0.2  # the demo's adapter
+    assert demo.model.adapter == "prompt_tuning" and demo.train.lr == 0.1  # the demo's adapter
     lora = compose(["adapter=lora"])
     assert lora.model.adapter == "lora" and lora.train.lr == 2e-3  # each adapter brings its lr
     assert compose(["adapter=lora", "train.lr=1e-4"]).train.lr == 1e-4  # the command line wins
@@ -144,7 +144,7 @@ def test_yaml_tree_values_are_the_demo():
     cfg = compose([])
     assert (cfg.model.adapter, cfg.train.batch_size, cfg.train.local_steps,
             cfg.train.physical_batch_size, cfg.train.lr, cfg.eval.mode, cfg.federation.rounds) == (
-        "prompt_tuning", 64, 2, 16, 0.2, "server", 3)
+        "prompt_tuning", 64, 2, 16, 0.1, "server", 3)
     assert cfg.privacy.example.target_epsilon == 8.0 and cfg.privacy.delta == 1e-5
 
 
