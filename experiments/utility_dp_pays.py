@@ -335,7 +335,7 @@ def _plot(sweep: list[dict]) -> None:
     import matplotlib.pyplot as plt
 
     PLOT.parent.mkdir(parents=True, exist_ok=True)
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
+    fig, ax = plt.subplots(figsize=(6.0, 4.4))
     for name in dict.fromkeys(s["name"] for s in sweep):
         pts = sorted((s["epsilon"], s) for s in sweep if s["name"] == name)
         xs = [e for e, _ in pts]
@@ -361,7 +361,7 @@ def _plot(sweep: list[dict]) -> None:
     ax.set_ylabel("held-out gain kept vs twin (%, nats)")
     ax.set_title("median of the DP runs (filled: >= 3, hollow: fewer, n given); "
                  "band: min-max", fontsize=8)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncol=2)
     fig.tight_layout()
     fig.savefig(PLOT, dpi=120)
     plt.close(fig)
