@@ -4,12 +4,14 @@ The same app runs in simulation (a virtual SuperNode per client, ``partition-id`
 config) and in deployment (a real SuperNode per site). The run's resolved fedllm config
 arrives with every train message, so nothing depends on files shared with the server.
 
-Reply: ``arrays`` = adapter delta (new - global); ``metrics`` = loss and the parameters of the
-example-level DP mechanism that ran; ``client`` = the client's id.
+Every field of every reply, and why sending it is safe, is listed in ``fedllm.protocol``:
+the noised adapter update, values derived only from public or already released values, and
+DP statistics with their own ledger entries. What to release is ``release_policy``'s call.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import logging
@@ -32,10 +34,11 @@ from fedllm.config import (DataConfig, FedLLMConfig, ModelConfig, from_yaml,
 from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import ClientData, build_local_client
 from fedllm.data.per_client import ClientIndex, build_client_index, cache_dir, load_client
-from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl
-from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise, epsilon
+from fedllm.privacy import release_policy
+from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
 from fedllm.privacy.ledger import Ledger, LedgerError, load_release, save_release
+from fedllm.privacy.size_estimate import data_fingerprint, eval_event, noisy_size, size_event
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
@@ -137,22 +140,33 @@ def this_client(cfg: FedLLMConfig, node_config) -> ClientData:
 
 @functools.lru_cache(maxsize=4096)
 def planned_noise_multiplier(target_epsilon: float, delta: float, sample_rate: float,
-                             planned_steps: int, accountant: str) -> float:
-    """Noise so that this client's epsilon stays <= target over all the steps it may run."""
+                             planned_steps: int, accountant: str,
+                             prior: tuple[PrivacyEvent, ...] = ()) -> float:
+    """Noise so that this client's epsilon stays <= target over all the steps it may run,
+    composed after ``prior``: the releases a run also spends (its size estimate, its planned
+    DP evaluations)."""
     return calibrate_noise(target_epsilon, delta, steps=planned_steps, sample_rate=sample_rate,
-                           accountant=accountant)
+                           accountant=accountant, prior=prior)
 
 
-def noise_multiplier_for(cfg: FedLLMConfig, num_sequences: int) -> float:
+def noise_multiplier_for(cfg: FedLLMConfig, sample_rate: float,
+                         prior: tuple[PrivacyEvent, ...] = ()) -> float:
     ex = cfg.privacy.example
     if not ex.enabled:
         return 0.0
     if ex.noise_multiplier is not None:
         return float(ex.noise_multiplier)
-    q = example_sample_rate(cfg.train.batch_size, num_sequences)
     steps = max_participations(cfg) * cfg.train.local_steps
-    return planned_noise_multiplier(ex.target_epsilon, cfg.privacy.delta, q, steps,
-                                    cfg.privacy.accountant)
+    return planned_noise_multiplier(ex.target_epsilon, cfg.privacy.delta, sample_rate, steps,
+                                    cfg.privacy.accountant, prior)
+
+
+def planned_evaluations(cfg: FedLLMConfig) -> tuple[PrivacyEvent, ...]:
+    """The DP evaluation releases a run plans for each node: base model + every round, in a
+    deployment (eval.mode=clients); none in simulation (the server evaluates)."""
+    if cfg.eval.mode != "clients":
+        return ()
+    return (eval_event(cfg.eval.noise_multiplier),) * (cfg.federation.rounds + 1)
 
 
 def max_participations(cfg: FedLLMConfig) -> int:
@@ -160,6 +174,87 @@ def max_participations(cfg: FedLLMConfig) -> int:
     a config that still says ``auto`` is read as every round (conservative: more noise)."""
     cap = cfg.privacy.example.max_participations
     return cfg.federation.rounds if cap == "auto" else min(int(cap), cfg.federation.rounds)
+
+
+def default_site_budget() -> float | None:
+    """This installation's default lifetime budget (conf/privacy/example.yaml): what a
+    deployed site enforces when its node config sets none, whatever the server sends."""
+    from omegaconf import OmegaConf
+
+    conf = Path(__file__).resolve().parent.parent / "conf" / "privacy" / "example.yaml"
+    value = OmegaConf.load(conf).get("budget")
+    return None if value is None else float(value)
+
+
+def site_budget(cfg: FedLLMConfig, node_config) -> float | None:
+    """The budget the site itself sets. Deployment: its node config ``budget``, else this
+    installation's default. Simulation: the run's ``privacy.budget`` (the simulation is the
+    site). Held in the ledger, which keeps the strictest it has seen."""
+    if "partition-id" in node_config:
+        return cfg.privacy.budget
+    if "budget" in node_config:
+        return float(node_config["budget"])
+    return default_site_budget() if cfg.privacy.example.enabled else None
+
+
+def _strictest(*budgets: float | None) -> float | None:
+    given = [b for b in budgets if b is not None]
+    return min(given) if given else None
+
+
+class Declined(Exception):
+    """A request the client answers with no update (the reason goes back to the server)."""
+
+
+def open_ledger(cfg: FedLLMConfig, node_config, client_id: str) -> tuple[Ledger, float | None]:
+    """The client's ledger, holding the site's budget, and the budget that applies now (the
+    strictest of the ledger's, the site's and the run's). Raises LedgerError."""
+    ledger = Ledger.open(config_ledger_dir(cfg), client_id)
+    ledger.lower_budget(site_budget(cfg, node_config))
+    return ledger, _strictest(ledger.budget, cfg.privacy.budget)
+
+
+def released_size(cfg: FedLLMConfig, ledger: Ledger, client: ClientData,
+                  budget: float | None) -> tuple[int, PrivacyEvent]:
+    """The DP estimate of this client's size that its sampling rate comes from, and its
+    event: the one already in the ledger for this data, else a new release, recorded first.
+    Raises Declined if the budget cannot pay for it."""
+    fingerprint = data_fingerprint(client.train, cfg.data.unit)
+    for entry in ledger.entries:
+        if entry.purpose == "size" and (entry.note or {}).get("data") == fingerprint:
+            return int(entry.note["estimate"]), entry.event
+    event = size_event(cfg.privacy.example.size_noise)
+    decision = release_policy.decide_size(ledger.entries, event, budget, cfg.privacy.delta,
+                                          cfg.privacy.accountant)
+    if decision.action == release_policy.DECLINE:
+        raise Declined(decision.reason)
+    estimate = noisy_size(len(client.train), cfg.privacy.example.size_noise)
+    ledger.record(cfg.run.id, 0, event, purpose="size", again=True,
+                  note={"data": fingerprint, "estimate": estimate})
+    return estimate, event
+
+
+def run_plan(cfg: FedLLMConfig, ledger: Ledger, client: ClientData, budget: float | None
+             ) -> release_policy.RunPlan:
+    """This client's plan for the run: the event one round releases, from released values
+    only (q from the size estimate). Raises Declined."""
+    ex = cfg.privacy.example
+    if ex.enabled:
+        estimate, size = released_size(cfg, ledger, client, budget)
+        q = example_sample_rate(cfg.train.batch_size, estimate)
+        z = noise_multiplier_for(cfg, q, (size,) + planned_evaluations(cfg))
+    else:  # recorded as noise 0 (epsilon = inf); nothing of n is used or sent
+        q, z = 1.0, 0.0
+    event = PrivacyEvent(noise_multiplier=z, steps=cfg.train.local_steps, sampling="poisson",
+                         sample_rate=q)
+    return release_policy.RunPlan(
+        run_id=cfg.run.id, rounds=cfg.federation.rounds, cap=max_participations(cfg),
+        event=event, target_epsilon=ex.target_epsilon if ex.enabled and
+        ex.noise_multiplier is None else None, budget=budget, delta=cfg.privacy.delta,
+        accountant=cfg.privacy.accountant,
+        pinned={"max_grad_norm": ex.max_grad_norm if ex.enabled else None,
+                "unit": cfg.data.unit, "batch_size": cfg.train.batch_size,
+                "eval_noise": cfg.eval.noise_multiplier if cfg.eval.mode == "clients" else None})
 
 
 @app.train()
@@ -179,115 +274,132 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate_global(msg: Message, context: Context) -> Message:
-    """Held-out loss of the global adapter on this node's own held-out share."""
+    """A DP statistic of the global adapter's held-out loss on this node's own held-out share:
+    the clipped loss sum and the count, each with Gaussian noise, charged to the ledger."""
     cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
     cfg = node_config_overrides(_config(cfg_text), context.node_config)
+    server_round = int(msg.content[protocol.CONFIG_RECORD].get(protocol.ROUND_KEY, 1))
     loaded = _model(to_yaml(cfg.model), cfg.run.seed)
     client = this_client(cfg, context.node_config)
+    ledger_dir = config_ledger_dir(cfg)
+    try:
+        ledger, budget = open_ledger(cfg, context.node_config, client.client_id)
+        plan = run_plan(cfg, ledger, client, budget)
+    except (LedgerError, Declined) as exc:
+        log.warning("client %s releases no evaluation: %s", client.client_id, exc)
+        return _reply(msg, protocol.declined_eval_metrics())
+    event = eval_event(cfg.eval.noise_multiplier)
+    copy = load_release(ledger_dir, client.client_id, cfg.run.id, server_round, "eval")
+    decision = release_policy.decide_eval(ledger.entries, plan, server_round, event,
+                                          copy_exists=copy is not None)
+    if decision.action == release_policy.RESEND:
+        return _reply(msg, copy[1])
+    if decision.action == release_policy.DECLINE:
+        log.warning("client %s releases no evaluation: %s", client.client_id, decision.reason)
+        return _reply(msg, protocol.declined_eval_metrics())
+    ledger.record(cfg.run.id, server_round, event, purpose="eval", plan=plan.fingerprint(),
+                  again=decision.again)  # write-ahead
     models.load_adapter_state(loaded.model, {k: v.numpy() for k, v in
                                              msg.content[protocol.ARRAYS_RECORD].items()})
-    server_round = int(msg.content[protocol.CONFIG_RECORD].get(protocol.ROUND_KEY, 1))
-    result = evaluate(loaded.model, client.eval, cfg.eval.batch_size, loaded.device,
-                      base_model=server_round == 0)  # round 0: the bare base model
-    n = len(client.eval)
-    metrics = MetricRecord({"eval_loss_sum": result["eval_loss"] * n if n else 0.0,
-                            "num_sequences": n})
-    return Message(content=RecordDict({protocol.METRICS_RECORD: metrics}), reply_to=msg)
+    losses = held_out_losses(loaded, client.eval, cfg.eval.batch_size,
+                             base_model=server_round == 0)  # round 0: the bare base model
+    metrics = protocol.eval_metrics(*noised_eval_statistic(losses, cfg.eval.loss_bound,
+                                                           cfg.eval.noise_multiplier))
+    save_release(ledger_dir, client.client_id, cfg.run.id, server_round, {}, metrics, "eval")
+    return _reply(msg, metrics)
+
+
+def held_out_losses(loaded: models.LoadedModel, sequences, batch_size: int, *,
+                    base_model: bool) -> np.ndarray:
+    """Per-sequence mean next-token losses of the adapter (or the bare base model)."""
+    import torch
+
+    from fedllm.privacy.dpsgd import per_sequence_losses
+
+    out = []
+    was_training = loaded.model.training
+    loaded.model.eval()
+    context = (models.unwrap(loaded.model).disable_adapter() if base_model
+               else contextlib.nullcontext())
+    with torch.no_grad(), context:
+        for batch in torch.split(sequences, batch_size):
+            out.append(per_sequence_losses(loaded.model, batch.to(loaded.device)).float().cpu())
+    if was_training:
+        loaded.model.train()
+    return torch.cat(out).numpy() if out else np.zeros(0)
+
+
+def noised_eval_statistic(losses: np.ndarray, bound: float, noise: float
+                          ) -> tuple[float, float]:
+    """(sum of losses clipped to [0, bound] + N(0, (noise*bound)^2), count + N(0, noise^2)):
+    adding or removing one sequence moves (sum/bound, count) by at most (1, 1)."""
+    rng = np.random.default_rng(secrets.randbits(128))
+    total = float(np.clip(losses, 0.0, bound).sum()) + rng.normal(0.0, noise * bound)
+    return total, float(len(losses)) + rng.normal(0.0, noise)
+
+
+def _reply(msg: Message, metrics: dict) -> Message:
+    return Message(content=RecordDict({protocol.METRICS_RECORD: MetricRecord(metrics)}),
+                   reply_to=msg)
 
 
 def local_update(msg: Message, context: Context
                  ) -> tuple[dict | None, MetricRecord, ConfigRecord]:
-    """Ledger + budget check, one local DP round, user-level clip/noise.
-
-    Returns (update or None if declined, metrics, client record).
-    """
+    """The release policy's answer to this request, then (if it says train) one local DP
+    round and the user-level clip/noise. Returns (update or None, metrics, client record)."""
     cfg_text = str(msg.content[protocol.CONFIG_RECORD][protocol.CONFIG_KEY])
     server_round = int(msg.content[protocol.CONFIG_RECORD][protocol.ROUND_KEY])
     cfg = node_config_overrides(_config(cfg_text), context.node_config)
     loaded = _model(to_yaml(cfg.model), cfg.run.seed)
     client = this_client(cfg, context.node_config)
     inject_fault_before(cfg, client.client_id)
-    z = noise_multiplier_for(cfg, len(client.train))
-    planned = planned_event(cfg, z, len(client.train))
-    # Without example-level DP the ledger still records the participation, as epsilon = inf.
-    recorded = planned or unprotected_event(cfg, len(client.train))
-
-    lifetime = None
     ledger_dir = config_ledger_dir(cfg)
-    if recorded is not None:
-        try:
-            ledger = Ledger.open(ledger_dir, client.client_id)
-        except LedgerError as exc:  # corrupt: refuse to train and say why; never reset it
-            return _refuse(client.client_id, f"ledger: {exc}")
-        if ledger.has(cfg.run.id, server_round):
-            # A resumed server asks again for a round we already released: resend that same
-            # update (one ledger entry covers it). No copy means it never left: train now.
-            cached = load_release(ledger_dir, client.client_id, cfg.run.id, server_round)
-            if cached is not None:
-                update, metrics = cached
-                log.info("client %s: resending its round-%d release", client.client_id,
-                         server_round)
-                return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
-            lifetime = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
-        else:
-            refusal = cap_refusal(cfg, ledger, planned) if planned is not None else None
-            if refusal is not None:
-                return _decline(client.client_id,
-                                ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant), refusal)
-            lifetime = ledger.epsilon_with(recorded, cfg.privacy.delta, cfg.privacy.accountant)
-            if cfg.privacy.budget is not None and lifetime > cfg.privacy.budget:
-                spent = ledger.epsilon(cfg.privacy.delta, cfg.privacy.accountant)
-                return _decline(client.client_id, spent,
-                                f"budget: lifetime epsilon would reach {lifetime:.3f} > "
-                                f"privacy.budget={cfg.privacy.budget:g} (spent {spent:.3f})")
-            # Write-ahead: the release is on disk before a noised update can leave this node.
-            ledger.record(cfg.run.id, server_round, recorded)
+    try:
+        ledger, budget = open_ledger(cfg, context.node_config, client.client_id)
+    except LedgerError as exc:  # corrupt: refuse to train and say why; never reset it
+        return _refuse(client.client_id, f"ledger: {exc}")
+    try:
+        plan = run_plan(cfg, ledger, client, budget)
+    except Declined as exc:
+        return _decline(client.client_id, ledger.epsilon(cfg.privacy.delta,
+                                                         cfg.privacy.accountant), str(exc))
+    copy = load_release(ledger_dir, client.client_id, cfg.run.id, server_round)
+    decision = release_policy.decide(ledger.entries, plan, server_round,
+                                     copy_exists=copy is not None)
+    if decision.action == release_policy.RESEND:
+        log.info("client %s: resending its round-%d release", client.client_id, server_round)
+        update, metrics = copy
+        return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
+    if decision.action == release_policy.DECLINE:
+        return _decline(client.client_id, decision.spent, decision.reason)
+    # Write-ahead: the release is on disk before a noised update can leave this node.
+    if not ledger.record(cfg.run.id, server_round, plan.event, plan=plan.fingerprint(),
+                         again=decision.again):
+        return _decline(client.client_id, decision.spent,
+                        f"round {server_round} is being released by another request")
 
     global_adapter = OrderedDict(
         (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
     # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
-    result = local_round(loaded, global_adapter, client.train, cfg, noise_multiplier=z,
-                         seed=secrets.randbits(62), server_round=server_round)
-    if result.event != planned:  # the ledger must describe exactly what ran
-        raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {planned}")
+    result = local_round(loaded, global_adapter, client.train, cfg,
+                         noise_multiplier=plan.event.noise_multiplier,
+                         seed=secrets.randbits(62), server_round=server_round,
+                         sample_rate=plan.event.sample_rate)
+    if cfg.privacy.example.enabled and result.event != plan.event:
+        raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {plan.event}")
+    # The training loss is a statistic of private data: it stays in this node's own log.
+    log.info("client %s: round %d, local train loss %.4f", client.client_id, server_round,
+             result.train_loss)
     update = user_level_update(cfg, result.delta, msg.content[protocol.CONFIG_RECORD])
     if client.client_id in cfg.faults.nan_clients:
         update = {k: np.full_like(v, np.nan) for k, v in update.items()}
-    metrics = MetricRecord({
-        "train_loss": result.train_loss,
-        "steps": result.steps,
-        "num-examples": 1,  # unweighted FedAvg: client sizes are neither sent nor used
-        "sample_rate": result.sample_rate,
-        "noise_multiplier": result.noise_multiplier,
-        "max_grad_norm": result.max_grad_norm if cfg.privacy.example.enabled else 0.0,
-        "dp": int(result.event is not None),
-        "declined": 0,
-    })
-    if lifetime is not None and planned is not None:
-        metrics["lifetime_epsilon"] = lifetime
-    if recorded is not None:
-        save_release(ledger_dir, client.client_id, cfg.run.id, server_round, update, dict(metrics))
-    return update, metrics, ConfigRecord({"client_id": client.client_id})
-
-
-def cap_refusal(cfg: FedLLMConfig, ledger: Ledger, planned: PrivacyEvent) -> str | None:
-    """Why this client must not take part in another round of this run, or None.
-
-    Its noise was calibrated for ``max_participations`` rounds: one more would exceed the
-    target ε. The ledger, not the server, is the judge: a server that resends, changes the cap
-    or samples too often meets a refusal. With a target ε the run's ε is checked too."""
-    this_run = [e.event for e in ledger.entries if e.run_id == cfg.run.id]
-    cap = max_participations(cfg)
-    if len(this_run) >= cap:
-        return (f"participation cap: already took part in {len(this_run)} round(s) of this run "
-                f"(privacy.example.max_participations={cap})")
-    ex = cfg.privacy.example
-    if ex.noise_multiplier is None and ex.target_epsilon is not None:
-        run_eps = epsilon(this_run + [planned], cfg.privacy.delta, cfg.privacy.accountant)
-        if run_eps > ex.target_epsilon:
-            return (f"run epsilon would reach {run_eps:.3f} > privacy.example.target_epsilon="
-                    f"{ex.target_epsilon:g}")
-    return None
+    metrics = protocol.train_metrics(plan.event, dp=cfg.privacy.example.enabled,
+                                     max_grad_norm=cfg.privacy.example.max_grad_norm,
+                                     lifetime_epsilon=decision.lifetime_epsilon)
+    if client.client_id in cfg.faults.leak_loss_clients:  # drills only: a broken client
+        metrics["train_loss"] = result.train_loss
+    save_release(ledger_dir, client.client_id, cfg.run.id, server_round, update, dict(metrics))
+    return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
 
 
 def inject_fault_before(cfg: FedLLMConfig, client_id: str) -> None:
@@ -311,23 +423,6 @@ def user_level_update(cfg: FedLLMConfig, delta: dict, round_config) -> dict:
         m = int(round_config[protocol.MIN_SURVIVORS_KEY])
         clipped = add_noise(clipped, distributed_noise_std(z, user.clip_norm, m))
     return clipped
-
-
-def planned_event(cfg: FedLLMConfig, z: float, num_sequences: int) -> PrivacyEvent | None:
-    if not cfg.privacy.example.enabled:
-        return None
-    return PrivacyEvent(noise_multiplier=z, steps=cfg.train.local_steps, sampling="poisson",
-                        sample_rate=example_sample_rate(cfg.train.batch_size, num_sequences))
-
-
-def unprotected_event(cfg: FedLLMConfig, num_sequences: int) -> PrivacyEvent | None:
-    """A participation without example-level DP, as the ledger records it: noise 0, so its
-    epsilon (and the client's lifetime epsilon from then on) is infinite. A site's budget then
-    refuses it. None with example-level DP on (the planned DP event is recorded instead)."""
-    if cfg.privacy.example.enabled:
-        return None
-    return PrivacyEvent(noise_multiplier=0.0, steps=cfg.train.local_steps, sampling="poisson",
-                        sample_rate=example_sample_rate(cfg.train.batch_size, num_sequences))
 
 
 def _decline(client_id: str, spent: float, reason: str

@@ -216,6 +216,9 @@ class ExamplePrivacyConfig:
     # Participations a client may make in one run; its noise is calibrated for this many
     # (x train.local_steps steps). auto: derived from the plan (fedllm/privacy/participation.py).
     max_participations: Any = MISSING   # auto | positive integer (<= federation.rounds)
+    # Std of the Gaussian noise on the client's size n in the one DP estimate it releases
+    # (once per dataset, in its ledger): q = batch_size / estimate, so q reveals no exact n.
+    size_noise: float = MISSING
 
 
 @dataclass
@@ -261,6 +264,11 @@ class EvalConfig:
     mode: EvalMode = MISSING
     max_sequences: int = MISSING
     batch_size: int = MISSING
+    # eval.mode=clients: each node releases its held-out loss sum (per-sequence loss clipped to
+    # loss_bound) and count with Gaussian noise of std noise_multiplier x (loss_bound, 1): a DP
+    # statistic, charged to its ledger every evaluation.
+    noise_multiplier: float = MISSING
+    loss_bound: float = MISSING
 
 
 @dataclass
@@ -270,6 +278,8 @@ class FaultsConfig:
     hang_clients: list[str] = MISSING       # sleep hang_seconds first
     hang_seconds: float = MISSING
     nan_clients: list[str] = MISSING        # send a NaN update
+    # send the raw local training loss with the update (a broken client the wire audit must catch)
+    leak_loss_clients: list[str] = MISSING
     # SecAgg+ only: send the masked input, then vanish before revealing any share
     unmask_drop_clients: list[str] = MISSING
 
@@ -345,8 +355,16 @@ def compose(overrides: list[str] | None = None) -> FedLLMConfig:
         raise
     except Exception as exc:  # Hydra/OmegaConf errors: keep only the readable message
         raise ConfigError(_short_message(exc)) from None
+    if not obj.privacy.example.enabled and not _sets(overrides, "privacy.budget"):
+        # The lifetime budget is the DP group's default (conf/privacy/example.yaml): turning
+        # example-level DP off drops it with it. One given explicitly is still checked.
+        obj.privacy.budget = None
     validate(obj)
     return obj
+
+
+def _sets(overrides: list[str] | None, key: str) -> bool:
+    return any(o.lstrip("+~").split("=", 1)[0] == key for o in overrides or [])
 
 
 def _short_message(exc: BaseException) -> str:
@@ -577,7 +595,8 @@ def validate(cfg: FedLLMConfig) -> None:
     if p.budget is not None:
         _positive(p.budget, "privacy.budget")
         _require(p.example.enabled, "privacy.budget",
-                 "needs privacy.example.enabled=true (there is nothing to account otherwise)")
+                 "needs privacy.example.enabled=true (every release without it costs ε = ∞); "
+                 "for a run without DP use privacy=none, or set privacy.budget=null")
     e = p.example
     # Values are checked even when their feature is off: a typo should not wait to bite.
     _positive(e.max_grad_norm, "privacy.example.max_grad_norm")
@@ -588,6 +607,7 @@ def validate(cfg: FedLLMConfig) -> None:
             _positive(e.noise_multiplier, "privacy.example.noise_multiplier", allow_zero=True)
         if e.target_epsilon is not None:
             _positive(e.target_epsilon, "privacy.example.target_epsilon")
+    _positive(e.size_noise, "privacy.example.size_noise")
     cap = e.max_participations
     _require(cap == "auto" or (isinstance(cap, int) and not isinstance(cap, bool) and cap > 0),
              "privacy.example.max_participations", f"must be auto or a positive integer, got {cap!r}")
@@ -625,6 +645,8 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
     _positive_int(cfg.eval.batch_size, "eval.batch_size")
+    _positive(cfg.eval.noise_multiplier, "eval.noise_multiplier")
+    _positive(cfg.eval.loss_bound, "eval.loss_bound")
     _validate_audit(cfg.audit)
 
 

@@ -62,18 +62,21 @@ def make_optimizer(params, train_cfg, lr: float, noise_std: float = 0.0
     return torch.optim.AdamW(params, lr=lr, weight_decay=train_cfg.weight_decay)
 
 
-def example_sample_rate(batch_size: int, num_sequences: int) -> float:
-    """Poisson rate q = expected batch / client size (capped at 1)."""
-    return min(1.0, batch_size / num_sequences)
+def example_sample_rate(batch_size: int, num_sequences: float) -> float:
+    """Poisson rate q = expected batch / client size (capped at 1). A client passes the DP
+    estimate of its size it released (``fedllm.privacy.size``), never its exact size: q is
+    sent and published, and B / q would give the size away."""
+    return min(1.0, batch_size / max(num_sequences, 1))
 
 
 def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarray]",
                 train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int,
-                server_round: int = 1) -> LocalResult:
+                server_round: int = 1, sample_rate: float | None = None) -> LocalResult:
     """Train the adapter for ``train.local_steps`` steps from ``global_adapter``, at the
     learning rate ``train.lr_schedule`` gives round ``server_round`` of ``federation.rounds``.
 
-    With example-level DP: DP-SGD with Poisson sampling at q = B/n, per-sample clipping to
+    With example-level DP: DP-SGD with Poisson sampling at ``sample_rate`` (default B/n: local
+    tools only; a client passes B over its released size estimate), per-sample clipping to
     ``max_grad_norm`` and Gaussian noise ``noise_multiplier * max_grad_norm``. Returns the
     adapter delta (new - global) and the privacy event describing exactly what ran.
     """
@@ -85,7 +88,8 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     generator = torch.Generator().manual_seed(seed)
     noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
     params = [p for p in model.parameters() if p.requires_grad]
-    q = example_sample_rate(t.batch_size, len(train_data))
+    q = sample_rate if sample_rate is not None else example_sample_rate(t.batch_size,
+                                                                         len(train_data))
     lr = round_lr(t, server_round, cfg.federation.rounds)
     losses: list[float] = []
 

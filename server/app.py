@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import time
 import uuid
 from collections import OrderedDict
@@ -163,7 +162,6 @@ class RoundRecorder:
         eps_max = max(self.epsilons.values()) if self.epsilons else None
         row = {
             "round": server_round,
-            "train_loss": None if math.isnan(info.train_loss) else info.train_loss,
             "eval_loss": result["eval_loss"],
             "perplexity": result["perplexity"],
             "num_clients": len(info.accepted),
@@ -194,10 +192,9 @@ class RoundRecorder:
         if row["epsilon_user"] is not None:
             eps_text += (f" · user ε {row['epsilon_user']:.2f} (vs the server "
                          f"{row['epsilon_user_vs_server']:.2f})")
-        loss_text = "n/a" if row["train_loss"] is None else f"{row['train_loss']:.4f}"
-        log.info("round %d/%d · %d clients · train loss %s · held-out loss %.4f · ppl %.2f%s · "
-                 "%.0f s", server_round, self.cfg.federation.rounds, row["num_clients"],
-                 loss_text, row["eval_loss"], row["perplexity"], eps_text, row["seconds"])
+        log.info("round %d/%d · %d clients · held-out loss %.4f · ppl %.2f%s · %.0f s",
+                 server_round, self.cfg.federation.rounds, row["num_clients"],
+                 row["eval_loss"], row["perplexity"], eps_text, row["seconds"])
 
 
 def user_noise_multiplier(cfg: FedLLMConfig, population: int) -> float:
@@ -372,10 +369,26 @@ def resolve_participation_cap(cfg: FedLLMConfig, cfg_text: str, population: int,
     return cfg, cfg_text
 
 
+def enforced_participation_cap(cfg: FedLLMConfig) -> int | None:
+    """The participation cap every client enforces itself in this run, or None if none does.
+
+    With example-level DP a client's ledger declines any round beyond
+    ``privacy.example.max_participations`` (read as every round while it still says ``auto``,
+    as ``clients/app.py:max_participations`` reads it); without it nothing is enforced (the
+    server's own sampler cap is not counted: the clients do not check it). The user-level
+    accountant may rely on this cap against observers, since it holds whoever is sampled."""
+    if not cfg.privacy.example.enabled:
+        return None
+    cap, rounds = cfg.privacy.example.max_participations, cfg.federation.rounds
+    return rounds if cap == "auto" else min(int(cap), rounds)
+
+
 def user_release_record(cfg: FedLLMConfig, strategy: Strategy, server_round: int,
                         survivors: int, applied: bool) -> dict:
     """One user-level round as the accountant needs it: the population this round's cohort
-    was drawn from (its real q), and whose updates entered the sum (the server's view)."""
+    was drawn from (its real q), whose updates entered the sum (the server's view), and the
+    participation cap the clients enforce themselves (None: every round), which bounds the
+    observers' ε before sampling."""
     dp, core = user_dp_layer(strategy).dp, strategy.core
     sensitivity = dp.clip_norm
     secagg = find_layer(strategy, SecAggPlus)
@@ -387,6 +400,7 @@ def user_release_record(cfg: FedLLMConfig, strategy: Strategy, server_round: int
             "sampling": cfg.federation.sampling,
             "cohort": dp.expected_cohort, "population": core.sampler.last_pool,
             "min_survivors": dp.min_survivors, "survivors": survivors, "applied": applied,
+            "max_participations": enforced_participation_cap(cfg),
             "clients": sorted(core.rounds[-1].accepted) if applied else []}
 
 

@@ -51,7 +51,6 @@ class RoundInfo:
     declined: dict[str, str] = field(default_factory=dict)   # client id -> reason
     refused: dict[str, str] = field(default_factory=dict)    # client id -> reason (ledger...)
     releases: list[dict] = field(default_factory=list)       # DP releases seen this round
-    train_loss: float = math.nan
     bytes_up: int = 0
     bytes_down: int = 0
     discarded: str = ""    # why the round's aggregate was thrown away ("" if it was not)
@@ -187,8 +186,7 @@ class AdapterFedAvg(Strategy):
         """The new global adapter and the round's train metrics, as Flower records."""
         arrays = ArrayRecord(array_dict=OrderedDict((k, Array(v)) for k, v in new.items()))
         info = self.rounds[-1]
-        return arrays, MetricRecord({"train_loss": info.train_loss,
-                                     "num_clients": len(info.accepted)})
+        return arrays, MetricRecord({"num_clients": len(info.accepted)})
 
     def collect(self, server_round: int, replies: Iterable[Message], parse) -> dict:
         """Accepted payloads by node; errors, declines and rejected updates are logged.
@@ -196,7 +194,7 @@ class AdapterFedAvg(Strategy):
         ``parse(msg) -> (client_id, payload, metrics, bytes)`` raises UpdateRejected.
         """
         info = self.rounds[-1]
-        accepted, losses = {}, []
+        accepted = {}
         replies = list(replies)
         self.log_missing(info, replies)
         for msg in replies:
@@ -213,14 +211,11 @@ class AdapterFedAvg(Strategy):
                 info.rejected[f"node {node}"] = str(exc)
                 log.warning("round %d: rejected update from node %d: %s", server_round, node, exc)
                 continue
-            log.info("  client %s: train loss %.4f, q=%.4f, z=%.3f", client_id,
-                     metrics["train_loss"], metrics["sample_rate"], metrics["noise_multiplier"])
+            log.info("  client %s: q=%.4f, z=%.3f", client_id, metrics["sample_rate"],
+                     metrics["noise_multiplier"])
             info.bytes_up += nbytes
             info.accepted.append(client_id)
             accepted[node] = payload
-            if math.isfinite(metrics["train_loss"]):
-                losses.append(metrics["train_loss"])
-        info.train_loss = float(np.mean(losses)) if losses else math.nan
         return accepted
 
     # ------------------------------------------------------------------ evaluation
@@ -239,8 +234,8 @@ class AdapterFedAvg(Strategy):
     def federated_evaluate(self, arrays: ArrayRecord, server_round: int, timeout: float) -> dict:
         """Held-out loss on every connected node's own data (deployment: no data on the server).
 
-        Only the loss sum and sequence count leave a node (not DP-protected: aggregate
-        statistics of held-out data)."""
+        Each node releases a DP statistic (noised clipped loss sum and noised count, charged
+        to its ledger); the server adds them up. A node that declines is left out."""
         nodes = sorted(self.grid.get_node_ids())
         config = ConfigRecord({protocol.CONFIG_KEY: self.cfg_text, protocol.ROUND_KEY: server_round})
         record = RecordDict({protocol.ARRAYS_RECORD: arrays, protocol.CONFIG_RECORD: config})
@@ -254,10 +249,14 @@ class AdapterFedAvg(Strategy):
                             msg.error.reason)
                 continue
             metrics = msg.content[protocol.METRICS_RECORD]
+            if metrics.get("declined") or "eval_loss_sum" not in metrics:
+                continue
             total += float(metrics["eval_loss_sum"])
-            count += int(metrics["num_sequences"])
-        loss = total / count if count else math.nan
-        return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0)) if count else math.nan}
+            count += float(metrics["num_sequences"])
+        # Noised sums: a count near or below 1 carries no usable estimate.
+        loss = total / count if count >= 1 else math.nan
+        return {"eval_loss": loss,
+                "perplexity": math.exp(min(max(loss, 0.0), 50.0)) if count >= 1 else math.nan}
 
     def log_missing(self, info: RoundInfo, replies: list[Message]) -> None:
         """Sampled nodes that sent nothing back within federation.client_timeout."""
@@ -291,10 +290,18 @@ class AdapterFedAvg(Strategy):
             if name not in content:
                 raise UpdateRejected(f"reply lacks the {name!r} record")
         metrics = dict(content[protocol.METRICS_RECORD])
-        for key in ("train_loss", "steps", "sample_rate", "noise_multiplier", "dp"):
+        for key in ("steps", "sample_rate", "noise_multiplier", "dp"):
             if key not in metrics:
                 raise UpdateRejected(f"metrics lack {key!r}")
         client_id = str(content[protocol.CLIENT_RECORD]["client_id"])
+        unlisted = protocol.unlisted_fields(
+            RecordDict({protocol.METRICS_RECORD: content[protocol.METRICS_RECORD]}),
+            protocol.TRAIN_REPLY)
+        if unlisted:  # never used, logged or stored: only what the protocol lists is
+            log.warning("client %s sent fields the protocol does not list (ignored): %s",
+                        client_id, ", ".join(unlisted))
+            metrics = {k: v for k, v in metrics.items()
+                       if f"{protocol.METRICS_RECORD}.{k}" not in unlisted}
         self._record_event(client_id, metrics, self.rounds[-1])
         return client_id, metrics
 

@@ -22,7 +22,7 @@ def check_contract_files(run_dir, rounds):
         assert (run_dir / name).is_file(), name
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["round"] for r in rows] == list(range(1, rounds + 1))
-    for key in ("round", "train_loss", "eval_loss", "perplexity", "num_clients", "bytes_up",
+    for key in ("round", "eval_loss", "perplexity", "num_clients", "bytes_up",
                 "bytes_down", "seconds", "epsilon_example_max", "epsilon_user"):
         assert all(key in r for r in rows), key
     return rows

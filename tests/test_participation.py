@@ -137,33 +137,45 @@ def _event(cfg, q=0.25):
     return PrivacyEvent(noise_multiplier=z, steps=cfg.train.local_steps, sample_rate=q)
 
 
+def _plan(cfg, event):
+    from fedllm.privacy.release_policy import RunPlan
+
+    return RunPlan(run_id="run-a", rounds=cfg.federation.rounds,
+                   cap=cfg.privacy.example.max_participations, event=event,
+                   target_epsilon=cfg.privacy.example.target_epsilon, budget=None,
+                   delta=cfg.privacy.delta)
+
+
 def test_ledger_refuses_a_participation_beyond_the_cap(tiny_cfg, tmp_path):
-    from fedllm.clients.app import cap_refusal
     from fedllm.privacy.ledger import Ledger
+    from fedllm.privacy.release_policy import DECLINE, TRAIN, decide
 
     cfg = _client_cfg(tiny_cfg, cap=2)
+    cfg.federation.rounds = 4
     ledger = Ledger.open(tmp_path, "alice")
     event = _event(cfg)
+    plan = _plan(cfg, event)
     ledger.record("other-run", 1, event)       # another run's release does not count
-    assert cap_refusal(cfg, ledger, event) is None
-    ledger.record("run-a", 1, event)
-    assert cap_refusal(cfg, ledger, event) is None
-    ledger.record("run-a", 2, event)
-    assert "participation cap" in cap_refusal(cfg, ledger, event)
+    assert decide(ledger.entries, plan, 1, copy_exists=False).action == TRAIN
+    ledger.record("run-a", 1, event, plan=plan.fingerprint())
+    assert decide(ledger.entries, plan, 2, copy_exists=False).action == TRAIN
+    ledger.record("run-a", 2, event, plan=plan.fingerprint())
+    refusal = decide(ledger.entries, plan, 3, copy_exists=False)
+    assert refusal.action == DECLINE and "participation cap" in refusal.reason
 
 
 def test_ledger_refuses_when_the_server_raises_the_cap_mid_run(tiny_cfg, tmp_path):
     """Noise calibrated for one participation, then a server claims the cap is 3: the run's
-    epsilon would exceed the target, so the client declines."""
-    from fedllm.clients.app import cap_refusal
+    epsilon would exceed the target (and the plan changed), so the client declines."""
     from fedllm.privacy.ledger import Ledger
+    from fedllm.privacy.release_policy import DECLINE, decide
 
     cfg1 = _client_cfg(tiny_cfg, cap=1)
     ledger = Ledger.open(tmp_path, "bob")
-    ledger.record("run-a", 1, _event(cfg1))
+    ledger.record("run-a", 1, _event(cfg1))   # recorded before plans were pinned
     cfg3 = _client_cfg(tiny_cfg, cap=3)
-    refusal = cap_refusal(cfg3, ledger, _event(cfg1))
-    assert refusal is not None and "run epsilon" in refusal
+    refusal = decide(ledger.entries, _plan(cfg3, _event(cfg1)), 2, copy_exists=False)
+    assert refusal.action == DECLINE and "run epsilon" in refusal.reason
 
 
 def test_unresolved_auto_is_read_as_every_round(tiny_cfg):

@@ -232,16 +232,104 @@ def test_secagg_quantization_is_covered_by_the_accounting(tiny_cfg):
     assert eps(plain.noise_multiplier) > 8.0 >= eps(covered.noise_multiplier) > 0.98 * 8.0
 
 
-def test_observers_never_get_a_larger_epsilon_than_the_server():
-    """k close to N barely amplifies and RDP is loose: the server's exact bound then caps the
-    observers' value, except when a skipped round could reveal who took part."""
-    from fedllm.privacy.accounting import user_level_epsilons
+def test_unamplified_bound_caps_the_observers_epsilon_when_sampling_barely_amplifies():
+    """k close to N barely amplifies and RDP is loose: the exact unamplified bound, composed
+    over every round (no participation cap enforced), then caps the observers' value. A
+    skipped round counts in it as if released (whether it was skipped can reveal who took
+    part), so it is not the server's value then."""
+    from fedllm.privacy.accounting import gaussian_epsilon, user_level_epsilons
 
     rec = {"noise_multiplier": 1.0, "sampling": "fixed", "cohort": 3, "population": 4,
            "clients": ["a", "b", "c"]}
+    every_round = gaussian_epsilon((2 * 0.5 ** -2) ** -0.5, 1e-5)  # 2 rounds at z/2 = 0.5
     got = user_level_epsilons([rec, rec], 1e-5)
-    assert got["observers"] == got["server"]
+    assert got["observers"] == pytest.approx(every_round) and got["server"] == got["observers"]
     skipped = {**rec, "clients": [], "applied": False}
-    assert user_level_epsilons([rec, skipped], 1e-5)["observers"] > got["server"] / 2
-    assert user_level_epsilons([rec, skipped], 1e-5)["observers"] > \
-        user_level_epsilons([rec, skipped], 1e-5)["server"]
+    with_skip = user_level_epsilons([rec, skipped], 1e-5)
+    assert with_skip["observers"] == pytest.approx(every_round)
+    assert with_skip["observers"] > with_skip["server"]
+
+
+def _user_records(multipliers, cohorts, *, sampling="poisson", cohort=3, population=4, **extra):
+    return [{"round": i + 1, "noise_multiplier": z, "sampling": sampling, "cohort": cohort,
+             "population": population, "clients": c, **extra}
+            for i, (z, c) in enumerate(zip(multipliers, cohorts))]
+
+
+def test_observers_epsilon_holds_before_sampling_not_given_the_cohorts_drawn():
+    """N=4 clients, q=3/4, 4 rounds, z calibrated for a user-level ε of 8. The cohorts drawn
+    put no client in more than 2 rounds, so against the server (which knows them) ε = 6.18.
+    Observers do not know them: what they see is a mixture over every cohort sequence the
+    sampler could have drawn, and that mechanism is worth 7.98. Reporting 6.18 to them (the
+    min with the server's realised value, as fedllm once did) was a false claim."""
+    from dp_accounting.pld import privacy_loss_distribution
+
+    from fedllm.privacy.accounting import user_level_epsilons
+
+    z = calibrate_user_noise(8.0, 1e-5, 4, sampling="poisson", cohort=3, population=4)
+    records = _user_records([z] * 4, [["a", "b"], ["c", "d"], ["a", "c"], ["b", "d"]])
+    got = user_level_epsilons(records, 1e-5)
+    assert got["max_rounds_per_client"] == 2 and got["server"] == pytest.approx(6.18, abs=5e-3)
+    # What the mechanism is worth a priori, from below: the optimistic PLD of 4 compositions
+    # of the Poisson-subsampled Gaussian (add/remove one client).
+    worth = privacy_loss_distribution.from_gaussian_mechanism(
+        z, sampling_prob=0.75, pessimistic_estimate=False, use_connect_dots=False
+    ).self_compose(4).get_epsilon_for_delta(1e-5)
+    assert worth == pytest.approx(7.98, abs=5e-3)
+    old_report = min(got["observers"], got["server"])  # the realised-count minimum
+    assert old_report < worth <= got["observers"] <= 8.0
+
+
+def test_an_enforced_participation_cap_bounds_the_observers_epsilon():
+    """Clients decline rounds beyond privacy.example.max_participations, whoever is sampled,
+    so a cap holds a priori: with a cap of 1 of 4 rounds a client is at worst in the round
+    with the least noise (unsampled), whatever the cohorts were."""
+    from fedllm.privacy.accounting import (capped_user_epsilon, gaussian_epsilon,
+                                           user_level_epsilons)
+
+    zs, delta = [2.0, 1.5, 2.5, 3.0], 1e-5
+    cohorts = [["a", "b", "c"]] * 4
+    amplified = epsilon([user_level_event(z, 1, sampling="poisson", cohort=3, population=4)
+                         for z in zs], delta)
+    capped = user_level_epsilons(_user_records(zs, cohorts, max_participations=1), delta)
+    assert capped["observers"] == pytest.approx(gaussian_epsilon(1.5, delta))
+    assert capped["observers"] < amplified
+    assert capped["server"] > capped["observers"]  # realised: a, b, c were in all 4 rounds
+    # Cap 2: the two smallest multipliers compose (1/z^2 adds up); here sampling amplifies
+    # more than that, and the observers get the smaller of the two.
+    two = _user_records(zs, cohorts, max_participations=2)
+    two_rounds = gaussian_epsilon((1.5 ** -2 + 2 ** -2) ** -0.5, delta)
+    assert capped_user_epsilon(two, delta) == pytest.approx(two_rounds)
+    assert user_level_epsilons(two, delta)["observers"] == pytest.approx(min(amplified,
+                                                                             two_rounds))
+    # No cap enforced (None), or a record of an older fedllm (no key): every round counts.
+    every_round = min(amplified, gaussian_epsilon(sum(z ** -2 for z in zs) ** -0.5, delta))
+    for records in (_user_records(zs, cohorts, max_participations=None),
+                    _user_records(zs, cohorts),
+                    _user_records(zs, cohorts, max_participations=1)[:3]
+                    + _user_records(zs, cohorts)[3:]):
+        assert user_level_epsilons(records, delta)["observers"] == pytest.approx(every_round)
+    # A round re-run after a resume may carry a client's one update for it twice.
+    rerun = _user_records(zs, cohorts, max_participations=1)
+    assert user_level_epsilons(rerun + [rerun[1]], delta)["observers"] == pytest.approx(
+        gaussian_epsilon((2 * 1.5 ** -2) ** -0.5, delta))
+    # Fixed sampling (replace one client): each round's Gaussian has multiplier z/2.
+    fixed = _user_records(zs, cohorts, sampling="fixed", max_participations=1)
+    assert user_level_epsilons(fixed, delta)["observers"] == pytest.approx(
+        gaussian_epsilon(0.75, delta))
+
+
+def test_user_release_records_carry_the_cap_clients_enforce(tiny_cfg):
+    """The accountant's record says which cap the clients enforce themselves: the example-level
+    one (their ledgers decline beyond it), or None without example-level DP."""
+    from fedllm.server.app import make_strategy, user_release_record
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.federation.rounds, cfg.federation.clients_per_round = 4, 3
+    cfg.privacy.user.enabled, cfg.privacy.user.noise_multiplier = True, 1.0
+    cfg.privacy.example.max_participations = 2
+    for enabled, cap in ((True, 2), (False, None)):
+        cfg.privacy.example.enabled = enabled
+        s = make_strategy(cfg, "", population=4)
+        rec = user_release_record(cfg, s, 1, survivors=0, applied=False)
+        assert rec["max_participations"] == cap

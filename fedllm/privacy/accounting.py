@@ -377,17 +377,32 @@ def user_level_epsilons(rounds: list[dict], delta: float, accountant: str = "pld
     """User-level ε of a run from its per-round records, against two adversaries.
 
     Each record describes one round *run* (released or skipped: a skipped round is counted as
-    if released, since whether it was skipped can depend on who was sampled): its
+    if released, since whether it was skipped can depend on who was sampled): its ``round``,
     ``noise_multiplier``, ``sampling``, ``cohort``, the ``population`` actually sampled from
-    that round (its real q) and the ids of the ``clients`` whose updates entered the sum.
+    that round (its real q), the ids of the ``clients`` whose updates entered the sum, and
+    ``max_participations``: the participation cap that every client enforces itself (its own
+    ledger declines beyond it), or None if none is enforced. A record without the key (an
+    older fedllm) is read as None.
 
-    * ``observers``: parties that see only the models (not who was sampled): ε amplified by
-      client sampling, composed over every round with that round's own sampling rate (or the
-      server's value below, if smaller: what holds against the server holds against them).
+    * ``observers``: parties that see only the models (not who was sampled). Their bound must
+      hold *before* sampling: they do not know the cohorts, so the released models are a
+      mixture over every cohort sequence the sampler could have drawn, and only quantities
+      known a priori may bound it. It is the smaller of
+        - ε amplified by client sampling, composed over every round with that round's own
+          sampling rate, and
+        - the unamplified bound under the enforced cap: an unsampled Gaussian composed over
+          the ``cap`` rounds whose noise is smallest (every round when no cap is enforced, or
+          a record lacks it; the records of a re-run round all count against one
+          participation, as a client resends the same update). Sampling cannot make a client
+          worse off than being in its worst ``cap`` rounds.
+      It is *not* capped by the ``server`` value below: that one conditions on the cohorts
+      that were drawn, which observers do not know (with N=4, k=3 and 4 rounds, the realised
+      counts give a smaller number than the mechanism is worth a priori).
     * ``server``: the server, or anyone who knows the cohorts (it picks them): no
       amplification; each client's ε composes an unsampled Gaussian over the rounds its
       update was in (multiplier z, or z/2 under replace-one adjacency with fixed sampling,
-      as in ``user_level_event``); the maximum over clients.
+      as in ``user_level_event``); the maximum over clients. Valid for the server because it
+      knows the realised cohorts, not for observers.
     """
     if not rounds:
         return {"observers": 0.0, "server": 0.0, "max_rounds_per_client": 0}
@@ -396,20 +411,57 @@ def user_level_epsilons(rounds: list[dict], delta: float, accountant: str = "pld
                                cohort=r["cohort"], population=r["population"]) for r in rounds]
     per_client: dict[str, list[float]] = {}
     for r in rounds:
-        z = r["noise_multiplier"] if r["sampling"] == "poisson" else r["noise_multiplier"] / 2
         for client in r.get("clients", []):
-            per_client.setdefault(str(client), []).append(z)
+            per_client.setdefault(str(client), []).append(_event_multiplier(r))
     # Unsampled Gaussians compose into one Gaussian: 1/z_eff^2 = sum of 1/z_i^2 (exact).
-    server = max((gaussian_epsilon(sum(z ** -2 for z in zs) ** -0.5 if all(zs) else 0.0, delta)
-                  for zs in per_client.values()), default=0.0)
-    observers = epsilon(events, delta, accountant)
-    if all("clients" in r and r.get("applied", True) for r in rounds):
-        # Observers know less than the server, so the server's bound holds for them too; it is
-        # the smaller one when sampling barely amplifies (k close to N) and RDP is loose. Not
-        # with a skipped round: whether it was skipped can reveal who took part.
-        observers = min(observers, server)
+    server = max((_composed_gaussian_epsilon(zs, delta) for zs in per_client.values()),
+                 default=0.0)
+    observers = min(epsilon(events, delta, accountant), capped_user_epsilon(rounds, delta))
     return {"observers": observers, "server": server,
             "max_rounds_per_client": max(map(len, per_client.values()), default=0)}
+
+
+def capped_user_epsilon(rounds: list[dict], delta: float) -> float:
+    """User-level ε without amplification, valid before sampling: a client takes part in at
+    most ``cap`` rounds (the cap it enforces itself, see ``user_level_epsilons``), so it is
+    at worst in the ``cap`` rounds whose noise is smallest. Records are grouped by ``round``
+    (a re-run round's releases may all carry the client's one update for that round); the
+    ``cap`` groups with the largest 1/z^2 totals are composed. Without a cap in every record,
+    every round counts (conservative)."""
+    if not rounds:
+        return 0.0
+    groups: dict = {}
+    for i, r in enumerate(rounds):
+        key = ("round", r["round"]) if r.get("round") is not None else ("record", i)
+        groups.setdefault(key, []).append(_event_multiplier(r))
+    caps = [r.get("max_participations") for r in rounds]
+    if all(isinstance(c, int) and not isinstance(c, bool) and c >= 1 for c in caps):
+        cap = min(max(caps), len(groups))  # caps differ only across a resume: the largest
+    else:  # some round enforced no cap (or an older record does not say): every round
+        cap = len(groups)
+    worst = sorted(groups.values(), key=_gaussian_weight, reverse=True)[:cap]
+    return _composed_gaussian_epsilon([z for zs in worst for z in zs], delta)
+
+
+def _event_multiplier(record: dict) -> float:
+    """The multiplier of one round's unsampled Gaussian for one client: z with add/remove
+    adjacency (poisson), z/2 with replace-one (fixed), as in ``user_level_event``. The record's
+    ``noise_multiplier`` must already be the effective one (``effective_multiplier``)."""
+    z = record["noise_multiplier"]
+    return z if record["sampling"] == "poisson" else z / 2
+
+
+def _gaussian_weight(zs: list[float]) -> float:
+    """Sum of 1/z^2 (inf if some z = 0): these unsampled Gaussians compose into one Gaussian
+    of multiplier (sum of 1/z^2)^-1/2, so a larger sum is a larger ε."""
+    return math.inf if not all(zs) else sum(z ** -2 for z in zs)
+
+
+def _composed_gaussian_epsilon(zs: list[float], delta: float) -> float:
+    weight = _gaussian_weight(zs)
+    if weight == 0:
+        return 0.0
+    return gaussian_epsilon(weight ** -0.5 if math.isfinite(weight) else 0.0, delta)
 
 
 def quantized_sensitivity(clip_norm: float, dim: int, clip_range: float, bits: int) -> float:

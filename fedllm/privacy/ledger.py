@@ -1,9 +1,13 @@
 """Persistent per-client privacy ledger.
 
-One JSON file per client holds every DP release the client ever made, across runs. Rules:
-  * write-ahead: an event is recorded *before* the noised update leaves the client, so a
+One JSON file per client holds every DP release the client ever made, across runs, and the
+client's lifetime budget. Rules:
+  * write-ahead: an event is recorded *before* anything it describes leaves the client, so a
     crash can over-count spent budget, never under-count it;
-  * idempotent per (run id, round): a resumed run does not record the same release twice;
+  * every release is an entry: a training round (``purpose="train"``), the DP estimate of the
+    client's size (``"size"``), a DP evaluation statistic (``"eval"``). Whether a request
+    is a new release, a resend of a recorded one or refused is ``release_policy``'s call;
+  * the lifetime budget only ever goes down (``lower_budget``): no run config can raise it;
   * atomic: temp file + fsync + rename, under an exclusive lock; a reader sees the old or the
     new ledger, never a torn one;
   * a corrupt or unreadable ledger is an error (the client refuses to train); it is never
@@ -25,7 +29,9 @@ from fedllm.io import atomic_write_bytes, atomic_write_text
 from fedllm.privacy.accounting import AccountingError, PrivacyEvent, epsilon
 
 FORMAT = "fedllm-privacy-ledger"
-VERSION = 1
+VERSION = 2  # 2: purpose/plan/note per entry, the lifetime budget
+READABLE_VERSIONS = (1, 2)
+PURPOSES = ("train", "size", "eval")
 
 
 class LedgerError(RuntimeError):
@@ -34,19 +40,37 @@ class LedgerError(RuntimeError):
 
 @dataclass(frozen=True)
 class LedgerEntry:
+    """One release. ``plan``: the fingerprint of the run plan a training release was made
+    under (a run's plan may not change mid-run); ``note``: what a release needs to be reused
+    (a size estimate's value and the data it describes)."""
+
     run_id: str
     round: int
     event: PrivacyEvent
     time: float
+    purpose: str = "train"
+    plan: str | None = None
+    note: dict | None = None
 
     def to_dict(self) -> dict:
-        return {"run_id": self.run_id, "round": self.round, "time": self.time,
-                "event": self.event.to_dict()}
+        out = {"run_id": self.run_id, "round": self.round, "time": self.time,
+               "event": self.event.to_dict(), "purpose": self.purpose}
+        if self.plan is not None:
+            out["plan"] = self.plan
+        if self.note is not None:
+            out["note"] = self.note
+        return out
 
     @classmethod
     def from_dict(cls, data: dict) -> "LedgerEntry":
+        purpose = str(data.get("purpose", "train"))  # version 1: training releases only
+        if purpose not in PURPOSES:
+            raise ValueError(f"unknown purpose {purpose!r}")
+        note = data.get("note")
         return cls(run_id=str(data["run_id"]), round=int(data["round"]),
-                   event=PrivacyEvent.from_dict(data["event"]), time=float(data["time"]))
+                   event=PrivacyEvent.from_dict(data["event"]), time=float(data["time"]),
+                   purpose=purpose, plan=None if data.get("plan") is None else str(data["plan"]),
+                   note=dict(note) if isinstance(note, dict) else None)
 
 
 def ledger_filename(client_id: str) -> str:
@@ -56,16 +80,19 @@ def ledger_filename(client_id: str) -> str:
     return f"{stem}-{digest}.json"
 
 
-def _checksum(entries: list[dict]) -> str:
-    canonical = json.dumps(entries, sort_keys=True, separators=(",", ":"))
+def _checksum(entries: list[dict], budget: float | None = None, version: int = VERSION) -> str:
+    covered = entries if version == 1 else {"entries": entries, "budget": budget}
+    canonical = json.dumps(covered, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 class Ledger:
-    def __init__(self, path: Path, client_id: str, entries: list[LedgerEntry] | None = None):
+    def __init__(self, path: Path, client_id: str, entries: list[LedgerEntry] | None = None,
+                 budget: float | None = None):
         self.path = Path(path)
         self.client_id = client_id
         self.entries: list[LedgerEntry] = list(entries or [])
+        self.budget = budget  # lifetime ε cap held by the ledger itself (None: not set yet)
 
     # ------------------------------------------------------------------ reading
     @classmethod
@@ -73,13 +100,15 @@ class Ledger:
         path = Path(directory) / ledger_filename(client_id)
         if not path.exists():
             return cls(path, client_id)
-        return cls(path, client_id, _read_entries(path, client_id))
+        entries, budget = _read(path, client_id)
+        return cls(path, client_id, entries, budget)
 
     def events(self) -> list[PrivacyEvent]:
         return [e.event for e in self.entries]
 
-    def has(self, run_id: str, round_: int) -> bool:
-        return any(e.run_id == run_id and e.round == round_ for e in self.entries)
+    def has(self, run_id: str, round_: int, purpose: str = "train") -> bool:
+        return any(e.run_id == run_id and e.round == round_ and e.purpose == purpose
+                   for e in self.entries)
 
     def epsilon(self, delta: float, accountant: str = "pld") -> float:
         return epsilon(self.events(), delta, accountant)
@@ -89,22 +118,43 @@ class Ledger:
         return epsilon(self.events() + [planned], delta, accountant)
 
     # ------------------------------------------------------------------ writing
-    def record(self, run_id: str, round_: int, event: PrivacyEvent) -> bool:
-        """Persist one release (write-ahead). Returns False if (run, round) is already there."""
+    def record(self, run_id: str, round_: int, event: PrivacyEvent, *, purpose: str = "train",
+               plan: str | None = None, note: dict | None = None, again: bool = False) -> bool:
+        """Persist one release (write-ahead). Returns False if (run, round, purpose) is already
+        there, unless ``again``: a second release for the same round (its first copy was lost)
+        is a second entry, never folded into the first."""
+        if purpose not in PURPOSES:
+            raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
         with self._locked():
-            # Re-read under the lock: another process may have written since we opened.
-            if self.path.exists():
-                self.entries = _read_entries(self.path, self.client_id)
-            if self.has(run_id, round_):
+            self._reload()  # under the lock: another process may have written since we opened
+            if self.has(run_id, round_, purpose) and not again:
                 return False
-            entry = LedgerEntry(run_id=run_id, round=round_, event=event, time=time.time())
-            entries = self.entries + [entry]
-            payload = [e.to_dict() for e in entries]
-            document = {"format": FORMAT, "version": VERSION, "client_id": self.client_id,
-                        "entries": payload, "sha256": _checksum(payload)}
-            atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
-            self.entries = entries
+            entry = LedgerEntry(run_id=run_id, round=round_, event=event, time=time.time(),
+                                purpose=purpose, plan=plan, note=note)
+            self._write(self.entries + [entry], self.budget)
             return True
+
+    def lower_budget(self, budget: float | None) -> None:
+        """Hold ``budget`` as the lifetime cap if it is stricter than the one held (a budget
+        is never raised: not by a run's config, not by a later site setting)."""
+        if budget is None:
+            return
+        with self._locked():
+            self._reload()
+            if self.budget is not None and self.budget <= budget:
+                return
+            self._write(self.entries, float(budget))
+
+    def _reload(self) -> None:
+        if self.path.exists():
+            self.entries, self.budget = _read(self.path, self.client_id)
+
+    def _write(self, entries: list[LedgerEntry], budget: float | None) -> None:
+        payload = [e.to_dict() for e in entries]
+        document = {"format": FORMAT, "version": VERSION, "client_id": self.client_id,
+                    "budget": budget, "entries": payload, "sha256": _checksum(payload, budget)}
+        atomic_write_text(self.path, json.dumps(document, indent=1) + "\n")
+        self.entries, self.budget = entries, budget
 
     @contextlib.contextmanager
     def _locked(self):
@@ -118,6 +168,10 @@ class Ledger:
 
 
 def _read_entries(path: Path, client_id: str) -> list[LedgerEntry]:
+    return _read(path, client_id)[0]
+
+
+def _read(path: Path, client_id: str) -> tuple[list[LedgerEntry], float | None]:
     def corrupt(why: str) -> LedgerError:
         return LedgerError(
             f"privacy ledger {path} is unreadable ({why}); refusing to train. Restore it from a "
@@ -131,15 +185,20 @@ def _read_entries(path: Path, client_id: str) -> list[LedgerEntry]:
         raise corrupt(f"invalid JSON at line {exc.lineno}") from None
     if not isinstance(document, dict) or document.get("format") != FORMAT:
         raise corrupt("not a fedllm privacy ledger")
-    if document.get("version") != VERSION:
-        raise corrupt(f"unsupported version {document.get('version')!r}")
+    version = document.get("version")
+    if version not in READABLE_VERSIONS:
+        raise corrupt(f"unsupported version {version!r}")
     if document.get("client_id") != client_id:
         raise corrupt(f"it belongs to client {document.get('client_id')!r}, not {client_id!r}")
-    payload = document.get("entries")
-    if not isinstance(payload, list) or document.get("sha256") != _checksum(payload):
+    payload, budget = document.get("entries"), document.get("budget")
+    if (not isinstance(payload, list)
+            or document.get("sha256") != _checksum(payload, budget, version)):
         raise corrupt("checksum mismatch")
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float))
+                               or not budget > 0):
+        raise corrupt(f"invalid budget {budget!r}")
     try:
-        return [LedgerEntry.from_dict(e) for e in payload]
+        return [LedgerEntry.from_dict(e) for e in payload], budget
     except (KeyError, TypeError, ValueError, AccountingError) as exc:
         raise corrupt(f"malformed entry: {exc}") from None
 
@@ -157,44 +216,47 @@ def read_ledger_dir(directory: str | Path) -> dict[str, list[LedgerEntry]]:
 
 
 # ----------------------------------------------------------------------------- release cache
-# Exactly-once releases across a server crash: a client keeps the last update it released in
-# each run. If the resumed server asks again for the same (run, round), the client resends that
-# same update instead of training again, so one ledger entry still describes everything
-# released. One file per (client, run): runs sharing a ledger directory never evict each
-# other's copy (a resumed run's interrupted round is always its latest one).
+# Exactly-once releases: a client keeps a copy of every reply it released, one file per
+# (client, run, round, purpose). A server that asks again for a recorded (run, round) —
+# a resumed server, a duplicated message, a replay — gets the same bytes back instead of a
+# fresh, differently noised release that one ledger entry would not describe.
 
-def _release_path(directory: str | Path, client_id: str, run_id: str) -> Path:
+def _release_path(directory: str | Path, client_id: str, run_id: str, round_: int,
+                  purpose: str) -> Path:
     run_tag = hashlib.sha256(run_id.encode()).hexdigest()[:12]
-    return Path(directory) / (ledger_filename(client_id)[:-5] + f".{run_tag}.last-release.npz")
+    return Path(directory) / (ledger_filename(client_id)[:-5]
+                              + f".{run_tag}.{purpose}-{int(round_)}.release.npz")
 
 
 def save_release(directory: str | Path, client_id: str, run_id: str, round_: int,
-                 update: "dict", metrics: dict) -> None:
+                 update: "dict", metrics: dict, purpose: str = "train") -> None:
     import io
 
     import numpy as np
 
-    meta = json.dumps({"run_id": run_id, "round": round_, "metrics": metrics,
-                       "order": list(update)}).encode()
+    meta = json.dumps({"run_id": run_id, "round": round_, "purpose": purpose,
+                       "metrics": metrics, "order": list(update)}).encode()
     buf = io.BytesIO()
     np.savez(buf, __meta__=np.frombuffer(meta, np.uint8),
              **{f"a{i}": np.asarray(v) for i, v in enumerate(update.values())})
-    atomic_write_bytes(_release_path(directory, client_id, run_id), buf.getvalue())
+    atomic_write_bytes(_release_path(directory, client_id, run_id, round_, purpose),
+                       buf.getvalue())
 
 
-def load_release(directory: str | Path, client_id: str, run_id: str, round_: int
-                 ) -> "tuple[dict, dict] | None":
+def load_release(directory: str | Path, client_id: str, run_id: str, round_: int,
+                 purpose: str = "train") -> "tuple[dict, dict] | None":
+    """The copy of a recorded release, or None if there is none (or it is unreadable)."""
     import numpy as np
 
-    path = _release_path(directory, client_id, run_id)
+    path = _release_path(directory, client_id, run_id, round_, purpose)
     if not path.exists():
         return None
     try:
         with np.load(path) as data:
             meta = json.loads(bytes(data["__meta__"]).decode())
-            if meta["run_id"] != run_id or meta["round"] != round_:
+            if (meta["run_id"], meta["round"], meta.get("purpose")) != (run_id, round_, purpose):
                 return None
             update = {k: data[f"a{i}"].copy() for i, k in enumerate(meta["order"])}
     except (OSError, ValueError, KeyError):
-        return None  # no usable copy: the release never left, so training again is safe
+        return None  # no usable copy: the policy treats a retry as a new, recorded release
     return update, meta["metrics"]
