@@ -281,32 +281,40 @@ def evaluate_global(msg: Message, context: Context) -> Message:
     server_round = int(msg.content[protocol.CONFIG_RECORD].get(protocol.ROUND_KEY, 1))
     loaded = _model(to_yaml(cfg.model), cfg.run.seed)
     client = this_client(cfg, context.node_config)
+    arrays = {k: v.numpy() for k, v in msg.content[protocol.ARRAYS_RECORD].items()}
+    return _reply(msg, answer_evaluate(cfg, loaded, client, context.node_config, server_round,
+                                       arrays))
+
+
+def answer_evaluate(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientData,
+                    node_config, server_round: int, arrays: dict) -> dict:
+    """The metrics of an evaluation reply: the recorded statistic again, a new one (recorded
+    first), or a decline."""
     ledger_dir = config_ledger_dir(cfg)
     try:
-        ledger, budget = open_ledger(cfg, context.node_config, client.client_id)
+        ledger, budget = open_ledger(cfg, node_config, client.client_id)
         plan = run_plan(cfg, ledger, client, budget)
     except (LedgerError, Declined) as exc:
         log.warning("client %s releases no evaluation: %s", client.client_id, exc)
-        return _reply(msg, protocol.declined_eval_metrics())
+        return protocol.declined_eval_metrics()
     event = eval_event(cfg.eval.noise_multiplier)
     copy = load_release(ledger_dir, client.client_id, cfg.run.id, server_round, "eval")
     decision = release_policy.decide_eval(ledger.entries, plan, server_round, event,
                                           copy_exists=copy is not None)
     if decision.action == release_policy.RESEND:
-        return _reply(msg, copy[1])
+        return copy[1]
     if decision.action == release_policy.DECLINE:
         log.warning("client %s releases no evaluation: %s", client.client_id, decision.reason)
-        return _reply(msg, protocol.declined_eval_metrics())
+        return protocol.declined_eval_metrics()
     ledger.record(cfg.run.id, server_round, event, purpose="eval", plan=plan.fingerprint(),
                   again=decision.again)  # write-ahead
-    models.load_adapter_state(loaded.model, {k: v.numpy() for k, v in
-                                             msg.content[protocol.ARRAYS_RECORD].items()})
+    models.load_adapter_state(loaded.model, arrays)
     losses = held_out_losses(loaded, client.eval, cfg.eval.batch_size,
                              base_model=server_round == 0)  # round 0: the bare base model
     metrics = protocol.eval_metrics(*noised_eval_statistic(losses, cfg.eval.loss_bound,
                                                            cfg.eval.noise_multiplier))
     save_release(ledger_dir, client.client_id, cfg.run.id, server_round, {}, metrics, "eval")
-    return _reply(msg, metrics)
+    return metrics
 
 
 def held_out_losses(loaded: models.LoadedModel, sequences, batch_size: int, *,
@@ -353,9 +361,20 @@ def local_update(msg: Message, context: Context
     loaded = _model(to_yaml(cfg.model), cfg.run.seed)
     client = this_client(cfg, context.node_config)
     inject_fault_before(cfg, client.client_id)
+    global_adapter = OrderedDict(
+        (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
+    return answer_train(cfg, loaded, client, context.node_config, server_round, global_adapter,
+                        msg.content[protocol.CONFIG_RECORD])
+
+
+def answer_train(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientData,
+                 node_config, server_round: int, global_adapter: dict, round_config
+                 ) -> tuple[dict | None, MetricRecord, ConfigRecord]:
+    """The reply to "train round ``server_round``": a resend, a decline, or one local DP round
+    (recorded in the ledger first) with the user-level clip/noise."""
     ledger_dir = config_ledger_dir(cfg)
     try:
-        ledger, budget = open_ledger(cfg, context.node_config, client.client_id)
+        ledger, budget = open_ledger(cfg, node_config, client.client_id)
     except LedgerError as exc:  # corrupt: refuse to train and say why; never reset it
         return _refuse(client.client_id, f"ledger: {exc}")
     try:
@@ -378,8 +397,6 @@ def local_update(msg: Message, context: Context
         return _decline(client.client_id, decision.spent,
                         f"round {server_round} is being released by another request")
 
-    global_adapter = OrderedDict(
-        (k, v.numpy()) for k, v in msg.content[protocol.ARRAYS_RECORD].items())
     # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
     result = local_round(loaded, global_adapter, client.train, cfg,
                          noise_multiplier=plan.event.noise_multiplier,
@@ -390,7 +407,7 @@ def local_update(msg: Message, context: Context
     # The training loss is a statistic of private data: it stays in this node's own log.
     log.info("client %s: round %d, local train loss %.4f", client.client_id, server_round,
              result.train_loss)
-    update = user_level_update(cfg, result.delta, msg.content[protocol.CONFIG_RECORD])
+    update = user_level_update(cfg, result.delta, round_config)
     if client.client_id in cfg.faults.nan_clients:
         update = {k: np.full_like(v, np.nan) for k, v in update.items()}
     metrics = protocol.train_metrics(plan.event, dp=cfg.privacy.example.enabled,

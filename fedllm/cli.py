@@ -199,6 +199,8 @@ def cmd_audit(args) -> int:
     _setup_logging(args.verbose)
     cfg = _audit_config(args.overrides)
     models.offline_env()
+    if cfg.audit.mode == "wire":
+        return _wire_audit(cfg)
     try:
         doc = audit_run.run_audit(cfg)
     except (DataError, models.ModelError, OSError, AccountingError, AuditError) as exc:
@@ -206,6 +208,32 @@ def cmd_audit(args) -> int:
     written = write_audit_files(Path(cfg.run.dir), doc)
     print(f"fedllm audit: {audit_run.summary_line(doc)}")
     print("wrote " + ", ".join(str(p) for p in written))
+    return 1 if doc["flag"] else 0
+
+
+def _wire_audit(cfg) -> int:
+    """``audit.mode=wire``: every reply field against its claim (clients/wire_audit.py)."""
+    import importlib
+    import json
+
+    from fedllm import config as fcfg
+    from fedllm.data.sources import DataError
+    from fedllm.io import atomic_write_text
+    from fedllm.models import ModelError
+    from fedllm.privacy.accounting import AccountingError
+    from fedllm.privacy.audit import AuditError
+
+    # The wire audit drives the ClientApp's own reply code; the library reaches it only here.
+    wire = importlib.import_module("fedllm.clients.wire_audit")
+    try:
+        doc = wire.run_wire_audit(cfg)
+    except (DataError, ModelError, OSError, AccountingError, AuditError) as exc:
+        raise fcfg.ConfigError(str(exc)) from None
+    path = Path(cfg.run.dir) / wire.WIRE_FILE
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
+    print("\n".join(f"fedllm audit: {line}" if i == 0 else line
+                    for i, line in enumerate(wire.summary_lines(doc))))
+    print(f"wrote {path}")
     return 1 if doc["flag"] else 0
 
 

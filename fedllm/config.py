@@ -114,6 +114,11 @@ class BreakMechanism(StrEnum):
     clipping = "clipping"
 
 
+class AuditMode(StrEnum):
+    model = "model"         # the released adapter (fedllm.audit_run)
+    wire = "wire"           # every field of every reply a client sends (clients/wire_audit.py)
+
+
 # ----------------------------------------------------------------------------- schema
 # Types and documentation only; values: conf/ (see the module docstring).
 
@@ -295,6 +300,10 @@ class AuditConfig:
     # TEST / DRILL ONLY: run a deliberately broken mechanism (noise: no noise added; clipping:
     # no per-sample clipping, noise still scaled to max_grad_norm) while claiming the same ε.
     break_mechanism: BreakMechanism = MISSING
+    # model: score the released adapter (fedllm.audit_run); wire: score every field of every
+    # reply a client sends, as the server sees them (clients/wire_audit.py; runs > 1 trials,
+    # else 32).
+    mode: AuditMode = MISSING
 
 
 @dataclass
