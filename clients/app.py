@@ -38,7 +38,8 @@ from fedllm.io import append_jsonl
 from fedllm.privacy import release_policy
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
 from fedllm.privacy.ledger import Ledger, LedgerError, load_release, save_release
-from fedllm.privacy.size_estimate import data_fingerprint, eval_event, noisy_size, size_event
+from fedllm.privacy.size_estimate import (data_fingerprint, eval_event, evaluations_event,
+                                         noisy_size, size_event)
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
@@ -164,9 +165,8 @@ def noise_multiplier_for(cfg: FedLLMConfig, sample_rate: float,
 def planned_evaluations(cfg: FedLLMConfig) -> tuple[PrivacyEvent, ...]:
     """The DP evaluation releases a run plans for each node: base model + every round, in a
     deployment (eval.mode=clients); none in simulation (the server evaluates)."""
-    if cfg.eval.mode != "clients":
-        return ()
-    return (eval_event(cfg.eval.noise_multiplier),) * (cfg.federation.rounds + 1)
+    event = evaluations_event(cfg, cfg.federation.rounds + 1)
+    return (event,) if event is not None else ()
 
 
 def max_participations(cfg: FedLLMConfig) -> int:

@@ -108,7 +108,7 @@ from fedllm.train import local_round
 cfg = from_yaml(open(sys.argv[1]).read())
 loaded = app._model(to_yaml(cfg.model), cfg.run.seed); mark("build tiny model + LoRA")
 client = app.this_client(cfg, {"partition-id": 0}); mark("this client's data (cached index)")
-z = app.noise_multiplier_for(cfg, len(client.train)); mark("noise calibration (one client)")
+z = app.noise_multiplier_for(cfg, min(1.0, cfg.train.batch_size / len(client.train))); mark("noise calibration (one client)")
 local_round(loaded, models.adapter_state(loaded.model), client.train, cfg, noise_multiplier=z,
             seed=1); mark("local round (4 DP-SGD steps)")
 print(json.dumps(out))

@@ -94,7 +94,6 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     """One federation, in process. ``repeat`` seeds the cohort sampling only (model init and
     data split stay those of run.seed), so repeats differ in their clients and DP noise, and a
     configuration and its non-private twin see the same clients."""
-    from fedllm.clients.app import noise_multiplier_for
     from fedllm import models
     from fedllm.config import compose, min_client_sequences, participation_cap, to_yaml
     from fedllm.data.federated import build_federated_data
@@ -137,17 +136,19 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
                             rng=random.Random(cfg.run.seed + 1000 * repeat))
     weights = dict(initial)
     events: dict[str, list] = {}
+    estimates: dict[str, int] = {}  # each client's one DP size estimate in this run
     for server_round in range(1, cfg.federation.rounds + 1):
         chosen = sampler.sample(range(len(data.clients)))
         deltas = []
         for index in chosen:
             client = data.clients[index]
-            z = noise_multiplier_for(cfg, len(client.train))
+            q, z, size = client_mechanism(cfg, client, estimates)
             res = local_round(loaded, weights, client.train, cfg, noise_multiplier=z,
-                              seed=secrets.randbits(62), server_round=server_round)
+                              seed=secrets.randbits(62), server_round=server_round,
+                              sample_rate=q)
             deltas.append(res.delta)
             if res.event is not None:
-                events.setdefault(client.client_id, []).append(res.event)
+                events.setdefault(client.client_id, [size]).append(res.event)
         average = {k: np.mean([d[k] for d in deltas], axis=0) for k in weights}
         weights = server.step(weights, average)
     models.load_adapter_state(loaded.model, weights)
@@ -162,6 +163,23 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
             "gain_nats": cache["base"]["eval_loss"] - final["eval_loss"],
             "seconds": round(time.time() - started, 1),
             "trainable": sum(p.numel() for p in loaded.model.parameters() if p.requires_grad)}
+
+
+def client_mechanism(cfg, client, estimates: dict) -> tuple[float, float, object]:
+    """(q, z, size event) as a client runs it: q from its one DP size estimate (drawn once per
+    run, as with a fresh ledger per run directory), z calibrated after that release."""
+    from fedllm.clients.app import noise_multiplier_for
+    from fedllm.privacy.size_estimate import noisy_size, size_event
+    from fedllm.train import example_sample_rate
+
+    size = size_event(cfg.privacy.example.size_noise)
+    if not cfg.privacy.example.enabled:
+        return 1.0, 0.0, size
+    if client.client_id not in estimates:
+        estimates[client.client_id] = noisy_size(len(client.train),
+                                                 cfg.privacy.example.size_noise)
+    q = example_sample_rate(cfg.train.batch_size, estimates[client.client_id])
+    return q, noise_multiplier_for(cfg, q, (size,)), size
 
 
 def main() -> None:

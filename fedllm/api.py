@@ -173,6 +173,7 @@ def prepare(cfg: Config):
 def _check_privacy_feasible(cfg: Config, data) -> None:
     """Calibrate the smallest client's noise now, so an unreachable target ε fails here."""
     from fedllm.privacy.accounting import AccountingError, calibrate_noise
+    from fedllm.privacy.size_estimate import side_releases
     from fedllm.train import example_sample_rate
 
     ex = cfg.privacy.example
@@ -182,9 +183,10 @@ def _check_privacy_feasible(cfg: Config, data) -> None:
     q = example_sample_rate(cfg.train.batch_size, smallest)
     cap = fcfg.participation_cap(cfg, len(data.clients))
     steps = cap * cfg.train.local_steps
-    try:
+    try:  # after what every client also releases: its size estimate (deployed: evaluations)
         z = calibrate_noise(ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
-                            accountant=cfg.privacy.accountant)
+                            accountant=cfg.privacy.accountant,
+                            prior=side_releases(cfg, cfg.federation.rounds + 1))
     except AccountingError as exc:
         raise ConfigError(f"privacy.example.target_epsilon: {exc}") from None
     log.info("Noise calibrated per client for ε ≤ %g over %d steps (at most %d of %d rounds per "

@@ -27,6 +27,7 @@ from pathlib import Path
 from fedllm.io import atomic_write_bytes, atomic_write_text, read_jsonl
 from fedllm.privacy.accounting import (SEARCH_DISCRETIZATION, PrivacyEvent,
                                        effective_accountant, epsilon)
+from fedllm.privacy.size_estimate import side_releases
 
 EVENTS_FILE = "privacy_events.jsonl"
 MAX_CLIENT_LINES = 30  # per-client curves in the plot above this would be unreadable
@@ -69,7 +70,8 @@ def _event(record: dict) -> PrivacyEvent:
                         sample_size=record.get("sample_size"), population=record.get("population"))
 
 
-def epsilon_by_round(releases: list[dict], rounds: int, delta: float, accountant: str) -> dict:
+def epsilon_by_round(releases: list[dict], rounds: int, delta: float, accountant: str,
+                     extra: list[PrivacyEvent] = ()) -> dict:
     """Run-level epsilon of every client after each round (max, median, per client).
 
     A client's epsilon only changes in rounds it took part in, so one accountant call per
@@ -82,7 +84,7 @@ def epsilon_by_round(releases: list[dict], rounds: int, delta: float, accountant
     curves: dict[str, list[float]] = {}
     for cid, items in by_client.items():
         items.sort(key=lambda x: x[0])
-        values, spent, i = [], [], 0
+        values, spent, i = [], list(extra), 0
         current = 0.0
         for rnd in range(1, rounds + 1):
             changed = False
@@ -112,12 +114,14 @@ def build_privacy_report(run: RunFiles) -> dict:
         for r in run.releases:
             per_client.setdefault(r["client_id"], []).append(r)
         clients = {}
+        # Base model + every round evaluated (deployment): each a DP statistic per node.
+        extra = side_releases(cfg, rounds + 1 if rounds else 0)
         for cid, recs in sorted(per_client.items()):
             recs.sort(key=lambda r: r["round"])
             last = recs[-1]
             events = [_event(r) for r in recs]
             clients[cid] = {
-                "epsilon": epsilon(events, delta, accountant),
+                "epsilon": epsilon(events + extra, delta, accountant),
                 "steps": sum(e.steps for e in events),
                 "sample_rate": last.get("sample_rate"),
                 "noise_multiplier": last["noise_multiplier"],
@@ -149,7 +153,8 @@ def build_privacy_report(run: RunFiles) -> dict:
                                   if c["ledger_consistent"] is False],
             "exhausted_clients": [{"client_id": d["client_id"], "round": d["round"],
                                    "reason": d["reason"]} for d in run.declines],
-            "epsilon_by_round": epsilon_by_round(run.releases, rounds, delta, accountant),
+            "epsilon_by_round": epsilon_by_round(run.releases, rounds, delta, accountant, extra),
+            "side_releases": [e.to_dict() for e in extra],
         }
     return {
         "delta": delta,
@@ -160,8 +165,14 @@ def build_privacy_report(run: RunFiles) -> dict:
         "refused_clients": [{"client_id": r["client_id"], "round": r["round"],
                              "reason": r["reason"]} for r in run.refusals],
         "notes": [
-            "Epsilons are computed with Google dp_accounting from the mechanism run: Poisson "
-            "sampling at each client's rate q, Gaussian noise, every local step composed.",
+            "Epsilons are computed with Google dp_accounting from the mechanisms run: Poisson "
+            "sampling at each client's rate q, Gaussian noise, every local step composed, "
+            "together with each client's one DP estimate of its size (q = batch / that "
+            "estimate, so q reveals no exact size) and, in a deployment, its DP held-out loss "
+            "statistics ('side_releases').",
+            "What a client sends the server is listed field by field in fedllm.protocol: the "
+            "noised update, values derived from public or already released values, and DP "
+            "statistics with their own ledger entries. Its training loss is never sent.",
             "'epsilon' covers this run; 'lifetime_epsilon' is what the client's own ledger "
             "holds over all runs that used it, as the client reported it in its last round.",
             "'ledger_mismatches' lists clients whose reported lifetime epsilon is below this "
@@ -378,8 +389,9 @@ def user_sentence_parts(report: dict) -> dict:
         "before": "User level: all data of any one client is protected with ε = ",
         "epsilon": _fmt(u["epsilon"]),
         "after": (
-            f" at δ = {report['delta']:g} against parties that see only the models, amplified by "
-            f"client sampling over {u['rounds']} rounds ({u['sampling']} client "
+            f" at δ = {report['delta']:g} against parties that see only the models, a bound "
+            f"that holds before sampling (amplified by client sampling, or the participation "
+            f"cap's unamplified bound if smaller) over {u['rounds']} rounds ({u['sampling']} client "
             f"sampling, each update clipped to L2 norm {u['clip_norm']:g}, Gaussian noise "
             f"multiplier {_fmt(u['noise_multiplier'])} {where}; averages divide by the expected "
             f"cohort {u['expected_cohort']}). Against the server, which picks the cohorts and "
@@ -453,7 +465,9 @@ def model_card(cfg, report: dict, final_metrics: dict | None,
             f"privacy for every client's training sequences (the maximum over clients; median "
             f"epsilon {_fmt(ex['median_epsilon'], '.3g')}).",
             f"- **Mechanism:** DP-SGD (Opacus) on each client: Poisson sampling at rate "
-            f"q = batch/client size, per-sample gradient clipping to L2 norm "
+            f"q = batch / the client's DP size estimate (Gaussian noise of std "
+            f"{cfg.privacy.example.size_noise:g} on its size, accounted), per-sample gradient "
+            f"clipping to L2 norm "
             f"{cfg.privacy.example.max_grad_norm:g}, Gaussian noise multiplier "
             f"{_range(ex['clients'], 'noise_multiplier')}.",
             f"- **Accountant:** {ex['accountant'].upper()} (Google dp_accounting), composed over "
@@ -512,9 +526,14 @@ def threat_model_lines(report: dict) -> list[str]:
         return []
     lines = ["", "## Threat model", ""]
     if ex is not None:
-        lines.append("- Example level holds against anyone who sees what a client sent (the "
-                     "server, other clients, users of this adapter), assuming the client ran "
-                     "fedllm's client code and kept its ledger.")
+        lines.append("- Example level holds against the server, honest or malicious (replayed "
+                     "rounds are resent, not re-trained; renamed runs meet the client's lifetime "
+                     "budget; a changed plan is refused), and against anyone who sees what a "
+                     "client sent: its DP-noised update, its one DP size estimate, its DP "
+                     "held-out statistics when deployed, and values derived only from those and "
+                     "the public config (its training loss and exact size are never sent). It "
+                     "assumes the client ran fedllm's client code and kept its ledger; the "
+                     "client's own machine and timing side channels are out of scope.")
     if u is not None:
         lines.append("- User level, amplified by client sampling, holds against users of this "
                      "adapter, who do not know the cohorts. The server picks the cohorts: "

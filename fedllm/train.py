@@ -69,6 +69,21 @@ def example_sample_rate(batch_size: int, num_sequences: float) -> float:
     return min(1.0, batch_size / max(num_sequences, 1))
 
 
+def accumulated_step(model, optimizer, batch: torch.Tensor, physical_batch_size: int | None,
+                     device: torch.device) -> float:
+    """One non-private step on ``batch``, processed in chunks of ``physical_batch_size`` (as
+    the DP path does, so memory is bounded the same way): the chunks' gradients, each weighted
+    by its share of the batch, add up to the gradient of the whole batch's mean loss."""
+    total = 0.0
+    for part in torch.split(batch, physical_batch_size or len(batch)):
+        loss = dpsgd.sequence_loss(model, part.to(device))
+        (loss * (len(part) / len(batch))).backward()
+        total += loss.item() * len(part)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return total / len(batch)
+
+
 def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarray]",
                 train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int,
                 server_round: int = 1, sample_rate: float | None = None) -> LocalResult:
@@ -112,11 +127,8 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
         optimizer = make_optimizer(params, t, lr)
         for _ in range(t.local_steps):
             idx = torch.randperm(len(train_data), generator=generator)[: t.batch_size]
-            loss = dpsgd.sequence_loss(model, train_data[idx].to(device))
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(accumulated_step(model, optimizer, train_data[idx],
+                                           t.physical_batch_size, device))
         event = None
 
     model.eval()

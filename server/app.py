@@ -30,6 +30,7 @@ from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
 from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
                                       user_level_epsilons)
 from fedllm.report import EVENTS_FILE, write_reports
+from fedllm.privacy.size_estimate import side_releases
 from fedllm.privacy.updates import distributed_noise_std
 from fedllm.secagg.server import SecAggPlus
 from fedllm.server import checkpoint
@@ -155,9 +156,11 @@ class RoundRecorder:
         core = self.strategy.core
         info = core.rounds[-1]
         wire_down, wire_up = self._take_wire_counts()
+        # Every client also released its size estimate (and, deployed, its evaluations).
+        extra = side_releases(self.cfg, server_round + 1)
         for cid in set(info.accepted) | {c for c in core.events if c not in self.epsilons}:
             if cid in core.events:
-                self.epsilons[cid] = epsilon(core.events[cid], self.cfg.privacy.delta,
+                self.epsilons[cid] = epsilon(core.events[cid] + extra, self.cfg.privacy.delta,
                                              self.cfg.privacy.accountant)
         eps_max = max(self.epsilons.values()) if self.epsilons else None
         row = {

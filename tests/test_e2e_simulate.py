@@ -72,10 +72,13 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert run_cfg.privacy.example.max_participations == 1
     # The reported epsilon is recomputed from the reported mechanism, and meets the target.
     from fedllm.privacy.accounting import PrivacyEvent, epsilon
+    from fedllm.privacy.size_estimate import size_event
     for client in ex["clients"].values():
         event = PrivacyEvent(noise_multiplier=client["noise_multiplier"], steps=client["steps"],
                              sample_rate=client["sample_rate"])
-        assert client["epsilon"] == pytest.approx(epsilon([event], 1e-5), rel=1e-6)
+        # ... composed with the client's one DP size estimate, which its q comes from.
+        size = size_event(run_cfg.privacy.example.size_noise)
+        assert client["epsilon"] == pytest.approx(epsilon([size, event], 1e-5), rel=1e-6)
         assert client["epsilon"] <= 8.0
         assert client["steps"] == client["rounds"] * run_cfg.train.local_steps
     assert ex["max_epsilon"] == pytest.approx(max(c["epsilon"] for c in ex["clients"].values()))

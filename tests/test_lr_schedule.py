@@ -74,3 +74,37 @@ def test_local_round_steps_at_the_rounds_rate(tiny_cfg, tiny_loaded, tiny_data):
     assert any(np.abs(d).max() > 0 for d in deltas[0].values())
     for key in deltas[0]:
         np.testing.assert_allclose(deltas[1][key], 0.5 * deltas[0][key], rtol=1e-4, atol=1e-8)
+
+
+def test_non_private_steps_honour_the_physical_batch_size(tiny_cfg, tiny_loaded, tiny_data):
+    """Without DP a logical batch is processed in physical chunks too (bounded memory), and
+    the step equals one step on the whole batch (gradient accumulation is exact)."""
+    import copy
+
+    import numpy as np
+
+    from fedllm import models
+    from fedllm.train import local_round
+
+    cfg = copy.deepcopy(tiny_cfg)
+    cfg.privacy.example.enabled = False
+    cfg.train.local_steps, cfg.train.batch_size, cfg.train.optimizer = 1, 8, "sgd"
+    cfg.train.momentum = 0.0
+    data = tiny_data.clients[0].train[:8]
+    start = models.adapter_state(tiny_loaded.model)
+    seen = []
+    handle = tiny_loaded.model.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(len(kwargs.get("input_ids", args[0] if args
+                                                                else []))), with_kwargs=True)
+    try:
+        results = {}
+        for chunk in (None, 3):
+            cfg.train.physical_batch_size = chunk
+            seen.clear()
+            results[chunk] = local_round(tiny_loaded, start, data, cfg, noise_multiplier=0.0,
+                                         seed=1).delta
+            assert max(seen) == (8 if chunk is None else 3)
+    finally:
+        handle.remove()
+    for k in results[None]:
+        np.testing.assert_allclose(results[3][k], results[None][k], rtol=1e-4, atol=1e-7)

@@ -224,9 +224,10 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
     """Smallest noise multiplier (within ``rel_tol``) whose epsilon is <= ``target_epsilon``.
 
     ``prior`` events (already spent budget) are composed in front of the planned ones.
-    The returned z is verified with the reporting accountant: epsilon(z) <= target. Without
-    prior events the answer is cached on disk (``calibration_cache``) and re-checked when
-    read, with a pessimistic accountant, in milliseconds.
+    The returned z is verified with the reporting accountant: epsilon(z) <= target. The answer
+    is cached on disk (``calibration_cache``, keyed by everything it depends on, the prior
+    events included) and re-checked when read, with a pessimistic accountant, in
+    milliseconds.
     """
     if not _is_number(target_epsilon) or target_epsilon <= 0:
         raise AccountingError(f"target epsilon must be > 0, got {target_epsilon!r}")
@@ -256,8 +257,7 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
         return (epsilon(plan(z), delta, used, discretization=SEARCH_DISCRETIZATION)
                 if used == "pld" else epsilon(plan(z), delta, used))
 
-    key = None if prior else _calibration_key(plan(1.0)[-1], used, delta, target_epsilon,
-                                                rel_tol)
+    key = _calibration_key(plan(1.0)[-1], used, delta, target_epsilon, rel_tol, prior)
     cached = calibration_cache.load(key) if key else None
     if cached is not None and cheap_epsilon(cached) <= target_epsilon:
         return cached
@@ -278,12 +278,16 @@ def calibrate_noise(target_epsilon: float, delta: float, *, steps: int,
 
 
 def _calibration_key(event: PrivacyEvent, accountant: str, delta: float, target: float,
-                     rel_tol: float) -> dict:
-    """Everything the calibrated z depends on (the event's z itself is a placeholder)."""
-    return {"version": CALIBRATION_VERSION, "dp_accounting": _dp_accounting_version(),
-            "accountant": accountant, "delta": delta, "target_epsilon": target,
-            "rel_tol": rel_tol,
-            **{k: v for k, v in event.to_dict().items() if k != "noise_multiplier"}}
+                     rel_tol: float, prior: list[PrivacyEvent] = ()) -> dict:
+    """Everything the calibrated z depends on (the event's z itself is a placeholder); the
+    prior events in order, when there are any (keys without prior are unchanged)."""
+    key = {"version": CALIBRATION_VERSION, "dp_accounting": _dp_accounting_version(),
+           "accountant": accountant, "delta": delta, "target_epsilon": target,
+           "rel_tol": rel_tol,
+           **{k: v for k, v in event.to_dict().items() if k != "noise_multiplier"}}
+    if prior:
+        key["prior"] = [e.to_dict() for e in prior]
+    return key
 
 
 @functools.lru_cache(maxsize=1)

@@ -52,3 +52,23 @@ def eval_event(noise_multiplier: float) -> PrivacyEvent:
     is a Gaussian mechanism of multiplier noise_multiplier / sqrt(2)."""
     return PrivacyEvent(noise_multiplier=float(noise_multiplier) / math.sqrt(2), steps=1,
                         sampling="poisson", sample_rate=1.0)
+
+
+def evaluations_event(cfg, evaluations: int) -> PrivacyEvent | None:
+    """A deployed node's DP evaluations (eval.mode=clients), ``evaluations`` of them, as one
+    event; None in simulation (the server evaluates on the held-out share it holds)."""
+    if cfg.eval.mode != "clients" or evaluations <= 0:
+        return None
+    single = eval_event(cfg.eval.noise_multiplier)
+    return PrivacyEvent(noise_multiplier=single.noise_multiplier, steps=int(evaluations),
+                        sampling="poisson", sample_rate=1.0)
+
+
+def side_releases(cfg, evaluations: int) -> list[PrivacyEvent]:
+    """What every example-level client releases besides its training rounds, as the config
+    says it runs: its one DP size estimate and, deployed, its DP evaluations (counted for every
+    client whether or not it was asked: conservative). Empty without example-level DP."""
+    if not cfg.privacy.example.enabled:
+        return []
+    evals = evaluations_event(cfg, evaluations)
+    return [size_event(cfg.privacy.example.size_noise)] + ([evals] if evals else [])
