@@ -109,9 +109,9 @@ def test_the_training_loss_never_leaves_the_client(tiny_cfg, tmp_path, site):
     """Attack 2: every reply field is listed in the protocol; no loss among them."""
     cfg = client_cfg(tiny_cfg, tmp_path)
     update, metrics, client = ask(cfg, site, 1)
+    assert not any("loss" in key for key in metrics.keys())
     content = RecordDict({protocol.METRICS_RECORD: metrics, protocol.CLIENT_RECORD: client})
     assert protocol.unlisted_fields(content, protocol.TRAIN_REPLY) == []
-    assert not any("loss" in key for key in metrics.keys())
 
 
 def test_the_held_out_statistic_is_noised_and_charged(tiny_cfg, tmp_path, site):
@@ -160,10 +160,6 @@ def test_the_sample_rate_reveals_no_exact_size(tiny_cfg, tmp_path, site):
 def test_renamed_runs_meet_the_default_lifetime_budget(tiny_cfg, tmp_path, site):
     """Attack 4: ten rounds under ten run ids at cap 1. The site has no budget of its own and
     the server asks for none: the installation's default lifetime budget still stops it."""
-    from fedllm.clients.app import default_site_budget
-
-    budget = default_site_budget()
-    assert budget is not None and budget <= 10
     spent = []
     for i in range(10):
         cfg = client_cfg(tiny_cfg, tmp_path, cap=1, target=8.0, budget=None)
@@ -171,9 +167,11 @@ def test_renamed_runs_meet_the_default_lifetime_budget(tiny_cfg, tmp_path, site)
         update, metrics, client = ask(cfg, site, 1)
         spent.append(update is not None)
     book = ledger(site)
-    assert book.budget == budget
-    assert book.epsilon(cfg.privacy.delta) <= budget
+    assert book.epsilon(cfg.privacy.delta) <= 10.0
     assert 1 <= sum(spent) < 10
+    from fedllm.clients.app import default_site_budget
+
+    assert book.budget == default_site_budget() <= 10
 
 
 def test_a_site_budget_is_held_by_the_ledger_and_never_raised(tiny_cfg, tmp_path, site):
