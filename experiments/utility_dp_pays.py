@@ -68,6 +68,11 @@ BEST_LORA = "FFA-LoRA r=1, C=0.25, lr 2e-2"
 # (The LoRA levers run at the LoRA adapter groups' own batch 32 x 4 local steps.)
 
 DEFAULT: list[str] = []  # the demo as `fedllm simulate` runs it (prompt tuning)
+# The same demo measured before 2026-12-07, when a client's q was B / its exact size (sent
+# and published: it revealed n). Since then q = B / the client's one DP size estimate, whose
+# release is composed into its ε (fedllm/privacy/size_estimate.py). Rows relabelled, not
+# re-computed; the non-private twin is the same run (no q without DP).
+EXACT_Q_NAME = "default (prompt tuning), exact q (until 2026-12-07)"
 # Levers on the soft prompt. The demo is expected batch 64 (q = min(1, 64/n): the whole of
 # most clients' data), 2 local steps, clients with >= 32 sequences (the same 179), and since
 # 2026-12-04 lr 0.1 (it was 0.2: the levers measured then carry an explicit train.lr=0.2, so
@@ -119,10 +124,12 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
         return [(name, overrides, e) for e in epsilons] + [(name, overrides, None)]
 
     sweep = [*with_twin("default (prompt tuning)", DEFAULT, EPSILONS),
+             *with_twin(EXACT_Q_NAME, DEFAULT, EPSILONS),
              *with_twin(LR_02_DEFAULT_NAME, LR_02, EPSILONS),
              *with_twin(OLD_DEFAULT_NAME, OLD_DEFAULT, EPSILONS),
              *with_twin(best_lora, LEVERS[best_lora], EPSILONS)]
-    levers = [run for name, ov in {"default (prompt tuning)": DEFAULT, **LEVERS}.items()
+    levers = [run for name, ov in {"default (prompt tuning)": DEFAULT, EXACT_Q_NAME: DEFAULT,
+                                   **LEVERS}.items()
               for run in with_twin(name, ov, (8.0,))]
     larger = [*with_twin("default (prompt tuning), 10x5", [*DEFAULT, *LARGER], (8.0,)),
               *with_twin("prompt tuning, lr 0.2, 10x5", [*LR_02, *LARGER], (8.0,)),

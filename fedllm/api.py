@@ -24,7 +24,8 @@ from fedllm import config as fcfg
 from fedllm.config import ConfigError
 from fedllm.config import FedLLMConfig as Config
 
-__all__ = ["Config", "ConfigError", "RunError", "RunResult", "compose", "simulate"]
+__all__ = ["Config", "ConfigError", "RunError", "RunIncomplete", "RunResult", "compose",
+           "simulate"]
 
 log = logging.getLogger("fedllm")
 
@@ -33,6 +34,16 @@ ConfigOrOverrides = Config | Sequence[str] | None
 
 class RunError(RuntimeError):
     """A valid run that could not start or did not finish (e.g. its run.dir is busy)."""
+
+
+class RunIncomplete(RunError):
+    """The run stopped before its last round (interrupted, or its nodes gone): nothing was
+    finalized, and ``fedllm resume RUN_DIR`` continues it from its last checkpoint.
+    ``interrupted``: stopped by Ctrl-C or SIGTERM."""
+
+    def __init__(self, message: str, interrupted: bool = False) -> None:
+        super().__init__(message)
+        self.interrupted = interrupted
 
 
 # --------------------------------------------------------------------------- result
@@ -149,6 +160,8 @@ def prepare(cfg: Config):
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if not cfg.run.resume:
+        check_run_dir_free(cfg)
     if not cfg.run.id:
         cfg.run.id = uuid.uuid4().hex[:16]
     if cfg.privacy.ledger_dir:
@@ -205,16 +218,59 @@ def _check_fault_clients(cfg: Config, client_ids: list[str]) -> None:
                 f"(e.g. {', '.join(client_ids[:3])})")
 
 
+RUN_FILES = ("config.yaml", "metrics.jsonl", "privacy_events.jsonl", "checkpoint.npz",
+             "summary.json")
+
+
+def holds_a_run(run_dir: Path) -> bool:
+    return any((run_dir / name).exists() for name in RUN_FILES)
+
+
+def check_run_dir_free(cfg: Config) -> None:
+    """A directory that holds a run is never overwritten by a new one: resume it, choose
+    another run.dir, or ask for run.overwrite=true (which removes that run's files and its
+    default ledger, never a shared privacy.ledger_dir)."""
+    import shutil
+
+    run_dir = Path(cfg.run.dir)
+    if not holds_a_run(run_dir):
+        return
+    if not cfg.run.overwrite:
+        raise ConfigError(f"run.dir: {run_dir} already holds a run; continue it with "
+                          f"`fedllm resume {run_dir}`, choose another run.dir, or pass "
+                          "run.overwrite=true to replace it")
+    log.warning("run.overwrite=true: replacing the run in %s", run_dir)
+    for name in (*RUN_FILES, "stopped.json", "privacy_report.json", "privacy_report.html",
+                 "placement.jsonl"):
+        (run_dir / name).unlink(missing_ok=True)
+    for name in ("adapter", "ledger"):
+        if not (name == "ledger" and cfg.privacy.ledger_dir):
+            shutil.rmtree(run_dir / name, ignore_errors=True)
+
+
 def resumed_config(cfg: Config) -> Config:
-    """Resume uses the run's own saved config (same run id, same plan), not the overrides."""
+    """Resume uses the run's own saved config (same run id, same plan), not the overrides,
+    in the directory it is given (wherever the run was moved or copied to): its checkpoint,
+    its records and its default ledger are that directory's."""
     if not cfg.run.dir:
         raise ConfigError("run.resume: needs run.dir, the run directory to continue")
-    saved = Path(cfg.run.dir).expanduser() / "config.yaml"
+    run_dir = Path(cfg.run.dir).expanduser().resolve()
+    saved = run_dir / "config.yaml"
     if not saved.is_file():
         raise ConfigError(f"run.resume: {saved} not found (nothing to resume)")
-    resumed = fcfg.load_run_config(saved, resuming=True)
+    try:
+        resumed = fcfg.load_run_config(saved, resuming=True)
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"run.resume: cannot read {saved}: {exc}") from None
+    if (run_dir / "summary.json").is_file():
+        raise ConfigError(f"run.resume: the run in {run_dir} is complete (summary.json); "
+                          "nothing to resume")
+    moved = resumed.run.dir and Path(resumed.run.dir) != run_dir
+    if moved:
+        log.info("resuming the run saved for %s in %s (moved or copied)", resumed.run.dir, run_dir)
+    resumed.run.dir = str(run_dir)
     resumed.run.resume = True
-    _check_run_records(Path(cfg.run.dir).expanduser())
+    _check_run_records(run_dir)
     return resumed
 
 
@@ -246,6 +302,8 @@ def simulate(config_or_overrides: ConfigOrOverrides = None, *, verbose: bool = F
     cfg, data = prepare(_as_config(config_or_overrides))
     try:
         with run_dir_lock(Path(cfg.run.dir)):  # one run per run directory, for its whole life
+            if not cfg.run.resume:  # checked again under the lock: a run may have started
+                check_run_dir_free(cfg)
             return _run_simulation(cfg, data, verbose, announce or log.info)
     except RunDirBusy as exc:
         raise RunError(str(exc)) from None
@@ -254,11 +312,13 @@ def simulate(config_or_overrides: ConfigOrOverrides = None, *, verbose: bool = F
 def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], None]):
     import importlib
 
+    from fedllm.io import atomic_write_text
+    from fedllm.run_status import RunStopped, clear_stopped, read_stopped, stopped_message
+
     run_dir = Path(cfg.run.dir)
     cfg_text = fcfg.to_yaml(cfg)
-    if not cfg.run.resume:
-        (run_dir / "config.yaml").write_text(cfg_text)
-    (run_dir / "summary.json").unlink(missing_ok=True)
+    atomic_write_text(run_dir / "config.yaml", cfg_text)  # resume: its run.dir is this one
+    clear_stopped(run_dir)
     _report_skipped(data, run_dir)
     announce(f"fedllm simulate: {len(data.clients)} clients ({len(data.skipped)} too small, "
              f"skipped), {cfg.federation.rounds} rounds × {cfg.federation.clients_per_round} "
@@ -268,9 +328,15 @@ def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], 
     simulation = importlib.import_module("fedllm.server.simulation")
     simulation.set_offline_env(str(run_dir / ".flwr"))
     started = time.time()
-    simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg), verbose=verbose)
+    try:
+        simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg), verbose=verbose)
+    except KeyboardInterrupt:
+        raise RunIncomplete(stopped_message(run_dir, read_stopped(run_dir)),
+                            interrupted=True) from None
+    except RunStopped:
+        pass  # stopped.json says why
     if not (run_dir / "summary.json").exists():
-        raise RunError(f"the simulation ended without a result; see the log above ({run_dir})")
+        raise RunIncomplete(stopped_message(run_dir, read_stopped(run_dir)))
     return RunResult.from_run_dir(run_dir, wall_seconds=time.time() - started)
 
 

@@ -23,6 +23,8 @@ import uuid
 from pathlib import Path
 
 EXIT_USAGE = 2
+EXIT_INCOMPLETE = 3    # the run stopped before its last round; `fedllm resume` finishes it
+EXIT_INTERRUPTED = 130
 
 
 class CliError(Exception):
@@ -278,26 +280,70 @@ def cmd_launch(args) -> int:
 
     from fedllm import config as fcfg
     from fedllm import protocol
-    from fedllm.api import resumed_config
+    from fedllm.api import check_run_dir_free, resumed_config
+    from fedllm.io import atomic_write_text
+    from fedllm.run_status import clear_stopped
 
     cfg = fcfg.compose(["eval.mode=clients", *args.overrides])
     if cfg.run.resume:
         cfg = resumed_config(cfg)
     if cfg.eval.mode != "clients":
         raise fcfg.ConfigError("eval.mode: a deployment keeps data on the nodes; use clients")
+    check_connection(args.connection)  # before anything is written
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    if not cfg.run.resume:
+        check_run_dir_free(cfg)
     cfg.run.id = cfg.run.id or uuid.uuid4().hex[:16]
     text = fcfg.to_yaml(cfg)
-    Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-    if not cfg.run.resume:
-        (Path(cfg.run.dir) / "config.yaml").write_text(text)
+    run_dir = Path(cfg.run.dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.yaml", text)
+    clear_stopped(run_dir)
     command = ["flwr", "run", str(args.app_dir or project_dir()), args.connection, "--stream",
                "--run-config", f'{protocol.CONFIG_KEY}="{protocol.encode_config(text)}"']
     print(f"fedllm launch: run {cfg.run.id} on '{args.connection}' → {cfg.run.dir} "
           "(on the SuperLink's machine)", flush=True)
-    return subprocess.call(command)
+    status = subprocess.call(command)
+    return launch_status(run_dir, status)
+
+
+def launch_status(run_dir: Path, flwr_status: int) -> int:
+    """The ServerApp's own verdict when its run directory is on this machine (`flwr run`
+    exits 0 whatever the ServerApp did): complete (summary.json) → 0; stopped → one line
+    and EXIT_INCOMPLETE; neither → 1. Elsewhere, `flwr run`'s status."""
+    from fedllm.run_status import read_stopped, stopped_message
+
+    if (run_dir / "summary.json").is_file():
+        return flwr_status
+    info = read_stopped(run_dir)
+    if info is not None:
+        print(f"fedllm: incomplete: {stopped_message(run_dir, info)}", file=sys.stderr)
+        return EXIT_INCOMPLETE
+    if (run_dir / "config.yaml").is_file():
+        print(f"fedllm: error: the run ended without a result (no summary.json in {run_dir}); "
+              "see the ServerApp's log above", file=sys.stderr)
+        return flwr_status or 1
+    return flwr_status
+
+
+def check_connection(name: str) -> None:
+    """The named SuperLink connection must exist in $FLWR_HOME/config.toml: `flwr run` would
+    fail on it only after fedllm had written the run's files."""
+    import tomllib
+
+    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
+    path = home / "config.toml"
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
+        raise CliError(f"connection: cannot read {path}: {exc}") from None
+    links = data.get("superlink", {}) if isinstance(data, dict) else {}
+    if not isinstance(links, dict) or name not in links:
+        known = ", ".join(sorted(links)) if isinstance(links, dict) and links else "none"
+        raise CliError(f"connection '{name}' is not defined in {path} (defined: {known}); "
+                       f"add it with `fedllm connection {name} --address HOST:PORT ...`")
 
 
 def cmd_connection(args) -> int:
@@ -526,18 +572,22 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from fedllm.api import RunError
+    from fedllm.api import RunError, RunIncomplete
     from fedllm.config import ConfigError
 
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
+    except RunIncomplete as exc:
+        print(f"fedllm: {'interrupted' if exc.interrupted else 'incomplete'}: {exc}",
+              file=sys.stderr)
+        return EXIT_INTERRUPTED if exc.interrupted else EXIT_INCOMPLETE
     except (ConfigError, CliError, RunError) as exc:
         print(f"fedllm: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         print("fedllm: interrupted", file=sys.stderr)
-        return 130
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

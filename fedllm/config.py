@@ -182,6 +182,7 @@ class RunConfig:
     client_gpus: Optional[float] = MISSING
     id: Optional[str] = MISSING     # set once per run (ledger entries are keyed by it)
     resume: bool = MISSING          # continue run.dir from its last checkpoint
+    overwrite: bool = MISSING       # replace a run already in run.dir (else: refused)
 
 
 @dataclass
@@ -192,6 +193,9 @@ class FederationConfig:
     sampling: Sampling = MISSING
     client_timeout: float = MISSING
     min_clients: int = MISSING
+    # Seconds the server waits before a round for at least min_clients SuperNodes to be
+    # connected (a partition, restarting nodes); then the run stops, resumably, exit non-zero.
+    reconnect_timeout: float = MISSING
 
 
 @dataclass
@@ -578,6 +582,7 @@ def validate(cfg: FedLLMConfig) -> None:
                  f"({f.clients_per_round}) exceeds federation.num_clients ({f.num_clients})")
     _positive(f.client_timeout, "federation.client_timeout")
     _positive_int(f.min_clients, "federation.min_clients")
+    _positive(f.reconnect_timeout, "federation.reconnect_timeout", allow_zero=True)
     _require(f.min_clients <= f.clients_per_round, "federation.min_clients",
              f"({f.min_clients}) exceeds federation.clients_per_round ({f.clients_per_round})")
 

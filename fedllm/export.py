@@ -297,6 +297,9 @@ def export_gguf(run_dir: Path, out_file: Path) -> ExportResult:
     """A llama.cpp model file (``general.architecture=llama``, fp32 tensors) of the base model
     with the LoRA adapter merged; tokenizer metadata copied from the source GGUF."""
     run_dir, out_file = Path(run_dir), Path(out_file)
+    if out_file.exists():  # never replaced silently (a model file can take hours to remake)
+        raise ExportError(f"--gguf: {out_file} already exists; remove it or choose another "
+                          "file name")
     cfg = run_config(run_dir)
     if cfg.model.adapter == "prompt_tuning":
         raise ExportError(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 import uuid
 from collections import OrderedDict
@@ -30,6 +31,7 @@ from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
 from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
                                       user_level_epsilons)
 from fedllm.report import EVENTS_FILE, write_reports
+from fedllm.run_status import RunStopped, clear_stopped, write_stopped
 from fedllm.privacy.size_estimate import side_releases
 from fedllm.privacy.updates import distributed_noise_std
 from fedllm.secagg.server import SecAggPlus
@@ -98,12 +100,19 @@ def check_simulated_nodes(grid: Grid, population: int, wait_s: float = 60.0) -> 
             f"{population}` or set federation.num_clients={nodes}")
 
 
-def make_server_app(cfg_text: str) -> ServerApp:
+def make_server_app(cfg_text: str, stop: threading.Event | None = None,
+                    finished: threading.Event | None = None) -> ServerApp:
+    """The ServerApp of ``fedllm simulate``. ``stop``: set it to end the run at once, without
+    finalizing (Ctrl-C); ``finished``: set when the ServerApp has returned or raised."""
     server_app = ServerApp()
 
     @server_app.main()
     def _main(grid: Grid, context: Context) -> None:
-        run_federation(grid, cfg_text)
+        try:
+            run_federation(grid, cfg_text, stop=stop)
+        finally:
+            if finished is not None:
+                finished.set()
 
     return server_app
 
@@ -271,7 +280,8 @@ def make_strategy(cfg: FedLLMConfig, cfg_text: str, population: int, adapter_siz
                              user_level=user_dp is not None,
                              participation_cap=participation_cap(cfg, population))
     strategy = AdapterFedAvg(cfg_text=cfg_text, sampler=sampler,
-                             min_clients=cfg.federation.min_clients, run_id=cfg.run.id, grid=grid)
+                             min_clients=cfg.federation.min_clients, run_id=cfg.run.id, grid=grid,
+                             reconnect_timeout=cfg.federation.reconnect_timeout)
     if cfg.secagg.enabled:
         clip_range = secagg_range(cfg, user_dp)
         log.info("SecAgg+: %s shares, threshold %s, %d-bit quantization on [-%.3g, %.3g]",
@@ -319,9 +329,12 @@ def wait_for_nodes(grid: Grid, cfg: FedLLMConfig) -> int:
     return connected
 
 
-def run_federation(grid: Grid, cfg_text: str) -> dict:
+def run_federation(grid: Grid, cfg_text: str, stop: threading.Event | None = None) -> dict:
+    """The whole run; raises RunStopped (after writing ``stopped.json``) if it stops before
+    its last round: nothing is finalized then, and ``fedllm resume`` continues it."""
     cfg = from_yaml(cfg_text)
-    grid = MeteredGrid(grid)  # counts every message's serialized bytes (metrics: wire_*)
+    # Counts every message's serialized bytes (metrics: wire_*); stops on ``stop``.
+    grid = MeteredGrid(grid, stop=stop)
     run_dir = Path(cfg.run.dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     started = time.time()
@@ -348,9 +361,16 @@ def run_federation(grid: Grid, cfg_text: str) -> dict:
     if done >= cfg.federation.rounds:
         log.info("all %d rounds were already completed; writing the final files", done)
         return finalize(cfg, run_dir, loaded, initial, strategy, recorder, started)
-    result = strategy.start(grid=grid, initial_arrays=_record(initial),
-                            num_rounds=cfg.federation.rounds - done,
-                            timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
+    try:
+        result = strategy.start(grid=grid, initial_arrays=_record(initial),
+                                num_rounds=cfg.federation.rounds - done,
+                                timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
+    except RunStopped as exc:
+        completed = recorder.history[-1]["round"] if recorder.history else done
+        write_stopped(run_dir, str(exc), completed, cfg.federation.rounds)
+        log.error("run stopped after %d of %d rounds: %s; resume with `fedllm resume %s`",
+                  completed, cfg.federation.rounds, exc, run_dir)
+        raise
     final = OrderedDict((k, v.numpy()) for k, v in result.arrays.items()) \
         if result.arrays is not None and len(result.arrays) else initial
     return finalize(cfg, run_dir, loaded, final, strategy, recorder, started)
@@ -440,6 +460,7 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: S
     """Export the adapter (PEFT format) with its model card, the privacy report, a summary."""
     from fedllm import export
 
+    clear_stopped(run_dir)
     models.load_adapter_state(loaded.model, final_arrays)
     adapter_dir = run_dir / "adapter"
     models.unwrap(loaded.model).save_pretrained(adapter_dir)

@@ -21,11 +21,14 @@ hides the GPUs it did not reserve.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
+import signal
 import socket
 import sys
+import threading
 import warnings
 from dataclasses import dataclass
 
@@ -216,5 +219,35 @@ def _run_flower_simulation(cfg_text: str, num_clients: int, backend: dict, verbo
         flwr_logger.setLevel(logging.WARNING)
         for handler in flwr_logger.handlers:
             handler.addFilter(_DropKnownNoise())
-    run_simulation(server_app=make_server_app(cfg_text), client_app=client_app,
-                   num_supernodes=num_clients, backend_config=backend, verbose_logging=verbose)
+    stop, finished = threading.Event(), threading.Event()
+    try:
+        with _interrupts_raise():
+            run_simulation(server_app=make_server_app(cfg_text, stop, finished),
+                           client_app=client_app, num_supernodes=num_clients,
+                           backend_config=backend, verbose_logging=verbose)
+    except BaseException:
+        # Ctrl-C / SIGTERM (or a crash) in this thread: Flower has stopped its runtime, but
+        # the ServerApp thread would wait out federation.client_timeout and then record empty
+        # rounds. Tell it to stop now (no finalization) and wait for it, so the run directory
+        # is left consistent and its lock is released only after the ServerApp is gone.
+        stop.set()
+        finished.wait(timeout=60)
+        raise
+
+
+@contextlib.contextmanager
+def _interrupts_raise():
+    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt) while the simulation runs, so both
+    stop the run the same way; only in the main thread, where handlers can be set."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

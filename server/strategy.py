@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import math
 import random
+import time
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
@@ -36,6 +37,7 @@ from fedllm import protocol
 from fedllm.privacy.accounting import PrivacyEvent
 from fedllm.privacy.participation import CohortSampler
 from fedllm.privacy.updates import UpdateRejected, add_noise, check_update
+from fedllm.run_status import RunStopped
 from fedllm.server_opt import ServerOptimizer
 from fedllm.strategy_wrapper import StrategyWrapper, find_layer, require
 
@@ -79,8 +81,10 @@ class AdapterFedAvg(Strategy):
     """Plain FedAvg of adapter deltas: sampling, update checks, event records (the core)."""
 
     def __init__(self, *, cfg_text: str, sampler: CohortSampler, min_clients: int = 1,
-                 run_id: str = "", grid: Grid | None = None) -> None:
+                 run_id: str = "", grid: Grid | None = None,
+                 reconnect_timeout: float = 0.0) -> None:
         self.cfg_text = cfg_text
+        self.reconnect_timeout = reconnect_timeout
         self.sampler = sampler
         self.min_clients = min_clients
         self.run_id = run_id
@@ -112,11 +116,35 @@ class AdapterFedAvg(Strategy):
         Returns (the run's round number, the sampled node ids)."""
         server_round += self.round_offset
         self.global_arrays = OrderedDict((k, v.numpy()) for k, v in arrays.items())
-        node_ids = self.sample(list(grid.get_node_ids()))
+        node_ids = self.sample(self.connected_nodes(grid, server_round))
         self.rounds.append(RoundInfo(round=server_round, sampled=len(node_ids)))
         self.expected_nodes = set()
         log.info("round %d: sampled %d clients", server_round, len(node_ids))
         return server_round, node_ids
+
+    def connected_nodes(self, grid: Grid, server_round: int) -> list[int]:
+        """The connected nodes, once at least federation.min_clients are: the server waits up
+        to federation.reconnect_timeout for them (a partition, restarting SuperNodes), then
+        stops resumably (RunStopped) instead of running a round without clients."""
+        deadline = time.monotonic() + self.reconnect_timeout
+        warned = False
+        while True:
+            stop = getattr(grid, "stop_requested", None)
+            if stop is not None and stop():
+                raise RunStopped("stop requested (interrupt or SIGTERM)")
+            nodes = list(grid.get_node_ids())
+            if len(nodes) >= self.min_clients:
+                return nodes
+            if time.monotonic() >= deadline:
+                raise RunStopped(
+                    f"round {server_round}: {len(nodes)} SuperNode(s) connected, "
+                    f"federation.min_clients={self.min_clients}; waited "
+                    f"{self.reconnect_timeout:g} s (federation.reconnect_timeout)")
+            if not warned:
+                log.warning("round %d: %d SuperNode(s) connected, waiting up to %.0f s for %d",
+                            server_round, len(nodes), self.reconnect_timeout, self.min_clients)
+                warned = True
+            time.sleep(1.0)
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:

@@ -1,4 +1,5 @@
-"""Bytes on the wire: a Grid wrapper that counts the serialized size of every message.
+"""Bytes on the wire, and stops: a Grid wrapper that counts the serialized size of every
+message and turns an interrupt or an unanswered request into ``RunStopped``.
 
 Flower serializes each ``Message`` to protobuf to move it between the ServerApp and the nodes
 (in deployment over gRPC, behind the SuperLink). Counting ``message_to_proto(m).ByteSize()``
@@ -9,11 +10,15 @@ exchanges and federated evaluation. (TLS and HTTP/2 framing add a little more on
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterable
 
 from flwr.app import Message
 from flwr.common.serde import message_to_proto
 from flwr.serverapp import Grid
+
+from fedllm.run_status import RunStopped
 
 
 def message_bytes(message: Message) -> int:
@@ -24,10 +29,16 @@ class MeteredGrid(Grid):
     """Delegates to ``grid``; ``take_counts()`` returns (bytes down, bytes up) since the
     last call. *Down*: server to nodes; *up*: nodes to server."""
 
-    def __init__(self, grid: Grid) -> None:
+    def __init__(self, grid: Grid, stop: threading.Event | None = None,
+                 pull_interval: float = 0.2) -> None:
         self._grid = grid
         self._down = 0
         self._up = 0
+        self._stop = stop
+        self.pull_interval = pull_interval
+
+    def stop_requested(self) -> bool:
+        return self._stop is not None and self._stop.is_set()
 
     def take_counts(self) -> tuple[int, int]:
         counts = (self._down, self._up)
@@ -63,8 +74,26 @@ class MeteredGrid(Grid):
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
+        """Push, then pull until every reply is in, ``timeout`` passes, or a stop is
+        requested (``RunStopped`` within one pull interval). Messages to nodes that all stay
+        silent until the timeout are not a round: ``RunStopped`` (the network or the nodes
+        are gone; the run stops resumably instead of recording an empty round)."""
         messages = list(messages)
-        self._down += sum(message_bytes(m) for m in messages)
-        replies = list(self._grid.send_and_receive(messages, timeout=timeout))
-        self._up += sum(message_bytes(m) for m in replies)
+        if not messages:
+            return []
+        pending = set(self.push_messages(messages))
+        end = None if timeout is None else time.monotonic() + timeout
+        replies: list[Message] = []
+        while pending:
+            if self._stop is not None and self._stop.is_set():
+                raise RunStopped("stop requested (interrupt or SIGTERM)")
+            got = list(self.pull_messages(pending))
+            replies += got
+            pending -= {m.metadata.reply_to_message_id for m in got}
+            if not pending or (end is not None and time.monotonic() >= end):
+                break
+            time.sleep(self.pull_interval)
+        if not replies:
+            raise RunStopped(f"none of the {len(messages)} node(s) asked replied within "
+                             f"{timeout:g} s (federation.client_timeout)")
         return replies

@@ -262,3 +262,11 @@ def test_model_card_shows_sample_generations_or_why_not(lora_model):
     assert '"My lord,"' in section
     assert f"base: {json.dumps(rows[0].base)}" in section
     assert f"adapter: {json.dumps(rows[0].adapter)}" in section
+
+
+def test_gguf_export_never_replaces_an_existing_file(lora_run, tmp_path, capsys):
+    path = tmp_path / "mine.gguf"
+    path.write_bytes(b"a model file someone made earlier")
+    assert main(["export", str(lora_run[0]), "--gguf", str(path)]) == 2
+    assert "already exists" in capsys.readouterr().err
+    assert path.read_bytes() == b"a model file someone made earlier"

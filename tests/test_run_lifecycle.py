@@ -1,0 +1,155 @@
+"""A run directory is a run's identity; a run that ends says truthfully whether it completed.
+
+Resume works on the directory it is given; a directory holding a run is never overwritten;
+`fedllm launch` writes nothing for an unknown connection; a server whose nodes are gone or
+that is told to stop raises RunStopped (resumable, nothing finalized) instead of recording
+empty rounds.
+"""
+
+import shutil
+import threading
+import time
+
+import pytest
+from flwr.serverapp import Grid
+
+from fedllm import api
+from fedllm.cli import main
+from fedllm.config import compose, ledger_dir, to_yaml
+from fedllm.run_status import RunStopped
+from fedllm.server.wire import MeteredGrid
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+
+
+def saved_run(path, *overrides):
+    cfg = compose(["model=tiny", f"run.dir={path}", "run.id=run-1", *overrides])
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.yaml").write_text(to_yaml(cfg))
+    (path / "metrics.jsonl").write_text("")
+    return cfg
+
+
+def test_resume_works_on_the_directory_it_is_given(tmp_path):
+    original = tmp_path / "original"
+    saved_run(original)
+    moved = tmp_path / "moved"
+    shutil.copytree(original, moved)
+    resumed = api.resumed_config(compose(["model=tiny", f"run.dir={moved}", "run.resume=true"]))
+    assert resumed.run.dir == str(moved.resolve()) and resumed.run.id == "run-1"
+    assert ledger_dir(resumed) == moved.resolve() / "ledger"  # its own ledgers, not the original's
+
+
+def test_a_complete_run_is_not_resumed(tmp_path):
+    saved_run(tmp_path / "run")
+    (tmp_path / "run" / "summary.json").write_text("{}")
+    with pytest.raises(api.ConfigError, match="is complete"):
+        api.resumed_config(compose([f"run.dir={tmp_path / 'run'}", "run.resume=true"]))
+
+
+def test_a_directory_holding_a_run_is_never_overwritten(tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    saved_run(run_dir)
+    before = (run_dir / "config.yaml").read_text()
+    assert main(["simulate", "model=tiny", f"run.dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert "already holds a run" in err and "fedllm resume" in err and "Traceback" not in err
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+def test_overwrite_replaces_the_run_and_its_own_ledger_only(tmp_path):
+    run_dir, shared = tmp_path / "run", tmp_path / "shared-ledgers"
+    saved_run(run_dir)
+    (run_dir / "ledger").mkdir()
+    (run_dir / "ledger" / "c.json").write_text("{}")
+    shared.mkdir()
+    (shared / "c.json").write_text("{}")
+    api.check_run_dir_free(compose([f"run.dir={run_dir}", "run.overwrite=true"]))
+    assert not (run_dir / "config.yaml").exists() and not (run_dir / "ledger").exists()
+    saved_run(run_dir)
+    api.check_run_dir_free(compose([f"run.dir={run_dir}", "run.overwrite=true",
+                                    f"privacy.ledger_dir={shared}"]))
+    assert (shared / "c.json").exists()
+
+
+def test_launch_with_an_unknown_connection_writes_nothing(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path / "flwr-home"))
+    run_dir = tmp_path / "run"
+    assert main(["launch", "nowhere", "model=tiny", f"run.dir={run_dir}"]) == 2
+    assert "connection 'nowhere' is not defined" in capsys.readouterr().err
+    assert not run_dir.exists()
+    saved_run(run_dir)  # an existing run's config is never rewritten either
+    before = (run_dir / "config.yaml").read_text()
+    assert main(["launch", "nowhere", "run.resume=true", f"run.dir={run_dir}"]) == 2
+    assert (run_dir / "config.yaml").read_text() == before
+
+
+class SilentGrid(Grid):
+    """A network partition: nodes are listed, messages are accepted, nothing comes back."""
+
+    def __init__(self, nodes=(1, 2, 3)):
+        self.nodes = list(nodes)
+
+    def set_run(self, run):
+        pass
+
+    @property
+    def run(self):
+        return None
+
+    def create_message(self, *args, **kwargs):
+        raise NotImplementedError
+
+    def get_node_ids(self):
+        return list(self.nodes)
+
+    def push_messages(self, messages):
+        return [f"m{i}" for i, _ in enumerate(messages)]
+
+    def pull_messages(self, message_ids):
+        return []
+
+    def send_and_receive(self, messages, *, timeout=None):
+        raise AssertionError("MeteredGrid must not delegate the wait")
+
+
+def test_a_round_nobody_answers_stops_the_run_instead_of_recording_it():
+    grid = MeteredGrid(SilentGrid(), pull_interval=0.05)
+    from flwr.app import Message, RecordDict
+
+    msgs = [Message(content=RecordDict(), dst_node_id=n, message_type="train") for n in (1, 2)]
+    with pytest.raises(RunStopped, match="none of the 2 node"):
+        grid.send_and_receive(msgs, timeout=0.3)
+
+
+def test_a_stop_request_ends_the_wait_within_a_second():
+    stop = threading.Event()
+    grid = MeteredGrid(SilentGrid(), stop=stop, pull_interval=0.05)
+    from flwr.app import Message, RecordDict
+
+    msgs = [Message(content=RecordDict(), dst_node_id=1, message_type="train")]
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    with pytest.raises(RunStopped, match="stop requested"):
+        grid.send_and_receive(msgs, timeout=3600)
+    assert time.monotonic() - started < 1.5
+
+
+def test_the_server_waits_a_bounded_time_for_nodes_then_stops(tiny_cfg):
+    from fedllm.server.strategy import AdapterFedAvg, cohort_sampler
+
+    core = AdapterFedAvg(cfg_text=to_yaml(tiny_cfg), sampler=cohort_sampler(2, "fixed",
+                         user_level=False, seed=0), min_clients=2, reconnect_timeout=1.5)
+    grid = MeteredGrid(SilentGrid(nodes=[7]))
+    started = time.monotonic()
+    with pytest.raises(RunStopped, match="federation.reconnect_timeout"):
+        core.connected_nodes(grid, 3)
+    assert 1.4 <= time.monotonic() - started < 4
+    grid._grid.nodes = [7, 8]
+    assert core.connected_nodes(grid, 3) == [7, 8]
