@@ -37,7 +37,8 @@ from fedllm.data.per_client import ClientIndex, build_client_index, cache_dir, l
 from fedllm.io import append_jsonl
 from fedllm.privacy import release_policy
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
-from fedllm.privacy.ledger import Ledger, LedgerError, load_release, save_release
+from fedllm.privacy.ledger import (Ledger, LedgerError, load_release, release_lock,
+                                   save_release)
 from fedllm.privacy.size_estimate import (data_fingerprint, eval_event, evaluations_event,
                                          noisy_size, size_event)
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
@@ -298,23 +299,30 @@ def answer_evaluate(cfg: FedLLMConfig, loaded: models.LoadedModel, client: Clien
         log.warning("client %s releases no evaluation: %s", client.client_id, exc)
         return protocol.declined_eval_metrics()
     event = eval_event(cfg.eval.noise_multiplier)
-    copy = load_release(ledger_dir, client.client_id, cfg.run.id, server_round, "eval")
-    decision = release_policy.decide_eval(ledger.entries, plan, server_round, event,
-                                          copy_exists=copy is not None)
-    if decision.action == release_policy.RESEND:
-        return copy[1]
-    if decision.action == release_policy.DECLINE:
-        log.warning("client %s releases no evaluation: %s", client.client_id, decision.reason)
-        return protocol.declined_eval_metrics()
-    ledger.record(cfg.run.id, server_round, event, purpose="eval", plan=plan.fingerprint(),
-                  again=decision.again)  # write-ahead
-    models.load_adapter_state(loaded.model, arrays)
-    losses = held_out_losses(loaded, client.eval, cfg.eval.batch_size,
-                             base_model=server_round == 0)  # round 0: the bare base model
-    metrics = protocol.eval_metrics(*noised_eval_statistic(losses, cfg.eval.loss_bound,
-                                                           cfg.eval.noise_multiplier))
-    save_release(ledger_dir, client.client_id, cfg.run.id, server_round, {}, metrics, "eval")
-    return metrics
+    with release_lock(ledger_dir, client.client_id, cfg.run.id, server_round, "eval") as mine:
+        if not mine:
+            return protocol.declined_eval_metrics()
+        ledger = Ledger.open(ledger_dir, client.client_id)
+        copy = load_release(ledger_dir, client.client_id, cfg.run.id, server_round, "eval")
+        decision = release_policy.decide_eval(ledger.entries, plan, server_round, event,
+                                              copy_exists=copy is not None)
+        if decision.action == release_policy.RESEND:
+            return copy[1]
+        if decision.action == release_policy.DECLINE:
+            log.warning("client %s releases no evaluation: %s", client.client_id,
+                        decision.reason)
+            return protocol.declined_eval_metrics()
+        if not decision.recorded:
+            ledger.record(cfg.run.id, server_round, event, purpose="eval",
+                          plan=plan.fingerprint())  # write-ahead
+        models.load_adapter_state(loaded.model, arrays)
+        losses = held_out_losses(loaded, client.eval, cfg.eval.batch_size,
+                                 base_model=server_round == 0)  # round 0: the bare base model
+        metrics = protocol.eval_metrics(*noised_eval_statistic(losses, cfg.eval.loss_bound,
+                                                               cfg.eval.noise_multiplier))
+        save_release(ledger_dir, client.client_id, cfg.run.id, server_round, {}, metrics,
+                     "eval")
+        return metrics
 
 
 def held_out_losses(loaded: models.LoadedModel, sequences, batch_size: int, *,
@@ -382,6 +390,22 @@ def answer_train(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientDa
     except Declined as exc:
         return _decline(client.client_id, ledger.epsilon(cfg.privacy.delta,
                                                          cfg.privacy.accountant), str(exc))
+    with release_lock(ledger_dir, client.client_id, cfg.run.id, server_round) as mine:
+        if not mine:
+            return _decline(client.client_id, ledger.epsilon(cfg.privacy.delta,
+                                                             cfg.privacy.accountant),
+                            f"round {server_round} is being released by another request")
+        ledger = Ledger.open(ledger_dir, client.client_id)  # as of now, under the lock
+        return _release_round(cfg, loaded, client, ledger, plan, server_round, global_adapter,
+                              round_config)
+
+
+def _release_round(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientData,
+                   ledger: Ledger, plan: release_policy.RunPlan, server_round: int,
+                   global_adapter: dict, round_config
+                   ) -> tuple[dict | None, MetricRecord, ConfigRecord]:
+    """Under the round's release lock: resend, decline, or record, train and keep a copy."""
+    ledger_dir = config_ledger_dir(cfg)
     copy = load_release(ledger_dir, client.client_id, cfg.run.id, server_round)
     decision = release_policy.decide(ledger.entries, plan, server_round,
                                      copy_exists=copy is not None)
@@ -391,11 +415,9 @@ def answer_train(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientDa
         return update, MetricRecord(metrics), ConfigRecord({"client_id": client.client_id})
     if decision.action == release_policy.DECLINE:
         return _decline(client.client_id, decision.spent, decision.reason)
-    # Write-ahead: the release is on disk before a noised update can leave this node.
-    if not ledger.record(cfg.run.id, server_round, plan.event, plan=plan.fingerprint(),
-                         again=decision.again):
-        return _decline(client.client_id, decision.spent,
-                        f"round {server_round} is being released by another request")
+    if not decision.recorded:
+        # Write-ahead: the release is on disk before a noised update can leave this node.
+        ledger.record(cfg.run.id, server_round, plan.event, plan=plan.fingerprint())
 
     # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
     result = local_round(loaded, global_adapter, client.train, cfg,

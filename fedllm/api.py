@@ -330,7 +330,7 @@ def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], 
     started = time.time()
     try:
         simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg), verbose=verbose)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (Ray's handler: SystemExit)
         raise RunIncomplete(stopped_message(run_dir, read_stopped(run_dir)),
                             interrupted=True) from None
     except RunStopped:

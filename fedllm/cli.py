@@ -590,5 +590,17 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_INTERRUPTED
 
 
+def entry() -> None:
+    """The console script. After an interrupt the run directory is already consistent (the
+    ServerApp has stopped and Ray is shut down); exit at once, skipping interpreter teardown,
+    where Ray's native signal handlers can abort the process and mask the exit status."""
+    code = main()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    if code == EXIT_INTERRUPTED:
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

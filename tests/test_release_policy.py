@@ -49,11 +49,16 @@ def test_duplicated_message_is_one_release():
     assert decisions == [TRAIN, RESEND] and len(entries) == 1
 
 
-def test_a_lost_copy_makes_a_retry_a_second_recorded_release():
-    p = plan(cap=3)
+def test_a_recorded_round_without_a_copy_never_left_and_trains_under_its_entry():
+    """Written ahead, then the process died before the copy (and so before any reply):
+    the retry trains under that entry; the cap, already counting it, does not refuse it."""
+    p = plan(cap=1)
     entries = [entry("r", 1, p)]
     d = decide(entries, p, 1, copy_exists=False)
-    assert d.action == TRAIN and d.again  # recorded again: the ledger over-counts, never under
+    assert d.action == TRAIN and d.recorded
+    assert decide(entries, p, 2, copy_exists=False).action == DECLINE  # the cap still holds
+    bent = plan(cap=2)
+    assert decide(entries, bent, 1, copy_exists=False).action == DECLINE  # plan pinned
 
 
 def test_renamed_runs_meet_the_lifetime_budget():

@@ -71,10 +71,11 @@ def test_sigkill_in_round_two_then_resume(tmp_path):
     events = [json.loads(x) for x in (run_dir / "privacy_events.jsonl").read_text().splitlines()]
     ledgers = read_ledger_dir(run_dir / "ledger")
     for client_id, entries in ledgers.items():
-        keys = [(e.run_id, e.round) for e in entries]
+        keys = [(e.run_id, e.round, e.purpose) for e in entries]
         assert len(keys) == len(set(keys)), f"{client_id}: a release was recorded twice"
     released = {(e["client_id"], e["round"]) for e in events if e["kind"] == "release"}
-    recorded = {(cid, e.round) for cid, entries in ledgers.items() for e in entries}
+    recorded = {(cid, e.round) for cid, entries in ledgers.items() for e in entries
+                if e.purpose == "train"}
     assert released <= recorded, "a release reached the server without a ledger entry"
     report = json.loads((run_dir / "privacy_report.json").read_text())
     user_rounds = sorted(e["round"] for e in events if e["kind"] == "user_release")
@@ -86,6 +87,61 @@ def test_sigkill_in_round_two_then_resume(tmp_path):
     for cid, c in report["example_level"]["clients"].items():
         assert c["steps"] == 2 * len({r for (i, r) in released if i == cid})
         assert c["lifetime_epsilon"] is not None
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupt_stops_at_the_last_checkpoint_and_resume_finishes(tmp_path, sig):
+    """Ctrl-C (SIGINT to the process group, as a terminal sends it) or SIGTERM in round 2:
+    the run ends within seconds, says it is incomplete, finalizes nothing and releases its
+    lock; `fedllm resume` on a *copy* of the directory completes it with every round trained
+    exactly once, and leaves the original untouched."""
+    import shutil
+
+    run_dir = tmp_path / "run"
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedllm.cli", "simulate", *TINY, "federation.rounds=3",
+         f"run.dir={run_dir}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 600
+        while not _round_in_flight(run_dir, 2):
+            assert time.time() < deadline, "round 2 never started"
+            assert proc.poll() is None, "simulation ended before round 2 started"
+            time.sleep(0.05)
+        sent = time.time()
+        if sig == signal.SIGINT:
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(proc.pid, sig)
+        out, err = proc.communicate(timeout=90)
+        stopped_in = time.time() - sent
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    assert proc.returncode == 130, err[-3000:]
+    assert stopped_in < 60, stopped_in
+    assert "interrupted" in err and "fedllm resume" in err and "Traceback" not in err[-2000:]
+    assert not (run_dir / "summary.json").exists() and not (run_dir / "adapter").exists()
+    assert json.loads((run_dir / "stopped.json").read_text())["rounds_completed"] == 1
+    assert [r["round"] for r in rows(run_dir)] == [1]
+
+    copy = tmp_path / "copy"
+    shutil.copytree(run_dir, copy, ignore=shutil.ignore_patterns(".flwr"))
+    done = cli("resume", str(copy), env_dir=tmp_path)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [r["round"] for r in rows(copy)] == [1, 2, 3]
+    assert not (run_dir / "summary.json").exists()  # the original was not touched
+    ledgers = read_ledger_dir(copy / "ledger")
+    events = [json.loads(x) for x in (copy / "privacy_events.jsonl").read_text().splitlines()]
+    released = [(e["client_id"], e["round"]) for e in events if e["kind"] == "release"]
+    for cid, entries in ledgers.items():
+        trains = [e.round for e in entries if e.purpose == "train"]
+        assert len(trains) == len(set(trains)), f"{cid} trained a round twice"
+    assert {r for r in released} <= {(cid, e.round) for cid, entries in ledgers.items()
+                                    for e in entries if e.purpose == "train"}
 
 
 @pytest.mark.slow

@@ -260,3 +260,23 @@ def load_release(directory: str | Path, client_id: str, run_id: str, round_: int
     except (OSError, ValueError, KeyError):
         return None  # no usable copy: the policy treats a retry as a new, recorded release
     return update, meta["metrics"]
+
+
+@contextlib.contextmanager
+def release_lock(directory: str | Path, client_id: str, run_id: str, round_: int,
+                 purpose: str = "train"):
+    """Held while one (run, round, purpose) is decided, computed and its copy saved; yields
+    False at once if another request holds it (a duplicated message in flight). The kernel
+    releases it if the process dies, so a crash never blocks a later resume."""
+    path = _release_path(directory, client_id, run_id, round_, purpose).with_suffix(".lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            yield False
+            return
+        try:
+            yield True
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)

@@ -9,7 +9,9 @@ replay rounds, ask for them out of order, rename the run, change the cap or the 
 duplicate messages, or share a client with another server. The rules that hold against it:
 
   * one (run, round, purpose) is one release: asked again, the client resends the recorded
-    release byte for byte (``resend``); if its copy is lost, a retry is a *new* entry;
+    release byte for byte (``resend``). An entry without a copy is a release that never left
+    (the copy is written before the reply, under a per-round lock that the ClientApp holds
+    while it trains): the client trains it under that same entry;
   * a round outside the run's plan (``1..federation.rounds``; evaluation ``0..rounds``) is
     declined: a server cannot mint extra rounds;
   * the plan a run started with is pinned (its fingerprint is in every training entry):
@@ -63,8 +65,8 @@ class Decision:
     action: Literal["train", "resend", "decline"]
     reason: str = ""
     spent: float = 0.0                  # lifetime ε before this request
-    lifetime_epsilon: float | None = None  # lifetime ε after a new release (train)
-    again: bool = False                 # a recorded round whose copy was lost: a new entry
+    lifetime_epsilon: float | None = None  # lifetime ε after this release (train)
+    recorded: bool = False              # train: its entry exists already (it never left)
 
 
 def run_entries(entries: Iterable, run_id: str) -> list:
@@ -88,6 +90,9 @@ def decide(entries: list, plan: RunPlan, round_: int, *, copy_exists: bool) -> D
     if recorded and copy_exists:
         return Decision(RESEND, f"round {round_} was released already: the same bytes again",
                         spent)
+    if recorded:  # written ahead, never sent (no copy): its entry already counts it
+        return Decision(TRAIN, f"round {round_} was recorded but never sent", spent, spent,
+                        recorded=True)
     this_run = [e for e in entries if e.run_id == plan.run_id and e.purpose == "train"]
     if len(this_run) >= plan.cap:
         return Decision(DECLINE, f"participation cap: already took part in {len(this_run)} "
@@ -97,7 +102,7 @@ def decide(entries: list, plan: RunPlan, round_: int, *, copy_exists: bool) -> D
     if refusal:
         return Decision(DECLINE, refusal, spent)
     lifetime = epsilon([e.event for e in entries] + [plan.event], plan.delta, plan.accountant)
-    return Decision(TRAIN, "", spent, lifetime, again=recorded)
+    return Decision(TRAIN, "", spent, lifetime)
 
 
 def decide_eval(entries: list, plan: RunPlan, round_: int, event: PrivacyEvent, *,
@@ -114,11 +119,14 @@ def decide_eval(entries: list, plan: RunPlan, round_: int, event: PrivacyEvent, 
                    for e in entries)
     if recorded and copy_exists:
         return Decision(RESEND, f"evaluation {round_} was released already", spent)
+    if recorded:
+        return Decision(TRAIN, f"evaluation {round_} was recorded but never sent", spent, spent,
+                        recorded=True)
     refusal = _over_limits(entries, plan, event, spent)
     if refusal:
         return Decision(DECLINE, refusal, spent)
     lifetime = epsilon([e.event for e in entries] + [event], plan.delta, plan.accountant)
-    return Decision(TRAIN, "", spent, lifetime, again=recorded)
+    return Decision(TRAIN, "", spent, lifetime)
 
 
 def decide_size(entries: list, event: PrivacyEvent, budget: float | None, delta: float,
