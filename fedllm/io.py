@@ -16,8 +16,10 @@ log = logging.getLogger(__name__)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file (0600, as mkstemp makes it) + fsync + rename: readers see the old file or
+    the new one, never a torn one."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -44,10 +46,20 @@ class JsonlError(ValueError):
     """A JSON-lines file has a damaged line that is not a torn last line."""
 
 
+def private_dir(path: Path) -> Path:
+    """Create ``path`` (and missing parents) readable by its owner only (0700). An existing
+    directory is left as it is: its permissions are its owner's choice."""
+    path = Path(path)
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path
+
+
 def append_jsonl(path: Path, record: dict) -> None:
     """Append one JSON line and fsync. A torn last line left by a crash is cut off first, so
-    the new record never fuses with it into one damaged line."""
-    with open(path, "a+b") as fh:
+    the new record never fuses with it into one damaged line. A new file is created 0600:
+    these files hold participation and privacy records."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a+b") as fh:
         _end_torn_tail(fh, Path(path))
         fh.write((json.dumps(record) + "\n").encode("utf-8"))
         fh.flush()
@@ -131,8 +143,7 @@ class RunDirBusy(RuntimeError):
 def run_dir_lock(run_dir: Path):
     """Hold an exclusive lock on ``run_dir`` for the life of a run (released by the kernel
     if the process dies). A second run on the same directory gets RunDirBusy at once."""
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = private_dir(run_dir)
     fh = open(run_dir / RUN_LOCK, "a+", encoding="utf-8")  # "a+": never clobber the holder's pid
     try:
         fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -27,7 +27,7 @@ from fedllm.config import (ConfigError, FedLLMConfig, compose, from_yaml, partic
                            run_config_overrides, to_yaml)
 from fedllm.data.per_client import run_eval_sequences, run_index
 from fedllm.evaluate import evaluate
-from fedllm.io import append_jsonl, atomic_write_text, read_jsonl
+from fedllm.io import append_jsonl, atomic_write_text, private_dir, read_jsonl
 from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
                                       user_level_epsilons)
 from fedllm.report import EVENTS_FILE, write_reports
@@ -164,6 +164,16 @@ class RoundRecorder:
     def _write_row(self, server_round: int, result: dict) -> None:
         core = self.strategy.core
         info = core.rounds[-1]
+        # The round's releases are on record first: nothing below (accounting) can lose them.
+        for release in info.releases:
+            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
+        for client_id, reason in info.declined.items():
+            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "declined", "round": server_round,
+                                                      "client_id": client_id, "reason": reason})
+        for client_id, reason in info.refused.items():
+            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "refused", "round": server_round,
+                                                      "client_id": client_id, "reason": reason})
+
         wire_down, wire_up = self._take_wire_counts()
         # Every client also released its size estimate (and, deployed, its evaluations).
         extra = side_releases(self.cfg, server_round + 1)
@@ -190,14 +200,6 @@ class RoundRecorder:
             "epsilon_example_max": eps_max if self.cfg.privacy.example.enabled else None,
         }
         row.update(user_epsilon_columns(self.cfg, self.strategy, self.run_dir, server_round))
-        for release in info.releases:
-            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "release", **release})
-        for client_id, reason in info.declined.items():
-            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "declined", "round": server_round,
-                                                      "client_id": client_id, "reason": reason})
-        for client_id, reason in info.refused.items():
-            append_jsonl(self.run_dir / EVENTS_FILE, {"kind": "refused", "round": server_round,
-                                                      "client_id": client_id, "reason": reason})
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         self.history.append(row)
         eps_text = f" · ε max {eps_max:.2f}" if row["epsilon_example_max"] is not None else ""
@@ -335,8 +337,7 @@ def run_federation(grid: Grid, cfg_text: str, stop: threading.Event | None = Non
     cfg = from_yaml(cfg_text)
     # Counts every message's serialized bytes (metrics: wire_*); stops on ``stop``.
     grid = MeteredGrid(grid, stop=stop)
-    run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = private_dir(Path(cfg.run.dir))
     started = time.time()
     loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
     if cfg.eval.mode == "server":  # simulation: the server can read the held-out share

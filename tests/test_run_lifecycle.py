@@ -153,3 +153,30 @@ def test_the_server_waits_a_bounded_time_for_nodes_then_stops(tiny_cfg):
     assert 1.4 <= time.monotonic() - started < 4
     grid._grid.nodes = [7, 8]
     assert core.connected_nodes(grid, 3) == [7, 8]
+
+
+def test_privacy_and_participation_records_are_private_files(tmp_path):
+    """0600 files in 0700 directories: ledgers, release copies, JSON-lines records, atomic
+    writes; an existing directory keeps its owner's permissions."""
+    import os
+    import stat
+
+    from fedllm.io import append_jsonl, atomic_write_text, private_dir
+    from fedllm.privacy.accounting import PrivacyEvent
+    from fedllm.privacy.ledger import Ledger, save_release
+
+    run = private_dir(tmp_path / "run")
+    append_jsonl(run / "privacy_events.jsonl", {"kind": "release"})
+    atomic_write_text(run / "config.yaml", "x: 1\n")
+    ledger = Ledger.open(run / "ledger", "alice")
+    ledger.record("r", 1, PrivacyEvent(noise_multiplier=1.0, steps=1, sample_rate=0.5))
+    save_release(run / "ledger", "alice", "r", 1, {}, {})
+    mode = lambda p: stat.S_IMODE(os.stat(p).st_mode)  # noqa: E731
+    assert mode(run) == 0o700 and mode(run / "ledger") == 0o700
+    for path in [run / "privacy_events.jsonl", run / "config.yaml", *(run / "ledger").iterdir()]:
+        assert mode(path) & 0o077 == 0, path
+    shared = tmp_path / "shared"
+    shared.mkdir(mode=0o755)
+    os.chmod(shared, 0o755)
+    private_dir(shared)
+    assert mode(shared) == 0o755

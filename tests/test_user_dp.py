@@ -333,3 +333,19 @@ def test_user_release_records_carry_the_cap_clients_enforce(tiny_cfg):
         s = make_strategy(cfg, "", population=4)
         rec = user_release_record(cfg, s, 1, survivors=0, applied=False)
         assert rec["max_participations"] == cap
+
+
+def test_a_round_whose_pool_was_smaller_than_the_cohort_is_accounted_without_amplification():
+    """SecAgg+ with user-level DP, one SuperNode offline when a round starts: the server sampled
+    all 2 connected nodes for a cohort of 3. The accountant records that round as q = 1 (no
+    amplification) instead of failing on sample_size > population."""
+    from fedllm.privacy.accounting import gaussian_epsilon, user_level_epsilons
+
+    for sampling in ("fixed", "poisson"):
+        record = {"kind": "user_release", "round": 1, "noise_multiplier": 2.0, "clip_norm": 1.0,
+                  "sensitivity": 1.0, "noise": "central", "sampling": sampling, "cohort": 3,
+                  "population": 2, "min_survivors": 1, "survivors": 2, "applied": True,
+                  "clients": ["a", "b"]}
+        eps = user_level_epsilons([record], 1e-5)
+        z = 2.0 if sampling == "poisson" else 1.0  # replace-one: sensitivity 2S
+        assert eps["observers"] >= gaussian_epsilon(z, 1e-5) * 0.999

@@ -149,12 +149,14 @@ def arrow_corpus(data_cfg, files: list[Path], where: Path | None):
     key = hashlib.sha256(json.dumps([data_cfg.name, _stamp(files)]).encode()).hexdigest()[:16]
     path = where / f"corpus-{key}.arrow"
     if not path.exists():
-        where.mkdir(parents=True, exist_ok=True)
+        where.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds every client's raw text
         tmp = path.with_suffix(f".tmp{os.getpid()}")
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         with ArrowWriter(features=features, path=str(tmp)) as writer:
             for row in rows():
                 writer.write(row)
             writer.finalize()
+        os.chmod(tmp, 0o600)
         os.replace(tmp, path)
     return Dataset.from_file(str(path))
 
@@ -263,7 +265,7 @@ def build_client_index(data_cfg, tokenizer, *, seq_len: int, min_sequences: int,
     if path is not None:
         from fedllm.io import atomic_write_text
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         atomic_write_text(path, index.to_json())
     return index
 

@@ -360,11 +360,14 @@ def user_level_event(noise_multiplier: float, rounds: int, *, sampling: Sampling
       analysed under replace-one adjacency, where swapping one client moves the sum by up to
       2S, so the event's multiplier is z/2 (conservative, as it must be).
     """
+    # The pool a round really sampled from can be smaller than the cohort (nodes offline when
+    # it started): then everyone in it was taken, q = 1, no amplification (conservative).
+    population = max(int(population), 1)
     if sampling == "poisson":
         return PrivacyEvent(noise_multiplier=noise_multiplier, steps=rounds, sampling="poisson",
                             sample_rate=min(1.0, cohort / population))
     return PrivacyEvent(noise_multiplier=noise_multiplier / 2, steps=rounds, sampling="fixed",
-                        sample_size=cohort, population=population)
+                        sample_size=min(int(cohort), population), population=population)
 
 
 def calibrate_user_noise(target_epsilon: float, delta: float, rounds: int, *, sampling: Sampling,

@@ -20,6 +20,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import os
 import re
 import time
 from dataclasses import dataclass
@@ -158,8 +159,9 @@ class Ledger:
 
     @contextlib.contextmanager
     def _locked(self):
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path.with_name(self.path.name + ".lock"), "w") as fh:
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        lock = self.path.with_name(self.path.name + ".lock")
+        with os.fdopen(os.open(lock, os.O_WRONLY | os.O_CREAT, 0o600), "w") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:
                 yield
@@ -269,8 +271,8 @@ def release_lock(directory: str | Path, client_id: str, run_id: str, round_: int
     False at once if another request holds it (a duplicated message in flight). The kernel
     releases it if the process dies, so a crash never blocks a later resume."""
     path = _release_path(directory, client_id, run_id, round_, purpose).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as fh:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as fh:
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
