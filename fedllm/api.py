@@ -117,13 +117,7 @@ class RunResult:
 
 def compose(overrides: Sequence[str] | None = None) -> Config:
     """The validated config of ``conf/`` with Hydra ``overrides`` (e.g. ``"model=tiny"``)."""
-    if isinstance(overrides, (str, bytes)):
-        raise ConfigError(f"overrides: give a list of strings, e.g. [{overrides!r}], "
-                          "not one string")
-    overrides = list(overrides or [])
-    bad = [o for o in overrides if not isinstance(o, str)]
-    if bad:
-        raise ConfigError(f"overrides: every override is a string like 'key=value', got {bad[0]!r}")
+    overrides = fcfg.override_list(overrides)
     try:
         return fcfg.compose(overrides)
     except ConfigError as exc:
@@ -142,8 +136,13 @@ def _as_config(config_or_overrides: ConfigOrOverrides) -> Config:
             text = fcfg.to_yaml(config_or_overrides)
         except Exception as exc:  # a field set to a value of the wrong type
             raise ConfigError(fcfg._short_message(exc)) from None
-        return fcfg.from_yaml(text)
-    return compose(config_or_overrides)
+        cfg = fcfg.from_yaml(text)
+    else:
+        cfg = compose(fcfg.override_list(
+            config_or_overrides, "config_or_overrides (a fedllm.Config or a list of overrides)"))
+    if not cfg.run.ray_address:  # on a Ray cluster the GPUs are the workers'
+        fcfg.check_device_here(cfg.model.device, "model.device")
+    return cfg
 
 
 # --------------------------------------------------------------------------- preflight

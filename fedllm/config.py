@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
@@ -362,8 +363,11 @@ def compose_tree(overrides: list[str] | None = None):
 
 def compose(overrides: list[str] | None = None) -> FedLLMConfig:
     """Hydra-compose ``conf/config.yaml`` with ``overrides``, then validate."""
+    overrides = override_list(overrides)
     try:
-        obj = OmegaConf.to_object(compose_tree(overrides))
+        tree = compose_tree(overrides)
+        _refuse_unknown_keys(tree)
+        obj = OmegaConf.to_object(tree)
     except ConfigError:
         raise
     except Exception as exc:  # Hydra/OmegaConf errors: keep only the readable message
@@ -374,6 +378,53 @@ def compose(overrides: list[str] | None = None) -> FedLLMConfig:
         obj.privacy.budget = None
     validate(obj)
     return obj
+
+
+def override_list(overrides, what: str = "overrides") -> list[str]:
+    """``overrides`` as a list of strings (None: none), else ConfigError: one string would be
+    read character by character, and a number or a mapping is not a list of overrides."""
+    from collections.abc import Mapping
+
+    if overrides is None:
+        return []
+    if isinstance(overrides, (str, bytes)):
+        raise ConfigError(f"{what}: give a list of strings, e.g. [{overrides!r}], not one string")
+    if isinstance(overrides, Mapping) or not hasattr(overrides, "__iter__"):
+        raise ConfigError(f"{what}: give a list of override strings like 'key=value', got "
+                          f"{type(overrides).__name__} {_short_repr(overrides)}")
+    items = list(overrides)
+    bad = [o for o in items if not isinstance(o, str)]
+    if bad:
+        raise ConfigError(f"{what}: every override is a string like 'key=value', got "
+                          f"{_short_repr(bad[0])}")
+    return items
+
+
+def _short_repr(value, limit: int = 60) -> str:
+    text = repr(value).replace("\n", " ")
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def _refuse_unknown_keys(tree) -> None:
+    """A key the schema does not have (``+foo=1`` appends one) is refused, by name: OmegaConf
+    would silently drop it, and the run would ignore a setting the user asked for."""
+    from omegaconf import DictConfig
+
+    known = set(schema_keys())
+
+    def walk(node, prefix: str) -> None:
+        for key in node.keys():
+            full = f"{prefix}{key}"
+            if full in known:
+                continue
+            value = node._get_node(key)
+            if isinstance(value, DictConfig) and any(k.startswith(full + ".") for k in known):
+                walk(value, full + ".")
+            else:
+                raise ConfigError(f"{full}: not a fedllm config key (it would be ignored); "
+                                  "check the spelling, or see conf/ for the keys")
+
+    walk(tree, "")
 
 
 def _sets(overrides: list[str] | None, key: str) -> bool:
@@ -548,8 +599,7 @@ def validate(cfg: FedLLMConfig) -> None:
         _require(p.exists(), "model.path", f"{p} does not exist")
         _require(p.suffix == ".gguf" or (p / "config.json").is_file(), "model.path",
                  f"{p} is neither a .gguf file nor a Hugging Face model directory")
-    _require(m.device == "auto" or m.device == "cpu" or m.device.startswith("cuda"),
-             "model.device", f"must be auto, cpu or cuda[:N]; got {m.device!r}")
+    check_device_name(m.device, "model.device")
     _positive_int(m.lora.r, "model.lora.r")
     _positive(m.lora.alpha, "model.lora.alpha")
     _require(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
@@ -655,6 +705,10 @@ def validate(cfg: FedLLMConfig) -> None:
                  f"federation.clients_per_round ({f.clients_per_round})")
     _positive(cfg.strategy.server_lr, "strategy.server_lr")
     _positive_int(cfg.run.parallel_clients, "run.parallel_clients")
+    _check_seed(cfg.run.seed, "run.seed")
+    _check_seed(cfg.audit.seed, "audit.seed")
+    if p.ledger_dir:
+        _check_dir_path(p.ledger_dir, "privacy.ledger_dir")
     _validate_simulation_resources(cfg.run, cfg.model.device)
     _positive(cfg.faults.hang_seconds, "faults.hang_seconds", allow_zero=True)
     _positive_int(cfg.eval.max_sequences, "eval.max_sequences")
@@ -666,6 +720,50 @@ def validate(cfg: FedLLMConfig) -> None:
 
 def _is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+MAX_SEED = 2**32 - 1  # what every seeded generator takes (NumPy, torch, datasets, random)
+
+
+def _check_seed(value, key: str) -> None:
+    _require(_is_int(value) and 0 <= value <= MAX_SEED, key,
+             f"must be an integer from 0 to {MAX_SEED} (2**32 - 1), got {_short_repr(value)}")
+
+
+def _check_dir_path(value: str, key: str) -> None:
+    """A directory path fedllm creates or writes into: nothing on the way may be a file."""
+    path = Path(value).expanduser()
+    _require(not path.exists() or path.is_dir(), key, f"{path} exists and is not a directory")
+    for parent in path.parents:
+        if parent.exists():
+            _require(parent.is_dir(), key, f"{parent} (on the way to {path}) is not a directory")
+            break
+
+
+_DEVICE = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
+def check_device_name(device, key: str) -> None:
+    """auto, cpu, cuda or cuda:N (what this machine holds: ``check_device_here``)."""
+    _require(isinstance(device, str) and _DEVICE.fullmatch(device) is not None, key,
+             f"must be auto, cpu, cuda or cuda:N; got {_short_repr(device)}")
+
+
+def check_device_here(device: str, key: str) -> None:
+    """A CUDA device asked for must exist on this machine (checked before any run starts,
+    not in ``validate``: a run made on a GPU machine still reports and exports elsewhere)."""
+    check_device_name(device, key)
+    if not device.startswith("cuda"):
+        return
+    import torch
+
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    index = int(device.partition(":")[2] or 0)
+    if count == 0:
+        raise ConfigError(f"{key}: {device} asked for, but this machine has no CUDA GPU "
+                          "(torch.cuda.is_available() is False); use auto or cpu")
+    _require(index < count, key, f"{device} asked for, but this machine has {count} CUDA "
+             f"GPU(s): cuda:0 to cuda:{count - 1}")
 
 
 def _validate_secagg_graph(s_: SecAggConfig) -> None:

@@ -43,6 +43,9 @@ class SweepRow:
 def plan_sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None) -> list[SweepPoint]:
     """Expand ``overrides`` into sweep points, each with its run directory. ``run.dir`` (in
     the overrides or ``sweep_dir``) names the sweep directory; default runs/sweep-<time>."""
+    from fedllm.config import override_list
+
+    overrides = override_list(overrides)
     template: list[str | int] = []  # the overrides in the user's order; int: a swept axis
     axes: list[list[tuple[str, str]]] = []
     for override in _parse(overrides):

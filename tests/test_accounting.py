@@ -114,3 +114,20 @@ def test_analytic_gaussian_epsilon_at_extremes_is_finite_and_cheap():
     assert 1e5 < gaussian_epsilon(1e-3, 1e-5) < math.inf   # a PLD grid here would not fit in RAM
     assert gaussian_epsilon(0.0, 1e-5) == math.inf
     assert gaussian_epsilon(1e3, 1e-5) < 1e-2
+
+
+@pytest.mark.parametrize("z, steps", [(0.02, 2), (1e-6, 2), (1.0, 10 ** 11), (0.01, 2)])
+def test_the_accountant_answers_in_bounded_memory(z, steps):
+    """Parameters whose PLD grid would take GBs (tiny noise, 1e11 steps) are answered with
+    RDP, an upper bound, instead of a MemoryError."""
+    import resource
+
+    from fedllm.privacy.accounting import PrivacyEvent, effective_accountant, epsilon
+
+    event = PrivacyEvent(noise_multiplier=z, steps=steps, sample_rate=0.129)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    eps = epsilon([event], 1e-5)
+    grown_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert math.isfinite(eps) and eps > 10 and grown_mb < 500
+    if z < 0.05:
+        assert effective_accountant([event], "pld") == "rdp"

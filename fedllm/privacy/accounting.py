@@ -134,6 +134,11 @@ def effective_accountant(events: Iterable[PrivacyEvent], accountant: str) -> str
         raise AccountingError(f"accountant must be one of {ACCOUNTANTS}, got {accountant!r}")
     if any(e.sampling == "fixed" for e in events):
         return "rdp"
+    if accountant == "pld" and any(
+            e.noise_multiplier > 0 and fast_pld.pmf_points(e.noise_multiplier,
+                                                           REPORT_DISCRETIZATION)
+            > fast_pld.MAX_PMF_POINTS for e in events):
+        return "rdp"  # its PLD grid would not fit in bounded memory (see ``epsilon``)
     return accountant
 
 
@@ -172,7 +177,12 @@ def epsilon(events: Iterable[PrivacyEvent], delta: float, accountant: str = "pld
     if effective_accountant(events, accountant) == "pld":
         if len(events) > EXACT_MAX_MECHANISMS:
             discretization = max(discretization, COMPOSITION_DISCRETIZATION)
-        return _pld_epsilon(tuple(events), delta, discretization)
+        try:
+            return _pld_epsilon(tuple(events), delta, discretization)
+        except fast_pld.GridTooLarge:
+            # Tiny noise or very many steps: the PLD grid would not fit in bounded memory.
+            # RDP is an upper bound on the same mechanism, computed in constant memory.
+            accountant = "rdp"
     acc = _make_accountant(events, accountant, discretization)
     with _quiet_absl():
         for e in events:

@@ -114,9 +114,32 @@ def _connect_dots_pmf(loss: _VectorizedGaussianLoss, discretization: float
                                True)
 
 
+# Memory bounds: a PLD grid of more points than these is not built (GridTooLarge); the
+# accountant then answers with RDP, an upper bound in bounded memory. About 8 bytes a point
+# for a pmf and 16 for the composition's spectrum: a few hundred MB at most.
+MAX_PMF_POINTS = 5_000_000
+MAX_COMPOSED_POINTS = 20_000_000
+
+
+class GridTooLarge(ValueError):
+    """This PLD would not fit in bounded memory (tiny noise, or very many steps)."""
+
+
+def pmf_points(noise_multiplier: float, discretization: float) -> float:
+    """An upper estimate of one step's PLD grid: the Gaussian privacy loss (x - 1/2)/z^2 over
+    x within about 8 standard deviations, i.e. (16/z + 1/z^2) / discretization points."""
+    z = noise_multiplier
+    return (16 / z + 1 / z ** 2) / discretization
+
+
 def gaussian_pld(noise_multiplier: float, sample_rate: float, discretization: float
                  ) -> privacy_loss_distribution.PrivacyLossDistribution:
-    """PLD of one step of the Poisson(``sample_rate``)-subsampled Gaussian, sensitivity 1."""
+    """PLD of one step of the Poisson(``sample_rate``)-subsampled Gaussian, sensitivity 1.
+    Raises GridTooLarge instead of allocating more than MAX_PMF_POINTS."""
+    if pmf_points(noise_multiplier, discretization) > MAX_PMF_POINTS:
+        raise GridTooLarge(f"noise multiplier {noise_multiplier:g}: the PLD grid would exceed "
+                           f"{MAX_PMF_POINTS:,} points")
+
     def pmf(adjacency):
         return _connect_dots_pmf(_VectorizedGaussianLoss(
             noise_multiplier, sampling_prob=sample_rate, adjacency_type=adjacency),
@@ -146,6 +169,9 @@ def _compose_pmfs(pmfs: list[pld_pmf.DensePLDPmf], counts: list[int],
     hi = min([full] + [math.ceil(b) for b in bound[finite & (orders > 0)]])
     lo = max([0] + [math.floor(b) for b in bound[finite & (orders < 0)]])
     length = hi - lo + 1
+    if max(length, widest) > MAX_COMPOSED_POINTS:
+        raise GridTooLarge(f"the composition's PLD grid would exceed {MAX_COMPOSED_POINTS:,} "
+                           "points")
     size = fft.next_fast_len(max(length, widest), real=True)
     spectrum = np.ones(size // 2 + 1, dtype=complex)
     for p, n in zip(pmfs, counts):
