@@ -148,7 +148,10 @@ def test_two_round_run_with_all_protections(federation):
     from fedllm.privacy.ledger import read_ledger_dir
     for site in ("site-a", "site-b"):  # each node's ledger, on its own disk
         entries = read_ledger_dir(tmp / site / "ledger")[site]
-        assert [e.round for e in entries] == [1, 2]
+        assert [e.round for e in entries if e.purpose == "train"] == [1, 2]
+        # Its one DP size estimate and its DP held-out statistics (base model + 2 rounds).
+        assert [e.purpose for e in entries].count("size") == 1
+        assert sorted(e.round for e in entries if e.purpose == "eval") == [0, 1, 2]
     assert not (tmp / "site-c" / "ledger").exists() or not read_ledger_dir(tmp / "site-c" / "ledger")
 
 

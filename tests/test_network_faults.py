@@ -1,0 +1,231 @@
+"""Network-fault drills on a real TLS deployment (loopback): what each fault does to a run.
+
+A SuperLink with TLS and node authentication, SuperNodes that reach it only through
+``FaultProxy`` (TLS passes through as bytes), and `fedllm launch`. Each drill checks the rounds
+completed, the exit status, and that every ledger matches the server's record: every release
+the server saw is in that client's ledger, and no ledger holds a training release twice.
+Timings are printed for BENCHMARKS.md's fault table (experiments/fault_table.py runs these).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from faultproxy import FaultProxy
+from test_deployment import Processes, free_port, site_file, wait_port
+
+pytestmark = pytest.mark.slow
+
+SITES = {"site-a": "hamlet/HAMLET", "site-b": "othello/IAGO", "site-c": "hamlet/CLAUDIUS"}
+TINY = ["model=tiny", "adapter=lora", "train.batch_size=8", "train.lr=2e-3",
+        "train.physical_batch_size=null", "train.local_steps=2"]
+
+
+@pytest.fixture()
+def deployment(tmp_path):
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0")
+    procs = Processes(env)
+    creds = tmp_path / "creds"
+
+    def run(*args, timeout=900):
+        return subprocess.run(list(args), env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=tmp_path)
+
+    assert run(sys.executable, "-m", "fedllm.cli", "certs", str(creds), "--server-host",
+               "localhost", "--nodes", "3").returncode == 0
+    port = free_port()
+    procs.start(["flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"),
+                 "--ssl-certfile", str(creds / "server.crt"), "--ssl-keyfile",
+                 str(creds / "server.key"), "--enable-supernode-auth", "--host", "127.0.0.1",
+                 "--port", str(port), "--disable-runtime-dependency-installation"],
+                tmp_path / "superlink", tmp_path / "superlink.log")
+    proxy = None
+    try:
+        wait_port(port)
+        proxy = FaultProxy(port)
+        out = run(sys.executable, "-m", "fedllm.cli", "connection", "fed", "--address",
+                  f"127.0.0.1:{port}", "--root-certificates", str(creds / "ca.crt"))
+        assert out.returncode == 0, out.stderr
+        for i in range(len(SITES)):
+            reg = run("flwr", "supernode", "register", str(creds / f"node-{i}.pub"), "fed")
+            assert reg.returncode == 0, reg.stdout + reg.stderr
+        nodes = {}
+
+        def start_node(i):
+            site = list(SITES)[i]
+            data = site_file(tmp_path / site / "data.jsonl", SITES[site])
+            nodes[site] = procs.start(
+                ["flower-supernode", "--superlink", f"127.0.0.1:{proxy.port}",
+                 "--root-certificates", str(creds / "ca.crt"),
+                 "--auth-supernode-private-key", str(creds / f"node-{i}.key"),
+                 "--port", str(free_port()), "--node-config",
+                 f'data-path="{data}" client-id="{site}" ledger-dir="{tmp_path / site / "ledger"}"'],
+                tmp_path / f"node{i}", tmp_path / f"node{i}-{time.time():.0f}.log")
+            return nodes[site]
+
+        yield {"tmp": tmp_path, "run": run, "proxy": proxy, "start_node": start_node,
+               "nodes": nodes}
+    finally:
+        if proxy is not None:
+            proxy.close()
+        procs.stop_all()
+
+
+def launch(d, run_dir, *overrides, timeout=900):
+    started = time.time()
+    proc = d["run"](sys.executable, "-m", "fedllm.cli", "launch", "fed", *TINY,
+                    f"run.dir={run_dir}", *overrides, timeout=timeout)
+    return proc, time.time() - started
+
+
+def rows(run_dir):
+    path = run_dir / "metrics.jsonl"
+    return [json.loads(x) for x in path.read_text().splitlines()] if path.exists() else []
+
+
+def check_ledgers_match_the_server(d, run_dir):
+    """Every release the server recorded is in that client's own ledger (write-ahead), and no
+    ledger holds one training round twice."""
+    from fedllm.privacy.ledger import read_ledger_dir
+
+    events = [json.loads(x) for x in (run_dir / "privacy_events.jsonl").read_text().splitlines()]
+    released = {(e["client_id"], e["round"]) for e in events if e["kind"] == "release"}
+    recorded = set()
+    for site in SITES:
+        ledger_dir = d["tmp"] / site / "ledger"
+        if not ledger_dir.is_dir():
+            continue
+        for cid, entries in read_ledger_dir(ledger_dir).items():
+            trains = [(e.run_id, e.round) for e in entries if e.purpose == "train"]
+            assert len(trains) == len(set(trains)), f"{cid} released a round twice"
+            recorded |= {(cid, r) for _, r in trains}
+    assert released <= recorded, released - recorded
+
+
+def test_latency_and_connection_resets(deployment):
+    """100 ms on every chunk and 1% of chunks resetting their connection: the run completes
+    with every round trained and every ledger exact."""
+    d = deployment
+    for i in range(2):
+        d["start_node"](i)
+    d["proxy"].latency, d["proxy"].reset_rate = 0.1, 0.01
+    run_dir = d["tmp"] / "run"
+    proc, seconds = launch(d, run_dir, "federation.rounds=2", "federation.num_clients=2",
+                           "federation.clients_per_round=2", "federation.client_timeout=120")
+    print(f"\nDRILL latency+resets: exit {proc.returncode}, {len(rows(run_dir))} rounds, "
+          f"{seconds:.0f} s, {d['proxy'].resets} resets")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [r["round"] for r in rows(run_dir)] == [1, 2]
+    assert all(r["num_clients"] >= 1 for r in rows(run_dir))
+    check_ledgers_match_the_server(d, run_dir)
+
+
+def test_a_partition_longer_than_the_heartbeat_stops_resumably(deployment):
+    """The SuperNodes lose the SuperLink for 80 s (> Flower's 60 s heartbeat patience) after
+    round 1. The server waits federation.reconnect_timeout for them, then stops: exit 3, one
+    line, nothing finalized. After the network heals, resume completes the run."""
+    d = deployment
+    for i in range(2):
+        d["start_node"](i)
+    run_dir = d["tmp"] / "run"
+    common = ["federation.rounds=3", "federation.num_clients=2", "federation.clients_per_round=2",
+              "federation.client_timeout=40", "federation.reconnect_timeout=30"]
+
+    def partition_after_round_one():
+        deadline = time.time() + 600
+        while len(rows(run_dir)) < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        d["proxy"].partition()
+        time.sleep(80)
+        d["proxy"].heal()
+
+    import threading
+
+    fault = threading.Thread(target=partition_after_round_one, daemon=True)
+    fault.start()
+    proc, seconds = launch(d, run_dir, *common)
+    fault.join()
+    print(f"\nDRILL partition 80 s: exit {proc.returncode}, {len(rows(run_dir))} rounds, "
+          f"{seconds:.0f} s")
+    assert proc.returncode == 3, (proc.stdout + proc.stderr)[-4000:]
+    assert "incomplete" in proc.stderr and "fedllm resume" in proc.stderr
+    assert not (run_dir / "summary.json").exists()
+    assert json.loads((run_dir / "stopped.json").read_text())["rounds_completed"] >= 1
+    done_before = len(rows(run_dir))
+    assert done_before < 3
+
+    time.sleep(10)  # the SuperNodes reconnect after the partition heals
+    proc, seconds = launch(d, run_dir, "run.resume=true")
+    print(f"DRILL partition, resumed: exit {proc.returncode}, {len(rows(run_dir))} rounds, "
+          f"{seconds:.0f} s")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [r["round"] for r in rows(run_dir)] == [1, 2, 3]
+    check_ledgers_match_the_server(d, run_dir)
+
+
+def test_secagg_with_user_level_dp_and_a_node_offline(deployment):
+    """SecAgg+ with user-level DP; one of three SuperNodes is offline when the run starts, so
+    each round's pool (2) is smaller than the cohort (3). Every round is recorded, accounted
+    without amplification, and the run completes (it used to die recording round 1)."""
+    d = deployment
+    for i in range(2):
+        d["start_node"](i)
+    run_dir = d["tmp"] / "run"
+    proc, seconds = launch(d, run_dir, "federation.rounds=2", "federation.num_clients=3",
+                           "federation.clients_per_round=3", "federation.min_clients=2",
+                           "federation.client_timeout=20", "secagg.enabled=true",
+                           "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0")
+    print(f"\nDRILL SecAgg+ user-level, node offline: exit {proc.returncode}, "
+          f"{len(rows(run_dir))} rounds, {seconds:.0f} s")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [r["round"] for r in rows(run_dir)] == [1, 2]
+    events = [json.loads(x) for x in (run_dir / "privacy_events.jsonl").read_text().splitlines()]
+    user = [e for e in events if e["kind"] == "user_release"]
+    assert sorted(e["round"] for e in user) == [1, 2] and all(e["population"] == 2 for e in user)
+    report = json.loads((run_dir / "privacy_report.json").read_text())
+    assert report["user_level"]["rounds"] == 2
+    check_ledgers_match_the_server(d, run_dir)
+
+
+def test_a_supernode_killed_and_restarted_by_its_supervisor(deployment):
+    """SIGKILL one of two SuperNodes during round 2 and restart it as a supervisor would
+    (systemd Restart=always, RestartSec=5): until the SuperLink's heartbeat patience (~60 s)
+    expires, activation fails with [code: 2004] and the node exits; a later restart joins.
+    The round it was killed in goes on without it; the run completes."""
+    import signal
+    import threading
+
+    d = deployment
+    for i in range(2):
+        d["start_node"](i)
+    run_dir = d["tmp"] / "run"
+    restarts = []
+
+    def kill_and_supervise():
+        deadline = time.time() + 600
+        while len(rows(run_dir)) < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(d["nodes"]["site-b"].pid, signal.SIGKILL)
+        stop_at = time.time() + 150
+        while time.time() < stop_at:
+            proc = d["nodes"]["site-b"]
+            if proc.poll() is not None:
+                time.sleep(5)
+                d["start_node"](1)
+                restarts.append(time.time())
+            time.sleep(1)
+
+    supervisor = threading.Thread(target=kill_and_supervise, daemon=True)
+    supervisor.start()
+    proc, seconds = launch(d, run_dir, "federation.rounds=4", "federation.num_clients=2",
+                           "federation.clients_per_round=2", "federation.min_clients=1",
+                           "federation.client_timeout=30", "federation.reconnect_timeout=120")
+    print(f"\nDRILL SuperNode SIGKILL + supervisor: exit {proc.returncode}, "
+          f"{len(rows(run_dir))} rounds, {seconds:.0f} s, {len(restarts)} restarts")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [r["round"] for r in rows(run_dir)] == [1, 2, 3, 4]
+    check_ledgers_match_the_server(d, run_dir)
