@@ -78,50 +78,40 @@ def run_entries(entries: Iterable, run_id: str) -> list:
 def decide(entries: list, plan: RunPlan, round_: int, *, copy_exists: bool) -> Decision:
     """The answer to "train round ``round_`` of ``plan.run_id``" given the ledger's entries
     and whether a copy of that round's recorded release exists."""
-    spent = epsilon([e.event for e in entries], plan.delta, plan.accountant)
-    if not 1 <= round_ <= plan.rounds:
-        return Decision(DECLINE, f"round {round_} is outside the run's plan of rounds "
-                                 f"1..{plan.rounds}", spent)
-    changed = _plan_change(entries, plan)
-    if changed:
-        return Decision(DECLINE, changed, spent)
-    recorded = any(e.run_id == plan.run_id and e.round == round_ and e.purpose == "train"
-                   for e in entries)
-    if recorded and copy_exists:
-        return Decision(RESEND, f"round {round_} was released already: the same bytes again",
-                        spent)
-    if recorded:  # written ahead, never sent (no copy): its entry already counts it
-        return Decision(TRAIN, f"round {round_} was recorded but never sent", spent, spent,
-                        recorded=True)
-    this_run = [e for e in entries if e.run_id == plan.run_id and e.purpose == "train"]
-    if len(this_run) >= plan.cap:
-        return Decision(DECLINE, f"participation cap: already took part in {len(this_run)} "
-                                 f"round(s) of this run (privacy.example.max_participations="
-                                 f"{plan.cap})", spent)
-    refusal = _over_limits(entries, plan, plan.event, spent)
-    if refusal:
-        return Decision(DECLINE, refusal, spent)
-    lifetime = epsilon([e.event for e in entries] + [plan.event], plan.delta, plan.accountant)
-    return Decision(TRAIN, "", spent, lifetime)
+    return _decide(entries, plan, round_, "train", plan.event, copy_exists)
 
 
 def decide_eval(entries: list, plan: RunPlan, round_: int, event: PrivacyEvent, *,
                 copy_exists: bool) -> Decision:
-    """The answer to "release your held-out loss statistic for round ``round_``"."""
+    """The answer to "release your held-out loss statistic for round ``round_``" (round 0:
+    the base model)."""
+    return _decide(entries, plan, round_, "eval", event, copy_exists)
+
+
+def _decide(entries: list, plan: RunPlan, round_: int, purpose: str, event: PrivacyEvent,
+            copy_exists: bool) -> Decision:
     spent = epsilon([e.event for e in entries], plan.delta, plan.accountant)
-    if not 0 <= round_ <= plan.rounds:
-        return Decision(DECLINE, f"evaluation round {round_} is outside the run's plan of "
-                                 f"rounds 0..{plan.rounds}", spent)
+    first = 1 if purpose == "train" else 0
+    if not first <= round_ <= plan.rounds:
+        return Decision(DECLINE, f"{purpose} round {round_} is outside the run's plan of "
+                                 f"rounds {first}..{plan.rounds}", spent)
     changed = _plan_change(entries, plan)
     if changed:
         return Decision(DECLINE, changed, spent)
-    recorded = any(e.run_id == plan.run_id and e.round == round_ and e.purpose == "eval"
+    recorded = any(e.run_id == plan.run_id and e.round == round_ and e.purpose == purpose
                    for e in entries)
     if recorded and copy_exists:
-        return Decision(RESEND, f"evaluation {round_} was released already", spent)
-    if recorded:
-        return Decision(TRAIN, f"evaluation {round_} was recorded but never sent", spent, spent,
-                        recorded=True)
+        return Decision(RESEND, f"{purpose} round {round_} was released already: the same "
+                                "bytes again", spent)
+    if recorded:  # written ahead, never sent (no copy): its entry already counts it
+        return Decision(TRAIN, f"{purpose} round {round_} was recorded but never sent", spent,
+                        spent, recorded=True)
+    if purpose == "train":
+        this_run = [e for e in entries if e.run_id == plan.run_id and e.purpose == "train"]
+        if len(this_run) >= plan.cap:
+            return Decision(DECLINE, f"participation cap: already took part in "
+                                     f"{len(this_run)} round(s) of this run "
+                                     f"(privacy.example.max_participations={plan.cap})", spent)
     refusal = _over_limits(entries, plan, event, spent)
     if refusal:
         return Decision(DECLINE, refusal, spent)
