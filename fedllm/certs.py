@@ -15,10 +15,12 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -49,14 +51,58 @@ def _pem_key(key) -> bytes:
 
 def _load_key(path: Path):
     data = path.read_bytes()
-    if b"OPENSSH PRIVATE KEY" in data:
-        return serialization.load_ssh_private_key(data, password=None)
-    return serialization.load_pem_private_key(data, password=None)
+    try:
+        if b"OPENSSH PRIVATE KEY" in data:
+            return serialization.load_ssh_private_key(data, password=None)
+        return serialization.load_pem_private_key(data, password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise CertError(f"{path}: not a readable unencrypted private key ({_reason(exc)}); "
+                        "restore it, or move it away deliberately to make a new one") from None
+
+
+def _load_cert(path: Path) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as exc:
+        raise CertError(f"{path}: not a readable PEM certificate ({_reason(exc)}); restore "
+                        "it, or move it away deliberately to make a new one") from None
+
+
+def _reason(exc: Exception) -> str:
+    """cryptography's message, first sentence (its FAQ link and codes are no use here)."""
+    text = " ".join(str(exc).split())
+    return text.split(" See https://")[0] or type(exc).__name__
 
 
 def _name(common_name: str) -> x509.Name:
     return x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fedllm deployment"),
                       x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+
+
+MAX_DAYS = 3650 * 10  # certificates must end before the year 9999 (X.509 GeneralizedTime)
+_HOST_LABEL = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)")
+
+
+def check_host(host: str) -> None:
+    """An IP address or an ASCII DNS name (a certificate's names are ASCII: an international
+    name goes in its IDNA "xn--" form, which is also what clients look up)."""
+    try:
+        ipaddress.ip_address(host)
+        return
+    except ValueError:
+        pass
+    if not host.isascii():
+        try:
+            hint = f"; give its IDNA form {host.encode('idna').decode('ascii')!r}"
+        except UnicodeError:
+            hint = ""
+        raise CertError(f"--server-host {host!r}: not an ASCII host name{hint}")
+    labels = host[:-1].split(".") if host.endswith(".") else host.split(".")
+    if labels[0] == "*" and len(labels) > 1:  # a wildcard name: *.example.org
+        labels = labels[1:]
+    if len(host) > 253 or not all(_HOST_LABEL.fullmatch(label) for label in labels):
+        raise CertError(f"--server-host {host!r}: not a host name or IP address (letters, "
+                        "digits, '-' and '.' only)")
 
 
 def _san(host: str) -> x509.GeneralName:
@@ -70,7 +116,7 @@ def _ca(out: Path, days: int, report: CredentialReport):
     key_path, crt_path = out / "ca.key", out / "ca.crt"
     if key_path.exists() and crt_path.exists():
         report.kept += [key_path, crt_path]
-        return _load_key(key_path), x509.load_pem_x509_certificate(crt_path.read_bytes())
+        return _load_key(key_path), _load_cert(crt_path)
     if key_path.exists() or crt_path.exists():
         raise CertError(f"{out} has only half of the CA (ca.key / ca.crt); restore the other "
                         "half or move both away deliberately")
@@ -97,8 +143,11 @@ def _server(out: Path, hosts: list[str], ca_key, ca_cert, days: int,
             report: CredentialReport) -> None:
     key_path, crt_path = out / "server.key", out / "server.crt"
     if key_path.exists() and crt_path.exists():
-        cert = x509.load_pem_x509_certificate(crt_path.read_bytes())
-        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        cert = _load_cert(crt_path)
+        try:
+            names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        except x509.ExtensionNotFound:
+            names = []
         have = {str(n.value) for n in names}
         missing = [h for h in hosts if str(_san(h).value) not in have]
         if missing:
@@ -150,9 +199,16 @@ def make_deployment_credentials(out_dir: str | Path, server_hosts: list[str], no
         raise CertError("give at least one --server-host (the name or IP sites connect to)")
     if nodes < 0:
         raise CertError(f"--nodes must be >= 0, got {nodes}")
+    if not 1 <= days <= MAX_DAYS:
+        raise CertError(f"--days must be from 1 to {MAX_DAYS}, got {days}")
+    for host in server_hosts:
+        check_host(host)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    os.chmod(out, 0o700)
+    if out.exists() and not out.is_dir():
+        raise CertError(f"{out} exists and is not a directory")
+    if not out.is_dir():
+        out.mkdir(parents=True)
+        os.chmod(out, 0o700)  # only a directory made here: an existing one keeps its mode
     report = CredentialReport()
     ca_key, ca_cert = _ca(out, days, report)
     # The SuperLink's own SuperExec connects to it over 127.0.0.1: always a valid name.

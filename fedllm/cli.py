@@ -25,6 +25,7 @@ from pathlib import Path
 EXIT_USAGE = 2
 EXIT_INCOMPLETE = 3    # the run stopped before its last round; `fedllm resume` finishes it
 EXIT_INTERRUPTED = 130
+EXIT_INTERNAL = 1      # a bug (not a user error): one line naming the log with its traceback
 
 
 class CliError(Exception):
@@ -32,9 +33,12 @@ class CliError(Exception):
 
 
 def _console():
+    """Rich console for tables and lines. markup=False: paths, prompts, generated text and
+    error messages are printed as they are, never read as rich markup (``[/]``, ``[bold]``);
+    styled text is built with ``rich.text.Text`` instead."""
     from rich.console import Console
 
-    return Console(stderr=False, highlight=False)
+    return Console(stderr=False, highlight=False, markup=False)
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -78,12 +82,12 @@ def _simulate(config_or_overrides, verbose: bool):
                         announce=lambda line: console.print(_bold_command(line)))
 
 
-def _bold_command(line: str) -> str:
-    """'fedllm simulate: ...' with the command name in bold (rich markup)."""
-    from rich.markup import escape
+def _bold_command(line: str):
+    """'fedllm simulate: ...' with the command name in bold (the rest printed as it is)."""
+    from rich.text import Text
 
     head, _, rest = line.partition(":")
-    return f"[bold]{escape(head)}[/bold]:{escape(rest)}"
+    return Text.assemble((head, "bold"), f":{rest}")
 
 
 def _print_summary(console, s: dict, seconds: float) -> None:
@@ -129,8 +133,8 @@ def cmd_sweep(args) -> int:
     points = multirun.plan_sweep(args.overrides)
     multirun.check_points(points)
     console = _console()
-    console.print(f"[bold]fedllm sweep[/bold]: {len(points)} runs, one after another → "
-                  f"{multirun.sweep_dir_of(points)}")
+    console.print(_bold_command(f"fedllm sweep: {len(points)} runs, one after another → "
+                                f"{multirun.sweep_dir_of(points)}"))
 
     def run_point(cfg):
         result = _simulate(cfg, args.verbose)
@@ -176,6 +180,8 @@ def cmd_report(args) -> int:
         report = write_reports(run_dir)
     except (FileNotFoundError, KeyError, ValueError, AccountingError) as exc:
         raise CliError(f"cannot build a report from {run_dir}: {exc}") from None
+    except OSError as exc:  # e.g. a read-only run directory
+        raise CliError(f"cannot write the report into {run_dir}: {_os_reason(exc)}") from None
     ex = report["example_level"]
     where = run_dir / "privacy_report.html"
     if ex is None:
@@ -200,6 +206,7 @@ def cmd_audit(args) -> int:
 
     _setup_logging(args.verbose)
     cfg = _audit_config(args.overrides)
+    fcfg.check_device_here(cfg.model.device, "model.device")  # the audit trains here
     models.offline_env()
     if cfg.audit.mode == "wire":
         return _wire_audit(cfg)
@@ -331,14 +338,7 @@ def launch_status(run_dir: Path, flwr_status: int) -> int:
 def check_connection(name: str) -> None:
     """The named SuperLink connection must exist in $FLWR_HOME/config.toml: `flwr run` would
     fail on it only after fedllm had written the run's files."""
-    import tomllib
-
-    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    path = home / "config.toml"
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {}
-    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
-        raise CliError(f"connection: cannot read {path}: {exc}") from None
+    path, data = _flwr_config()
     links = data.get("superlink", {}) if isinstance(data, dict) else {}
     if not isinstance(links, dict) or name not in links:
         known = ", ".join(sorted(links)) if isinstance(links, dict) and links else "none"
@@ -346,16 +346,33 @@ def check_connection(name: str) -> None:
                        f"add it with `fedllm connection {name} --address HOST:PORT ...`")
 
 
-def cmd_connection(args) -> int:
-    """Write a SuperLink connection into $FLWR_HOME/config.toml (what `flwr run` reads)."""
+def _flwr_config() -> tuple[Path, dict]:
+    """($FLWR_HOME/config.toml, its contents: {} when absent); one line when unreadable."""
     import tomllib
 
+    path = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr")) / "config.toml"
+    try:
+        return path, (tomllib.loads(path.read_text(encoding="utf-8")) if path.exists() else {})
+    except UnicodeDecodeError as exc:
+        raise CliError(f"connection: cannot read {path}: not UTF-8 text (invalid byte at "
+                       f"offset {exc.start}); fix or move that file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CliError(f"connection: cannot read {path}: not valid TOML ({exc}); fix or move "
+                       "that file") from None
+    except OSError as exc:
+        raise CliError(f"connection: cannot read {path}: {_os_reason(exc)}") from None
+
+
+def cmd_connection(args) -> int:
+    """Write a SuperLink connection into $FLWR_HOME/config.toml (what `flwr run` reads)."""
     import tomli_w
 
-    home = Path(os.environ.get("FLWR_HOME", Path.home() / ".flwr"))
-    path = home / "config.toml"
-    data = tomllib.loads(path.read_text()) if path.exists() else {}
+    path, data = _flwr_config()
+    home = path.parent
     links = data.setdefault("superlink", {})
+    if not isinstance(links, dict):
+        raise CliError(f"connection: {path} has a 'superlink' entry that is not a table; fix or "
+                       "move that file")
     if args.name in links and not args.replace:
         raise CliError(f"connection '{args.name}' already exists in {path} (use --replace)")
     entry = {"address": args.address}
@@ -368,8 +385,11 @@ def cmd_connection(args) -> int:
             raise CliError("give --root-certificates CA.crt (or --insecure, for experiments)")
         entry["root-certificates"] = str(Path(args.root_certificates).expanduser().resolve())
     links[args.name] = entry
-    home.mkdir(parents=True, exist_ok=True)
-    path.write_text(tomli_w.dumps(data))
+    try:
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(tomli_w.dumps(data), encoding="utf-8")
+    except OSError as exc:
+        raise CliError(f"connection: cannot write {path}: {_os_reason(exc)}") from None
     print(f"wrote connection '{args.name}' → {args.address} to {path}")
     return 0
 
@@ -423,8 +443,8 @@ def cmd_accountant(args) -> int:
     out.update(delta=args.delta, steps=args.steps, sampling=args.sampling,
                accountant="rdp" if args.sampling == "fixed" else args.accountant,
                sample_rate=args.sample_rate)
-    if args.json:
-        print(json.dumps(out))
+    if args.json:  # valid JSON: an infinite ε (no finite bound) is written as null
+        print(json.dumps({k: _finite_or_none(v) for k, v in out.items()}, allow_nan=False))
     elif args.target_epsilon is not None:
         print(f"noise multiplier {out['noise_multiplier']:.4f} (epsilon {out['epsilon']:.4f} "
               f"at delta {args.delta:g})")
@@ -438,22 +458,42 @@ def _fmt_eps(eps: float) -> str:
     return "inf" if math.isinf(eps) else f"{eps:.4f}"
 
 
+def _finite_or_none(value):
+    return None if isinstance(value, float) and not math.isfinite(value) else value
+
+
 # --------------------------------------------------------------------------- using the adapter
 
 def cmd_generate(args) -> int:
     """Base model and trained adapter, side by side, on the same prompts."""
-    import torch
     from rich.table import Table
 
+    from fedllm import config as fcfg
     from fedllm import export
 
     if args.max_new_tokens < 1:
         raise CliError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if not 0 <= args.seed <= fcfg.MAX_SEED:
+        raise CliError(f"--seed must be from 0 to {fcfg.MAX_SEED}, got {args.seed}")
+    for number, prompt in enumerate(args.prompt, 1):
+        if not prompt:
+            raise CliError(f"--prompt: prompt {number} is empty; give the text to continue")
+        if not _is_utf8(prompt):
+            raise CliError(f"--prompt: prompt {number} is not valid UTF-8 text")
+    fcfg.check_device_here(args.device, "--device")  # before the model is loaded
     _setup_logging(verbose=False)
+    import torch
+
+    from fedllm.models import pick_device
+
     try:
-        _, model, tokenizer = export.load_run_model(args.run_dir, device=args.device)
+        _, model, tokenizer = export.load_run_model(args.run_dir,
+                                                    device=str(pick_device(args.device)))
     except export.ExportError as exc:
         raise CliError(str(exc)) from None
+    for number, prompt in enumerate(args.prompt, 1):
+        if not tokenizer(prompt)["input_ids"]:
+            raise CliError(f"--prompt: prompt {number} ({prompt!r}) is no tokens at all")
     table = Table(title=f"fedllm generate: {args.run_dir} "
                         f"({'sampled, seed %d' % args.seed if args.sample else 'greedy'}, "
                         f"{args.max_new_tokens} new tokens at most)", show_lines=True)
@@ -465,9 +505,18 @@ def cmd_generate(args) -> int:
             torch.manual_seed(args.seed)  # sampling: both sides draw from the same seed
             outputs.append(export.generate(model, tokenizer, prompt, args.max_new_tokens,
                                            adapter=adapter, do_sample=args.sample))
-        table.add_row(prompt, *outputs)
+        table.add_row(prompt, *outputs)  # plain text: _console() reads no markup
     _console().print(table)
     return 0
+
+
+def _is_utf8(text: str) -> bool:
+    """False for text with lone surrogates (bytes of the command line that were not UTF-8)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cmd_export(args) -> int:
@@ -479,6 +528,9 @@ def cmd_export(args) -> int:
     _setup_logging(verbose=False)
     try:
         export.run_config(args.run_dir)  # a bad run directory fails before any export
+        for option, target in (("--gguf", args.gguf), ("--merged", args.merged)):
+            if target:  # both destinations, before either export starts
+                export.check_destination(Path(target), option)
         results = []
         if args.gguf:  # checked first: its refusals are cheap and a refusal writes nothing
             results.append(export.export_gguf(args.run_dir, Path(args.gguf)))
@@ -486,6 +538,8 @@ def cmd_export(args) -> int:
             results.append(export.export_merged(args.run_dir, Path(args.merged)))
     except export.ExportError as exc:
         raise CliError(str(exc)) from None
+    except OSError as exc:  # a read-only or impossible destination
+        raise CliError(f"export: cannot write: {_os_reason(exc)}") from None
     for result in results:
         print(f"wrote {result.path}: {result.description}")
     return 0
@@ -551,7 +605,8 @@ def _parser() -> argparse.ArgumentParser:
     acc.add_argument("--accountant", choices=("pld", "rdp"), default="pld")
     acc.add_argument("--sampling", choices=("poisson", "fixed"), default="poisson")
     acc.add_argument("--population", type=int)
-    acc.add_argument("--json", action="store_true")
+    acc.add_argument("--json", action="store_true",
+                     help="one JSON object; an infinite epsilon (no finite bound) is null")
     acc.set_defaults(func=cmd_accountant)
 
     gen = sub.add_parser("generate", help="base model vs trained adapter on a prompt")
@@ -560,7 +615,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--max-new-tokens", type=int, default=32)
     gen.add_argument("--sample", action="store_true", help="sample instead of greedy decoding")
     gen.add_argument("--seed", type=int, default=0, help="seed for --sample")
-    gen.add_argument("--device", default="cpu", help="cpu, cuda, ...")
+    gen.add_argument("--device", default="cpu", help="cpu (default), auto, cuda or cuda:N")
     gen.set_defaults(func=cmd_generate)
 
     exp = sub.add_parser("export", help="merged HF checkpoint and/or GGUF file of a run")
@@ -588,6 +643,39 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("fedllm: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except Exception as exc:  # a bug, not a user error: one line, the traceback in a file
+        print(f"fedllm: internal error: {_one_line(exc)}; {_crash_log(exc)}", file=sys.stderr)
+        return EXIT_INTERNAL
+
+
+def _one_line(exc: BaseException, limit: int = 300) -> str:
+    text = " ".join(str(exc).split())
+    text = text if len(text) <= limit else text[:limit - 3] + "..."
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+def _crash_log(exc: BaseException) -> str:
+    """Write the traceback to $TMPDIR/fedllm-crash-<time>-<pid>.log; where it went, in words."""
+    import tempfile
+    import traceback
+
+    text = "".join(traceback.format_exception(exc))
+    name = f"fedllm-crash-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    path = Path(tempfile.gettempdir()) / name
+    try:
+        path.write_text(f"fedllm {' '.join(sys.argv[1:])}\n\n{text}", encoding="utf-8",
+                        errors="backslashreplace")
+    except OSError:
+        sys.stderr.write(text)  # nowhere to keep it: better on the screen than lost
+        return "traceback above"
+    return f"full traceback in {path} (please include it in a bug report)"
+
+
+def _os_reason(exc: OSError) -> str:
+    """'<path>: <what the OS said>' of an OSError, e.g. a read-only directory."""
+    reason = exc.strerror or str(exc)
+    where = exc.filename2 or exc.filename  # os.replace(tmp, dst): dst is the one to name
+    return f"{where}: {reason}" if where else reason
 
 
 def entry() -> None:

@@ -413,7 +413,7 @@ def _refuse_unknown_keys(tree) -> None:
     known = set(schema_keys())
 
     def walk(node, prefix: str) -> None:
-        for key in node.keys():
+        for key in node:
             full = f"{prefix}{key}"
             if full in known:
                 continue

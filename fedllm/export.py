@@ -271,6 +271,20 @@ def _export_readme(cfg, description: str) -> str:
 def _check_free(out_dir: Path) -> None:
     if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())):
         raise ExportError(f"{out_dir} exists and is not an empty directory: choose a new one")
+    check_destination(out_dir, "--merged")
+
+
+def check_destination(target: Path, option: str) -> None:
+    """``target`` can be created: its nearest existing ancestor is a writable directory (so an
+    export is refused before the model is loaded, not after)."""
+    target = Path(target).expanduser()
+    for parent in target.absolute().parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ExportError(f"{option} {target}: {parent} is not a directory")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise ExportError(f"{option} {target}: {parent} is not writable")
+            return
 
 
 @contextlib.contextmanager
@@ -300,6 +314,7 @@ def export_gguf(run_dir: Path, out_file: Path) -> ExportResult:
     if out_file.exists():  # never replaced silently (a model file can take hours to remake)
         raise ExportError(f"--gguf: {out_file} already exists; remove it or choose another "
                           "file name")
+    check_destination(out_file, "--gguf")
     cfg = run_config(run_dir)
     if cfg.model.adapter == "prompt_tuning":
         raise ExportError(

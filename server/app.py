@@ -316,18 +316,24 @@ def user_epsilon_columns(cfg: FedLLMConfig, strategy: Strategy, run_dir: Path,
 
 
 def wait_for_nodes(grid: Grid, cfg: FedLLMConfig) -> int:
-    """Deployment: wait (up to federation.client_timeout) for the expected SuperNodes."""
+    """Deployment: wait up to federation.client_timeout for the expected SuperNodes, and, while
+    fewer than federation.min_clients are connected, up to federation.reconnect_timeout more;
+    then stop (RunStopped: nothing trained or finalized, `run.resume=true` starts it again)."""
     wanted = cfg.federation.num_clients or cfg.federation.clients_per_round
-    deadline = time.time() + cfg.federation.client_timeout
+    start = time.time()
     while True:
         connected = len(list(grid.get_node_ids()))
-        if connected >= wanted or time.time() > deadline:
+        waited = time.time() - start
+        if connected >= wanted or (connected >= cfg.federation.min_clients
+                                   and waited > cfg.federation.client_timeout):
             break
+        if waited > cfg.federation.client_timeout + cfg.federation.reconnect_timeout:
+            raise RunStopped(f"only {connected} SuperNode(s) connected after {waited:.0f} s; "
+                             f"federation.min_clients={cfg.federation.min_clients}")
+        if getattr(grid, "stop_requested", lambda: False)():
+            raise RunStopped("stop requested (interrupt or SIGTERM)")
         time.sleep(1)
     log.info("%d SuperNodes connected (waiting for %d)", connected, wanted)
-    if connected < cfg.federation.min_clients:
-        raise RuntimeError(f"only {connected} SuperNodes connected; federation.min_clients="
-                           f"{cfg.federation.min_clients}")
     return connected
 
 
@@ -338,6 +344,18 @@ def run_federation(grid: Grid, cfg_text: str, stop: threading.Event | None = Non
     # Counts every message's serialized bytes (metrics: wire_*); stops on ``stop``.
     grid = MeteredGrid(grid, stop=stop)
     run_dir = private_dir(Path(cfg.run.dir))
+    try:
+        return _run_federation(grid, cfg, cfg_text, run_dir)
+    except RunStopped as exc:
+        completed = checkpoint.completed_rounds(run_dir)
+        write_stopped(run_dir, str(exc), completed, cfg.federation.rounds)
+        log.error("run stopped after %d of %d rounds: %s; resume with `fedllm resume %s` "
+                  "(deployment: `fedllm launch ... run.resume=true`)", completed,
+                  cfg.federation.rounds, exc, run_dir)
+        raise
+
+
+def _run_federation(grid: MeteredGrid, cfg: FedLLMConfig, cfg_text: str, run_dir: Path) -> dict:
     started = time.time()
     loaded = models.build(cfg.model, seed=cfg.run.seed, device=cfg.model.device)
     if cfg.eval.mode == "server":  # simulation: the server can read the held-out share
@@ -362,16 +380,9 @@ def run_federation(grid: Grid, cfg_text: str, stop: threading.Event | None = Non
     if done >= cfg.federation.rounds:
         log.info("all %d rounds were already completed; writing the final files", done)
         return finalize(cfg, run_dir, loaded, initial, strategy, recorder, started)
-    try:
-        result = strategy.start(grid=grid, initial_arrays=_record(initial),
-                                num_rounds=cfg.federation.rounds - done,
-                                timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
-    except RunStopped as exc:
-        completed = recorder.history[-1]["round"] if recorder.history else done
-        write_stopped(run_dir, str(exc), completed, cfg.federation.rounds)
-        log.error("run stopped after %d of %d rounds: %s; resume with `fedllm resume %s`",
-                  completed, cfg.federation.rounds, exc, run_dir)
-        raise
+    result = strategy.start(grid=grid, initial_arrays=_record(initial),
+                            num_rounds=cfg.federation.rounds - done,
+                            timeout=cfg.federation.client_timeout, evaluate_fn=recorder)
     final = OrderedDict((k, v.numpy()) for k, v in result.arrays.items()) \
         if result.arrays is not None and len(result.arrays) else initial
     return finalize(cfg, run_dir, loaded, final, strategy, recorder, started)

@@ -109,3 +109,12 @@ def _rng_to_json(rng_state) -> list:
 
 def _rng_from_json(data: list):
     return (data[0], tuple(data[1]), data[2])
+
+
+def completed_rounds(run_dir: Path) -> int:
+    """The last round the checkpoint holds (0 without one, or if it cannot be read)."""
+    try:
+        loaded = load(run_dir)
+    except CheckpointError:
+        return 0
+    return int(loaded[0]["round"]) if loaded else 0

@@ -9,9 +9,12 @@ Timings are printed for BENCHMARKS.md's fault table (experiments/fault_table.py 
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -67,12 +70,48 @@ def deployment(tmp_path):
                 tmp_path / f"node{i}", tmp_path / f"node{i}-{time.time():.0f}.log")
             return nodes[site]
 
+        def online(count, timeout=240):
+            """Wait until the SuperLink lists ``count`` SuperNodes online."""
+            deadline = time.time() + timeout
+            while time.time() < deadline:
+                out = run("flwr", "supernode", "list", "fed", "--format", "json", timeout=60)
+                try:
+                    listed = json.loads(out.stdout).get("nodes", [])
+                except ValueError:
+                    listed = []
+                if sum(str(n.get("status", "")).lower() == "online" for n in listed) >= count:
+                    return
+                time.sleep(3)
+            raise TimeoutError(f"fewer than {count} SuperNodes came back online")
+
         yield {"tmp": tmp_path, "run": run, "proxy": proxy, "start_node": start_node,
-               "nodes": nodes}
+               "nodes": nodes, "online": online}
     finally:
         if proxy is not None:
             proxy.close()
         procs.stop_all()
+        keep = Path(os.environ.get("FEDLLM_DRILL_LOGS", "/tmp/fedllm-drill-logs"))
+        keep.mkdir(parents=True, exist_ok=True)
+        for log in tmp_path.glob("*.log"):  # for the fault table's "what the user saw"
+            shutil.copy(log, keep / f"{tmp_path.name}-{log.name}")
+
+
+def supervise(d, sites, stop):
+    """Restart any of ``sites``' SuperNodes that exited, every 5 s (systemd Restart=always,
+    RestartSec=5), until ``stop`` is set. Returns the restart times."""
+    restarts = []
+
+    def loop():
+        while not stop.is_set():
+            for i, site in enumerate(SITES):
+                proc = d["nodes"].get(site)
+                if site in sites and proc is not None and proc.poll() is not None:
+                    d["start_node"](i)
+                    restarts.append(time.time())
+            stop.wait(5)
+
+    threading.Thread(target=loop, daemon=True).start()
+    return restarts
 
 
 def launch(d, run_dir, *overrides, timeout=900):
@@ -104,6 +143,22 @@ def check_ledgers_match_the_server(d, run_dir):
             assert len(trains) == len(set(trains)), f"{cid} released a round twice"
             recorded |= {(cid, r) for _, r in trains}
     assert released <= recorded, released - recorded
+
+
+def test_no_fault_baseline_through_the_proxy(deployment):
+    """The same two-round run with the proxy forwarding faithfully: the fault table's
+    baseline, and proof that the proxy itself changes nothing."""
+    d = deployment
+    for i in range(2):
+        d["start_node"](i)
+    run_dir = d["tmp"] / "run"
+    proc, seconds = launch(d, run_dir, "federation.rounds=2", "federation.num_clients=2",
+                           "federation.clients_per_round=2", "federation.client_timeout=120")
+    print(f"\nDRILL no fault: exit {proc.returncode}, {len(rows(run_dir))} rounds, "
+          f"{seconds:.0f} s")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [r["round"] for r in rows(run_dir)] == [1, 2]
+    check_ledgers_match_the_server(d, run_dir)
 
 
 def test_latency_and_connection_resets(deployment):
@@ -143,8 +198,8 @@ def test_a_partition_longer_than_the_heartbeat_stops_resumably(deployment):
         time.sleep(80)
         d["proxy"].heal()
 
-    import threading
-
+    stop = threading.Event()
+    restarts = supervise(d, {"site-a", "site-b"}, stop)
     fault = threading.Thread(target=partition_after_round_one, daemon=True)
     fault.start()
     proc, seconds = launch(d, run_dir, *common)
@@ -158,10 +213,11 @@ def test_a_partition_longer_than_the_heartbeat_stops_resumably(deployment):
     done_before = len(rows(run_dir))
     assert done_before < 3
 
-    time.sleep(10)  # the SuperNodes reconnect after the partition heals
+    d["online"](2)  # after the partition heals the SuperNodes come back (or are restarted)
     proc, seconds = launch(d, run_dir, "run.resume=true")
+    stop.set()
     print(f"DRILL partition, resumed: exit {proc.returncode}, {len(rows(run_dir))} rounds, "
-          f"{seconds:.0f} s")
+          f"{seconds:.0f} s, {len(restarts)} supervisor restarts")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert [r["round"] for r in rows(run_dir)] == [1, 2, 3]
     check_ledgers_match_the_server(d, run_dir)
@@ -197,7 +253,6 @@ def test_a_supernode_killed_and_restarted_by_its_supervisor(deployment):
     expires, activation fails with [code: 2004] and the node exits; a later restart joins.
     The round it was killed in goes on without it; the run completes."""
     import signal
-    import threading
 
     d = deployment
     for i in range(2):

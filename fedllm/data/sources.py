@@ -135,15 +135,37 @@ def load_jsonl_file(f: Path) -> list[Unit]:
             rec = json.loads(line)
         except json.JSONDecodeError as exc:
             raise DataError(f"{f}:{lineno}: not valid JSON ({exc.msg})") from None
+        except RecursionError:
+            raise DataError(f"{f}:{lineno}: JSON nested too deeply to read") from None
+        except ValueError as exc:  # e.g. an integer of more digits than Python converts
+            raise DataError(f"{f}:{lineno}: not readable JSON ({str(exc).split(':')[0]})") \
+                from None
         if not isinstance(rec, dict):
             raise DataError(f"{f}:{lineno}: expected a JSON object")
         if isinstance(rec.get("text"), str):
-            units.append(Unit(client_id=f.stem, text=rec["text"]))
+            unit = Unit(client_id=f.stem, text=rec["text"])
         elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
-            units.append(Unit(client_id=f.stem, prompt=rec["prompt"], response=rec["response"]))
+            unit = Unit(client_id=f.stem, prompt=rec["prompt"], response=rec["response"])
         else:
             raise DataError(f"{f}:{lineno}: needs a string 'text', or 'prompt' and 'response'")
+        _check_encodable(unit, f"{f}:{lineno}")
+        units.append(unit)
     return units
+
+
+def _check_encodable(unit: Unit, where: str) -> None:
+    """JSON escapes can spell a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text
+    holds: the tokenizer and the on-disk corpus would fail on it much later."""
+    for name in ("text", "prompt", "response"):
+        value = getattr(unit, name)
+        if value is None:
+            continue
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise DataError(f"{where}: '{name}' holds a lone surrogate "
+                            f"(\\u{ord(value[exc.start]):04x} at character {exc.start}), "
+                            "which is not text; fix the record's escapes") from None
 
 
 def load_text_file(f: Path) -> list[Unit]:
