@@ -2,9 +2,11 @@
 
 TLS passes through it as opaque bytes (it never terminates TLS). Faults, changeable while it
 runs: ``latency`` (seconds added before forwarding each chunk), ``reset_rate`` (probability that
-a chunk resets its connection, with an RST), and ``partition()`` / ``heal()`` (a black hole:
-connections stay open but nothing is forwarded, new ones are accepted and starved; healing
-resets them all so the peers reconnect).
+a chunk resets its connection, with an RST), and ``partition()`` / ``heal()``: open
+connections become a black hole (nothing is forwarded, as when packets are dropped) and new
+ones are refused at the TCP level (the listener is closed, as for an unreachable host);
+healing resets the black-holed connections, so the peers reconnect, and listens again on the
+same port.
 """
 
 from __future__ import annotations
@@ -26,32 +28,50 @@ class FaultProxy:
         self._rng = random.Random(seed)
         self._lock = threading.Lock()
         self._conns: list[socket.socket] = []
-        self._server = socket.create_server(("127.0.0.1", 0))
-        self.port = self._server.getsockname()[1]
         self._closed = False
-        threading.Thread(target=self._accept, daemon=True).start()
+        self.port = 0
+        self._listen()
 
     # ------------------------------------------------------------------ faults
     def partition(self) -> None:
         self.partitioned = True
+        self._stop_listening()  # new connections: refused
 
     def heal(self) -> None:
-        self.partitioned = False
         with self._lock:
             conns, self._conns = self._conns, []
         for sock in conns:  # starved connections are reset: the peers reconnect
             _reset(sock)
+        if self.partitioned and not self._closed:
+            self._listen()
+        self.partitioned = False
 
     def close(self) -> None:
         self._closed = True
-        self._server.close()
+        self._stop_listening()
         self.heal()
 
+    def _stop_listening(self) -> None:
+        try:
+            self._server.shutdown(socket.SHUT_RDWR)  # wakes the blocked accept()
+        except OSError:
+            pass
+        self._server.close()
+
     # ------------------------------------------------------------------ plumbing
-    def _accept(self) -> None:
+    def _listen(self) -> None:
+        server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        server.bind(("127.0.0.1", self.port))
+        server.listen(64)
+        self._server = server
+        self.port = server.getsockname()[1]
+        threading.Thread(target=self._accept, args=(server,), daemon=True).start()
+
+    def _accept(self, server: socket.socket) -> None:
         while not self._closed:
             try:
-                client, _ = self._server.accept()
+                client, _ = server.accept()
             except OSError:
                 return
             try:

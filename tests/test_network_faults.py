@@ -233,7 +233,7 @@ def test_secagg_with_user_level_dp_and_a_node_offline(deployment):
     run_dir = d["tmp"] / "run"
     proc, seconds = launch(d, run_dir, "federation.rounds=2", "federation.num_clients=3",
                            "federation.clients_per_round=3", "federation.min_clients=2",
-                           "federation.client_timeout=20", "secagg.enabled=true",
+                           "federation.client_timeout=120", "secagg.enabled=true",
                            "privacy.user.enabled=true", "privacy.user.noise_multiplier=1.0")
     print(f"\nDRILL SecAgg+ user-level, node offline: exit {proc.returncode}, "
           f"{len(rows(run_dir))} rounds, {seconds:.0f} s")
