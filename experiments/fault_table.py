@@ -1,6 +1,8 @@
 """Network faults on a real TLS deployment: the fault table of BENCHMARKS.md.
 
-Run:  python experiments/fault_table.py
+Run:  python experiments/fault_table.py                 (runs every drill, ~20 min on 2 cores)
+      python experiments/fault_table.py --logs A.log B.log   (tables the DRILL lines of
+      earlier `pytest -s tests/test_network_faults.py` outputs instead)
 It runs the drills of tests/test_network_faults.py (loopback SuperLink with TLS and node auth,
 SuperNodes behind a fault-injecting TCP proxy, `fedllm launch`), collects the line each drill
 prints (exit status, rounds, seconds) and writes the table. Each drill also asserts that every
@@ -28,6 +30,11 @@ FAULTS = {
     "partition, resumed": ("(the same run, resumed after the network healed)", "exit 0"),
     "SecAgg+ user-level, node offline": ("SecAgg+ with user-level DP, 1 of 3 SuperNodes offline "
                                          "from the start (pool 2 < cohort 3)", "exit 0"),
+    "SuperLink SIGKILL": ("the SuperLink (and its ServerApp) SIGKILLed in round 2, restarted "
+                          "on its state database after 5 s",
+                          "the launch ends without a result: one line, non-zero"),
+    "SuperLink SIGKILL, resumed": ("(the same run, `run.resume=true` once the nodes are back)",
+                                   "exit 0"),
     "SuperNode SIGKILL + supervisor": ("one of 2 SuperNodes SIGKILLed after round 1, restarted "
                                        "every 5 s by a supervisor loop", "exit 0"),
 }
@@ -36,14 +43,22 @@ LINE = re.compile(r"DRILL (?P<name>[^:]+): exit (?P<rc>-?\d+), (?P<rounds>\d+) r
 
 
 def main() -> None:
+    import argparse
+
     from benchmarks_md import write_section
 
-    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p", "no:cacheprovider",
-                           "tests/test_network_faults.py"], cwd=ROOT, capture_output=True,
-                          text=True)
-    print(proc.stdout[-5000:])
-    found = {m["name"]: m for m in LINE.finditer(proc.stdout)}
-    failed = re.findall(r"FAILED \S+::(\S+)", proc.stdout)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--logs", nargs="*", type=Path, help="pytest -s outputs to table")
+    args = parser.parse_args()
+    if args.logs:
+        output = "\n".join(p.read_text() for p in args.logs)
+    else:
+        output = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p",
+                                 "no:cacheprovider", "tests/test_network_faults.py"], cwd=ROOT,
+                                capture_output=True, text=True).stdout
+    print(output[-5000:])
+    found = {m["name"]: m for m in LINE.finditer(output)}
+    failed = re.findall(r"FAILED \S+::(\S+)", output)
     base = float(found["no fault"]["seconds"]) if "no fault" in found else None
     rows = []
     for name, (fault, saw) in FAULTS.items():

@@ -41,14 +41,22 @@ def deployment(tmp_path):
     assert run(sys.executable, "-m", "fedllm.cli", "certs", str(creds), "--server-host",
                "localhost", "--nodes", "3").returncode == 0
     port = free_port()
-    procs.start(["flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"),
-                 "--ssl-certfile", str(creds / "server.crt"), "--ssl-keyfile",
-                 str(creds / "server.key"), "--enable-supernode-auth", "--host", "127.0.0.1",
-                 "--port", str(port), "--disable-runtime-dependency-installation"],
-                tmp_path / "superlink", tmp_path / "superlink.log")
+    superlink = {}
+
+    def start_superlink():
+        """With a state database, as docs/deployment.md runs it: registrations survive."""
+        superlink["proc"] = procs.start(
+            ["flower-superlink", "--ssl-ca-certfile", str(creds / "ca.crt"),
+             "--ssl-certfile", str(creds / "server.crt"), "--ssl-keyfile",
+             str(creds / "server.key"), "--enable-supernode-auth", "--host", "127.0.0.1",
+             "--port", str(port), "--database", str(tmp_path / "state.db"),
+             "--disable-runtime-dependency-installation"],
+            tmp_path / "superlink", tmp_path / f"superlink-{len(procs.procs)}.log")
+        wait_port(port)
+
+    start_superlink()
     proxy = None
     try:
-        wait_port(port)
         proxy = FaultProxy(port)
         out = run(sys.executable, "-m", "fedllm.cli", "connection", "fed", "--address",
                   f"127.0.0.1:{port}", "--root-certificates", str(creds / "ca.crt"))
@@ -85,7 +93,8 @@ def deployment(tmp_path):
             raise TimeoutError(f"fewer than {count} SuperNodes came back online")
 
         yield {"tmp": tmp_path, "run": run, "proxy": proxy, "start_node": start_node,
-               "nodes": nodes, "online": online}
+               "nodes": nodes, "online": online, "superlink": superlink,
+               "start_superlink": start_superlink}
     finally:
         if proxy is not None:
             proxy.close()
@@ -283,4 +292,50 @@ def test_a_supernode_killed_and_restarted_by_its_supervisor(deployment):
           f"{len(rows(run_dir))} rounds, {seconds:.0f} s, {len(restarts)} restarts")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     assert [r["round"] for r in rows(run_dir)] == [1, 2, 3, 4]
+    check_ledgers_match_the_server(d, run_dir)
+
+
+def test_a_superlink_killed_and_restarted_then_resumed(deployment):
+    """SIGKILL the SuperLink (and the ServerApp it runs) during round 2, restart it on its
+    state database: the launch ends without a result and says so (non-zero, no summary); the
+    SuperNodes reconnect by themselves; `run.resume=true` completes the run from its
+    checkpoint, with every ledger exact."""
+    import signal
+
+    d = deployment
+    for i in range(2):
+        d["start_node"](i)
+    run_dir = d["tmp"] / "run"
+
+    def kill_and_restart():
+        deadline = time.time() + 600
+        while len(rows(run_dir)) < 1 and time.time() < deadline:
+            time.sleep(0.2)
+        os.killpg(d["superlink"]["proc"].pid, signal.SIGKILL)
+        d["superlink"]["proc"].wait()
+        time.sleep(5)
+        d["start_superlink"]()
+
+    fault = threading.Thread(target=kill_and_restart, daemon=True)
+    fault.start()
+    common = ["federation.rounds=3", "federation.num_clients=2", "federation.clients_per_round=2",
+              "federation.client_timeout=60"]
+    try:
+        proc, seconds = launch(d, run_dir, *common, timeout=300)
+        status, stderr = proc.returncode, proc.stderr
+    except subprocess.TimeoutExpired:
+        status, stderr, seconds = "hung", "", 300.0
+    fault.join()
+    print(f"\nDRILL SuperLink SIGKILL: exit {status if status != 'hung' else -1}, "
+          f"{len(rows(run_dir))} rounds, {seconds:.0f} s")
+    assert status != 0 and not (run_dir / "summary.json").exists(), stderr[-3000:]
+    done_before = len(rows(run_dir))
+    assert 1 <= done_before < 3
+
+    d["online"](2)
+    proc, seconds = launch(d, run_dir, "run.resume=true")
+    print(f"DRILL SuperLink SIGKILL, resumed: exit {proc.returncode}, {len(rows(run_dir))} "
+          f"rounds, {seconds:.0f} s")
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert [r["round"] for r in rows(run_dir)] == [1, 2, 3]
     check_ledgers_match_the_server(d, run_dir)
