@@ -50,8 +50,14 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--logs", nargs="*", type=Path, help="pytest -s outputs to table")
     args = parser.parse_args()
+    sources = []
     if args.logs:
         output = "\n".join(p.read_text() for p in args.logs)
+        sources = ["python -m pytest -q -s tests/test_network_faults.py -k 'partition or secagg' "
+                   "> A.log",
+                   "python -m pytest -q -s tests/test_network_faults.py -k 'baseline or latency "
+                   "or killed' > B.log",
+                   "python experiments/fault_table.py --logs A.log B.log"]
     else:
         output = subprocess.run([sys.executable, "-m", "pytest", "-q", "-s", "-p",
                                  "no:cacheprovider", "tests/test_network_faults.py"], cwd=ROOT,
@@ -83,7 +89,23 @@ def main() -> None:
         "|---|---|---|---|---|",
         *rows,
         "",
-        *( [f"Failed drills in this measurement: {', '.join(failed)}."] if failed else []),
+        "Reading it: the runs differ in rounds (2 for the baseline, latency and SecAgg+; 3 for "
+        "the partition and SuperLink runs; 4 for the SuperNode kill), so compare times per round. "
+        "The SecAgg+ run includes the ServerApp's wait of federation.client_timeout (120 s) for "
+        "the third node before it starts with two. Under resets some replies are lost and the "
+        "round waits until federation.client_timeout for them (Flower does not re-send them): "
+        "rounds complete, slower. A partition longer than the heartbeat never yields a round "
+        "recorded with 0 clients: the run stops resumably. A SuperNode restarted within ~60 s of "
+        "a SIGKILL exits with [code: 2004] (its old session is still online) until the heartbeat "
+        "expires; the supervisor loop's restarts ride that out. SuperNodes that lose the "
+        "SuperLink at the TCP level (refused connections, a restarted SuperLink) reconnect by "
+        "themselves; one whose TLS handshake times out (a black hole during connection setup) "
+        "logs 'terminated gracefully' and its process may hang at exit (seen with flwr 1.42), so "
+        "a supervisor should also restart on a stalled process (docs/deployment.md).",
+        "",
+        *([f"Failed drills in this measurement: {', '.join(failed)}."] if failed else []),
+        *(["This table was made from two drill runs: " + "; ".join(f"`{c}`" for c in sources)
+           + "."] if sources else []),
     ]))
 
 
