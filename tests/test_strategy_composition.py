@@ -231,3 +231,31 @@ def test_server_side_code_uses_no_private_flower_api():
                 where = f"{path.relative_to(ROOT)}:{node.lineno} .{node.attr}"
                 assert node.attr in ours, f"{where} is not ours (Flower internal?)"
                 assert node.attr not in flower_private, f"{where} is a Flower private name"
+
+
+class SilentNodeGrid(LoopbackGrid):
+    """Node ``silent`` never answers from the SecAgg+ ``share`` stage on (it died)."""
+
+    def __init__(self, nodes, silent):
+        super().__init__(nodes)
+        self.silent = silent
+
+    def send_and_receive(self, messages, *, timeout=None):
+        out = []
+        for m in messages:
+            stage = m.content[protocol.CONFIG_RECORD].get(protocol.STAGE_KEY)
+            if m.metadata.dst_node_id == self.silent and stage != "setup":
+                continue
+            out.append(self.deliver(m))
+        return out
+
+
+def test_a_node_that_dies_under_secagg_is_counted_once(tiny_cfg):
+    """A node that answers the key exchange and then nothing: dropped from the round, the
+    survivors' sum is unmasked, and it is one rejected node (not zero, not two)."""
+    grid = SilentNodeGrid(NODES, silent=33)
+    strategy = secagg(core(tiny_cfg))
+    run(strategy, grid, rounds=1)
+    info = strategy.core.rounds[-1]
+    assert sorted(info.accepted) == ["c11", "c22"]
+    assert list(info.rejected) == ["node 33"] and "share" in info.rejected["node 33"]

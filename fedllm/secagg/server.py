@@ -58,14 +58,20 @@ class SecAggPlus(StrategyWrapper):
                                     message_type=MessageType.TRAIN))
         replies = grid.send_and_receive(messages, timeout=self.timeout)
         ok = {}
+        rejected = self.core.rounds[-1].rejected  # keyed by node: each node counts once
         for reply in replies:
             node = reply.metadata.src_node_id
             if reply.has_error():
                 log.warning("round %d: node %d dropped at SecAgg+ %s: %s", server_round, node,
                             stage, reply.error.reason)
-                self.core.rounds[-1].rejected[f"node {node}"] = f"{stage}: {reply.error.reason}"
+                rejected.setdefault(f"node {node}", f"{stage}: {reply.error.reason}")
             else:
                 ok[node] = reply
+        for node in sorted(set(configs) - {r.metadata.src_node_id for r in replies}):
+            log.warning("round %d: node %d dropped at SecAgg+ %s: no reply within %.0f s",
+                        server_round, node, stage, self.timeout)
+            rejected.setdefault(f"node {node}", f"{stage}: no reply within "
+                                                "federation.client_timeout")
         return ok
 
     # ------------------------------------------------------------------ stages 1-3
