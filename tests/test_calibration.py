@@ -131,16 +131,22 @@ def test_an_optimistic_or_corrupt_entry_is_never_used(private_cache):
     assert json.loads(entry.read_text())["noise_multiplier"] == z  # repaired
 
 
-def test_cache_off_and_prior_spend_write_nothing(private_cache, monkeypatch):
+def test_prior_spend_is_part_of_the_key_and_cache_off_writes_nothing(private_cache,
+                                                                    monkeypatch):
+    """A calibration after prior spend (every client's size estimate) is cached under a key
+    that holds the prior events: the same target without them, or with other ones, misses."""
     prior = [PrivacyEvent(noise_multiplier=1.0, sample_rate=0.1, steps=10)]
     z = calibrate_noise(8.0, DELTA, steps=4, sample_rate=0.16, prior=prior)
     assert epsilon(prior + [PrivacyEvent(noise_multiplier=z, sample_rate=0.16, steps=4)],
                    DELTA) <= 8.0
-    assert cache_files(private_cache) == []
+    assert len(cache_files(private_cache)) == 1
+    assert calibrate_noise(8.0, DELTA, steps=4, sample_rate=0.16, prior=prior) == z
+    alone = calibrate_noise(8.0, DELTA, steps=4, sample_rate=0.16)
+    assert alone < z and len(cache_files(private_cache)) == 2
     monkeypatch.setenv("FEDLLM_CALIBRATION_CACHE", "off")
     assert calibration_cache.cache_dir() is None
-    calibrate_noise(8.0, DELTA, steps=4, sample_rate=0.16)
-    assert cache_files(private_cache) == []
+    calibrate_noise(7.0, DELTA, steps=4, sample_rate=0.16)
+    assert len(cache_files(private_cache)) == 2
 
 
 def test_unwritable_cache_is_not_an_error(tmp_path, monkeypatch):
