@@ -37,15 +37,25 @@ class Processes:
 
     def stop_all(self):
         for proc in self.procs:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
+            _signal_group(proc, signal.SIGTERM)
         deadline = time.time() + 15
         for proc in self.procs:
             try:
                 proc.wait(max(0.1, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+                pass
+        # Every group, even of a process that exited: a SuperNode's SuperExec child can
+        # outlive it, and a SuperNode can hang at exit (flwr 1.42): nothing may leak.
+        for proc in self.procs:
+            _signal_group(proc, signal.SIGKILL)
+            proc.wait()
+
+
+def _signal_group(proc, sig):
+    try:
+        os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def wait_port(port, timeout=60):
