@@ -153,6 +153,7 @@ def prepare(cfg: Config):
     from fedllm import models
     from fedllm.data.per_client import run_index
     from fedllm.data.sources import DataError
+    from fedllm.io import private_dir
 
     if cfg.run.resume:
         cfg = resumed_config(cfg)
@@ -170,6 +171,7 @@ def prepare(cfg: Config):
         tokenizer = models.load_tokenizer(cfg.model)
         models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
         # Sizes only (cached for the server and the clients): no process holds the corpus.
+        private_dir(Path(cfg.run.dir))  # 0700 before any cache of the clients' text lands in it
         data = run_index(cfg, tokenizer)
     except (DataError, models.ModelError, OSError) as exc:
         raise ConfigError(str(exc)) from None

@@ -55,6 +55,9 @@ def test_tiny_simulation_writes_contract_files_and_adapter_reproduces_eval(tmp_p
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = check_contract_files(run_dir, 2)
     assert all(r["num_clients"] == 2 for r in rows)
+    import stat  # the run directory holds the clients' text caches and privacy records
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o700
+    assert stat.S_IMODE((run_dir / "privacy_events.jsonl").stat().st_mode) == 0o600
     skipped = json.loads((run_dir / "skipped_clients.json").read_text())
     assert len(skipped) > 1000 and proc.stdout.count("Skipped ") == 1  # named once, not per process
 
