@@ -58,9 +58,12 @@ def test_lifetime_epsilon_composes_both_runs(two_runs):
     assert set(final) == set(first_ledgers) and len(final) == 2
     all_releases = releases(base / "run1") + releases(base / "run2")
     for cid, entries in final.items():
-        assert len(entries) == 2 and len({e.run_id for e in entries}) == 2
+        trains = [e for e in entries if e.purpose == "train"]
+        sizes = [e for e in entries if e.purpose == "size"]
+        assert len(trains) == 2 and len({e.run_id for e in trains}) == 2
+        assert len(sizes) == 1  # one DP size estimate per dataset, reused by the second run
         mine = [event(r) for r in all_releases if r["client_id"] == cid]
-        expected = epsilon(mine, 1e-5)
+        expected = epsilon([sizes[0].event, *mine], 1e-5)
         lifetime_1 = first["example_level"]["clients"][cid]["lifetime_epsilon"]
         lifetime_2 = second["example_level"]["clients"][cid]["lifetime_epsilon"]
         assert lifetime_2 > lifetime_1
