@@ -11,7 +11,6 @@ DP statistics with their own ledger entries. What to release is ``release_policy
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import functools
 import logging
@@ -34,6 +33,7 @@ from fedllm.config import (DataConfig, FedLLMConfig, ModelConfig, from_yaml,
 from fedllm.config import ledger_dir as config_ledger_dir
 from fedllm.data.federated import ClientData, build_local_client
 from fedllm.data.per_client import ClientIndex, build_client_index, cache_dir, load_client
+from fedllm.evaluate import sequence_losses
 from fedllm.io import append_jsonl
 from fedllm.privacy import release_policy
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
@@ -316,33 +316,13 @@ def answer_evaluate(cfg: FedLLMConfig, loaded: models.LoadedModel, client: Clien
             ledger.record(cfg.run.id, server_round, event, purpose="eval",
                           plan=plan.fingerprint())  # write-ahead
         models.load_adapter_state(loaded.model, arrays)
-        losses = held_out_losses(loaded, client.eval, cfg.eval.batch_size,
-                                 base_model=server_round == 0)  # round 0: the bare base model
+        losses = sequence_losses(loaded.model, client.eval, cfg.eval.batch_size, loaded.device,
+                                 base_model=server_round == 0).numpy()  # round 0: base model
         metrics = protocol.eval_metrics(*noised_eval_statistic(losses, cfg.eval.loss_bound,
                                                                cfg.eval.noise_multiplier))
         save_release(ledger_dir, client.client_id, cfg.run.id, server_round, {}, metrics,
                      "eval")
         return metrics
-
-
-def held_out_losses(loaded: models.LoadedModel, sequences, batch_size: int, *,
-                    base_model: bool) -> np.ndarray:
-    """Per-sequence mean next-token losses of the adapter (or the bare base model)."""
-    import torch
-
-    from fedllm.privacy.dpsgd import per_sequence_losses
-
-    out = []
-    was_training = loaded.model.training
-    loaded.model.eval()
-    context = (models.unwrap(loaded.model).disable_adapter() if base_model
-               else contextlib.nullcontext())
-    with torch.no_grad(), context:
-        for batch in torch.split(sequences, batch_size):
-            out.append(per_sequence_losses(loaded.model, batch.to(loaded.device)).float().cpu())
-    if was_training:
-        loaded.model.train()
-    return torch.cat(out).numpy() if out else np.zeros(0)
 
 
 def noised_eval_statistic(losses: np.ndarray, bound: float, noise: float

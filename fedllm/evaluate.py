@@ -19,16 +19,22 @@ def evaluate(model, sequences: torch.Tensor, batch_size: int, device: torch.devi
     initial adapter is the identity anyway; a fresh soft prompt is not, and "base" must mean
     the model before any fine-tuning.)
     """
+    losses = sequence_losses(model, sequences, batch_size, device, base_model=base_model)
+    loss = losses.sum().item() / max(len(losses), 1)
+    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+
+
+@torch.no_grad()
+def sequence_losses(model, sequences: torch.Tensor, batch_size: int, device: torch.device,
+                    *, base_model: bool = False) -> torch.Tensor:
+    """Each held-out sequence's mean next-token loss (float32, on the CPU)."""
     if base_model:
         with unwrap(model).disable_adapter():
-            return evaluate(model, sequences, batch_size, device)
+            return sequence_losses(model, sequences, batch_size, device)
     was_training = model.training
     model.eval()
-    total, count = 0.0, 0
-    for batch in torch.split(sequences, batch_size):
-        total += per_sequence_losses(model, batch.to(device)).sum().item()
-        count += len(batch)
+    out = [per_sequence_losses(model, batch.to(device)).float().cpu()
+           for batch in torch.split(sequences, batch_size)]
     if was_training:
         model.train()
-    loss = total / max(count, 1)
-    return {"eval_loss": loss, "perplexity": math.exp(min(loss, 50.0))}
+    return torch.cat(out) if out else torch.zeros(0)
