@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -151,9 +152,6 @@ def prepare(cfg: Config):
     """Fill in the run's identity (dir, id) and check data, model and privacy feasibility
     before any training. Returns (config, client index); raises ConfigError."""
     from fedllm import models
-    from fedllm.data.per_client import run_index
-    from fedllm.data.sources import DataError
-    from fedllm.io import private_dir
 
     if cfg.run.resume:
         cfg = resumed_config(cfg)
@@ -167,11 +165,28 @@ def prepare(cfg: Config):
     if cfg.privacy.ledger_dir:
         cfg.privacy.ledger_dir = str(Path(cfg.privacy.ledger_dir).expanduser().resolve())
     models.offline_env()
+    run_dir = Path(cfg.run.dir)
+    created = not run_dir.exists()
+    try:
+        data = _index_and_check(cfg, run_dir)
+    except ConfigError:
+        if created:  # a refused run leaves nothing behind, not even its caches
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
+    return cfg, data
+
+
+def _index_and_check(cfg: Config, run_dir: Path):
+    from fedllm import models
+    from fedllm.data.per_client import run_index
+    from fedllm.data.sources import DataError
+    from fedllm.io import private_dir
+
     try:
         tokenizer = models.load_tokenizer(cfg.model)
         models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
         # Sizes only (cached for the server and the clients): no process holds the corpus.
-        private_dir(Path(cfg.run.dir))  # 0700 before any cache of the clients' text lands in it
+        private_dir(run_dir)  # 0700 before any cache of the clients' text lands in it
         data = run_index(cfg, tokenizer)
     except (DataError, models.ModelError, OSError) as exc:
         raise ConfigError(str(exc)) from None
@@ -181,7 +196,7 @@ def prepare(cfg: Config):
             f"federation.clients_per_round ({cfg.federation.clients_per_round}) exceeds the "
             f"{len(data.clients)} eligible clients")
     _check_privacy_feasible(cfg, data)
-    return cfg, data
+    return data
 
 
 def _check_privacy_feasible(cfg: Config, data) -> None:
