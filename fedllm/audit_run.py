@@ -41,6 +41,7 @@ from fedllm.config import ConfigError, FedLLMConfig, min_client_sequences
 from fedllm.privacy import audit as audit_math
 from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise, epsilon
 from fedllm.privacy.dpsgd import per_sequence_losses
+from fedllm.report import unit_description
 from fedllm.train import example_sample_rate, local_round
 
 log = logging.getLogger(__name__)
@@ -199,7 +200,7 @@ def run_audit(cfg: FedLLMConfig, loaded: models.LoadedModel | None = None) -> di
         "confidence": a.confidence,
         "delta": cfg.privacy.delta,
         "accountant": cfg.privacy.accountant,
-        "unit": "one training sequence of one client (add/remove), example level",
+        "unit": unit_description(cfg) + ", example level",
         "claimed_mechanism": {"noise_multiplier": mech.noise_multiplier,
                               "max_grad_norm": mech.max_grad_norm, "sample_rate": q,
                               "steps": planned_steps(cfg), "sampling": "poisson"},

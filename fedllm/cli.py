@@ -101,7 +101,7 @@ def _print_summary(console, s: dict, seconds: float) -> None:
     table.add_row("held-out loss", f"{fmt(s['base_eval_loss'], '.4f')} → "
                   f"{fmt(s['final_eval_loss'], '.4f')}")
     if s["epsilon_example_max"] is not None:
-        table.add_row("per-client ε (example level)",
+        table.add_row(f"per-client ε (example level: {s.get('privacy_unit', 'n/a')})",
                       f"max {s['epsilon_example_max']:.3f}, median "
                       f"{s['epsilon_example_median']:.3f} at δ={s['delta']:g} "
                       f"({s['clients_trained']} clients trained)")

@@ -60,8 +60,8 @@ class Partitioning(StrEnum):
 
 
 class PrivacyUnit(StrEnum):
-    sequence = "sequence"   # text packed into train.seq_len-token sequences
-    record = "record"       # one record = one example, truncated and padded
+    record = "record"       # one record = one example, truncated to train.seq_len and padded
+    sequence = "sequence"   # text packed into train.seq_len-token windows: protects windows
 
 
 class Sampling(StrEnum):

@@ -134,12 +134,7 @@ def build_privacy_report(run: RunFiles) -> dict:
         values = [c["epsilon"] for c in clients.values()]
         all_events = [_event(r) for r in run.releases]
         example = {
-            "unit": ("one record of a client (one speech, JSONL line or paragraph of a text file; add/remove "
-                     f"one; truncated to {cfg.train.seq_len} tokens)"
-                     if cfg.data.unit == "record" else
-                     f"one packed {cfg.train.seq_len}-token training sequence of a client "
-                     "(add/remove one; a record may span several, so a record's own ε can be "
-                     "larger: use data.unit=record to protect records)"),
+            "unit": unit_description(cfg),
             "max_epsilon": max(values) if values else 0.0,
             "median_epsilon": statistics.median(values) if values else 0.0,
             "target_epsilon": cfg.privacy.example.target_epsilon
@@ -432,6 +427,23 @@ def render_html(run: RunFiles, report: dict, png: bytes | None, audit: dict | No
         user_parts=user_sentence_parts(report), participation=participation_text(run.cfg),
         adapter=describe_adapter(run.cfg.model), metrics=run.metrics, png_b64=_b64(png),
         audit=audit, audit_png_b64=_b64(audit_png))
+
+
+def unit_label(cfg) -> str:
+    """The example-level unit in a few words, shown next to every example-level ε."""
+    return "one record" if cfg.data.unit == "record" else f"one {cfg.train.seq_len}-token window"
+
+
+def unit_description(cfg) -> str:
+    """The example-level unit in one sentence (reports, model card, audit)."""
+    if cfg.data.unit == "record":
+        return ("one record of a client (one speech, JSONL line or paragraph of a text file; "
+                f"add/remove one; truncated to {cfg.train.seq_len} tokens, an instruction "
+                "record trained on its assistant turns only)")
+    return (f"one packed {cfg.train.seq_len}-token window of a client's text (add/remove one; "
+            "data.unit=sequence protects windows, not records: removing one record shifts "
+            "every later window, so no record has a meaningful guarantee; the default "
+            "data.unit=record protects records)")
 
 
 def model_card(cfg, report: dict, final_metrics: dict | None,

@@ -30,7 +30,7 @@ from fedllm.evaluate import evaluate
 from fedllm.io import append_jsonl, atomic_write_text, private_dir, read_jsonl
 from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
                                       user_level_epsilons)
-from fedllm.report import EVENTS_FILE, write_reports
+from fedllm.report import EVENTS_FILE, unit_label, write_reports
 from fedllm.run_status import RunStopped, clear_stopped, write_stopped
 from fedllm.privacy.size_estimate import side_releases
 from fedllm.privacy.updates import distributed_noise_std
@@ -202,7 +202,8 @@ class RoundRecorder:
         row.update(user_epsilon_columns(self.cfg, self.strategy, self.run_dir, server_round))
         append_jsonl(self.run_dir / "metrics.jsonl", row)
         self.history.append(row)
-        eps_text = f" · ε max {eps_max:.2f}" if row["epsilon_example_max"] is not None else ""
+        eps_text = (f" · ε max {eps_max:.2f} ({unit_label(self.cfg)})"
+                    if row["epsilon_example_max"] is not None else "")
         if row["epsilon_user"] is not None:
             eps_text += (f" · user ε {row['epsilon_user']:.2f} (vs the server "
                          f"{row['epsilon_user_vs_server']:.2f})")
@@ -490,6 +491,7 @@ def finalize(cfg: FedLLMConfig, run_dir: Path, loaded, final_arrays, strategy: S
         "final_perplexity": final_metrics["perplexity"] if final_metrics else None,
         "epsilon_example_max": ex["max_epsilon"] if ex else None,
         "epsilon_example_median": ex["median_epsilon"] if ex else None,
+        "privacy_unit": unit_label(cfg),
         "epsilon_user": report["user_level"]["epsilon"] if report["user_level"] else None,
         "epsilon_user_vs_server": (report["user_level"]["epsilon_vs_server"]
                                    if report["user_level"] else None),

@@ -89,7 +89,7 @@ def test_federation_skips_small_clients_and_orders_by_size(tiny_loaded):
     assert sizes == sorted(sizes, reverse=True) and min(sizes) >= 8
     assert data.clients[0].client_id == "hamlet/HAMLET"
     assert data.skipped  # small roles were skipped with a reason
-    assert all("training sequences" in r for r in data.skipped.values())
+    assert all("training records" in r for r in data.skipped.values())  # the default unit
     ev = data.eval_sequences(16)
     assert ev.shape == (16, 64) and ev.dtype == torch.long
     with pytest.raises(DataError, match="federation.num_clients"):

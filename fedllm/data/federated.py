@@ -20,14 +20,15 @@ from dataclasses import dataclass, field
 
 import torch
 
+from fedllm.data.chat import PAD_ID, context_id, encode_chat, has_target, prompt_response_messages
 from fedllm.data.sources import DataError, Unit, load_units
 
 log = logging.getLogger(__name__)
 
 UNIT_SEPARATOR = "\n\n"
-# data.unit=record: positions after a record's last token hold PAD_ID (never a real token id);
-# the loss skips them (``dpsgd.per_sequence_losses``).
-PAD_ID = -1
+# data.unit=record: positions after a record's last token hold PAD_ID; tokens the model reads
+# but is not trained on (an instruction record's prompt) are context ids; the loss skips both
+# (``fedllm.data.chat``, ``dpsgd.per_sequence_losses``).
 UNIT_MODES = ("sequence", "record")
 
 
@@ -84,14 +85,23 @@ def group_units(units: list[Unit], partitioning: str, num_partitions: int | None
     return groups
 
 
-def render(unit: Unit, tokenizer) -> str:
-    if unit.text is not None:
-        return unit.text
-    messages = [{"role": "user", "content": unit.prompt},
-                {"role": "assistant", "content": unit.response}]
-    if getattr(tokenizer, "chat_template", None):
-        return tokenizer.apply_chat_template(messages, tokenize=False)
-    return f"{unit.prompt}\n{unit.response}"
+def encode_units(units: list[Unit], tokenizer) -> list[list[int]]:
+    """Each unit's token ids: plain text all scored; an instruction record (prompt/response or
+    messages) scored on the assistant's tokens only (``fedllm.data.chat``)."""
+    out: list[list[int] | None] = [None] * len(units)
+    texts = [(i, u.text) for i, u in enumerate(units) if u.text is not None]
+    if texts:  # one batched call for plain text
+        ids = tokenizer([t for _, t in texts], add_special_tokens=False)["input_ids"]
+        for (i, _), row in zip(texts, ids):
+            out[i] = row
+    for i, u in enumerate(units):
+        if u.text is None:
+            messages = u.messages or prompt_response_messages(u.prompt, u.response)
+            try:
+                out[i] = encode_chat(messages, tokenizer)
+            except ValueError as exc:
+                raise DataError(f"client {u.client_id}: {exc}") from None
+    return out
 
 
 def split_units(client_id: str, members: list[Unit], eval_fraction: float, seed: int
@@ -117,10 +127,11 @@ def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
 
 def pad_records(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
     """One row per record (the unit of privacy with data.unit=record): truncated to seq_len,
-    right-padded with PAD_ID; records under two tokens have nothing to predict and are
-    dropped. Causal attention means the padding never changes a real token's loss."""
+    right-padded with PAD_ID; a record with no scored token after its first (too short, or an
+    answer cut off by the truncation) has nothing to predict and is dropped. Causal attention
+    means the padding never changes a real token's loss."""
     rows = [ids[:seq_len] + [PAD_ID] * (seq_len - len(ids[:seq_len]))
-            for ids in token_lists if len(ids) >= 2]
+            for ids in token_lists if has_target(ids[:seq_len])]
     if not rows:
         return torch.empty((0, seq_len), dtype=torch.long)
     return torch.tensor(rows, dtype=torch.long)
@@ -128,20 +139,31 @@ def pad_records(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
 
 def encode(parts: list[list[Unit]], tokenizer, seq_len: int, unit: str = "sequence"
            ) -> list[torch.Tensor]:
-    """Each part's units as training examples: ``sequence`` packs the units' text into
-    seq_len-token sequences (one record may span several, several records share one);
-    ``record`` makes each unit exactly one example."""
+    """Each part's units as training examples: ``record`` makes each unit exactly one example;
+    ``sequence`` packs the units into seq_len-token sequences (one record may span several,
+    several records share one: the privacy unit is then a window, not a record)."""
     if unit == "sequence":
-        joined = [UNIT_SEPARATOR.join(render(u, tokenizer) for u in part) for part in parts]
-        enc = tokenizer(joined, add_special_tokens=False)["input_ids"]
-        return [pack([e], seq_len) for e in enc]
-    flat = [render(u, tokenizer) for part in parts for u in part]
-    enc = tokenizer(flat, add_special_tokens=False)["input_ids"] if flat else []
+        return [pack(_joined(part, tokenizer), seq_len) for part in parts]
+    flat = [u for part in parts for u in part]
+    enc = encode_units(flat, tokenizer)
     out, i = [], 0
     for part in parts:
         out.append(pad_records(enc[i:i + len(part)], seq_len))
         i += len(part)
     return out
+
+
+def _joined(part: list[Unit], tokenizer) -> list[list[int]]:
+    """A part's units as one token stream, separated by UNIT_SEPARATOR. Plain text is joined
+    before tokenizing (as it always was); instruction records are encoded one by one."""
+    if all(u.text is not None for u in part):
+        text = UNIT_SEPARATOR.join(u.text for u in part)
+        return [tokenizer(text, add_special_tokens=False)["input_ids"]] if part else []
+    sep = [context_id(t) for t in tokenizer(UNIT_SEPARATOR, add_special_tokens=False)["input_ids"]]
+    stream: list[int] = []
+    for k, ids in enumerate(encode_units(part, tokenizer)):
+        stream += (sep if k else []) + ids
+    return [stream]
 
 
 def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: int,
@@ -233,7 +255,7 @@ def load_local_units(data_path: str, client_id: str) -> list[Unit]:
             raise DataError(f"node data file {path} holds no text")
     else:
         raise DataError(f"node data path {path}: expected a .jsonl/.txt file or a directory")
-    return [Unit(client_id, u.text, u.prompt, u.response) for u in units]
+    return [Unit(client_id, u.text, u.prompt, u.response, u.messages) for u in units]
 
 
 def _count(n: int, unit: str, seq_len: int) -> str:

