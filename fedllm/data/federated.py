@@ -12,9 +12,9 @@ sequences one client at a time.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
-import random
-import zlib
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -106,15 +106,20 @@ def encode_units(units: list[Unit], tokenizer) -> list[list[int]]:
 
 def split_units(client_id: str, members: list[Unit], eval_fraction: float, seed: int
                 ) -> tuple[list[Unit], list[Unit]]:
-    """Held-out share of a client's units, chosen by a seeded shuffle stable per client."""
-    order = list(range(len(members)))
-    random.Random(seed * 1_000_003 + zlib.crc32(client_id.encode())).shuffle(order)
-    n_eval = round(eval_fraction * len(members)) if len(members) > 1 else 0
-    n_eval = max(n_eval, 1) if len(members) > 1 else 0
-    held = set(order[:n_eval])
-    train = [u for i, u in enumerate(members) if i not in held]
-    evals = [u for i, u in enumerate(members) if i in held]
+    """Held-out share of a client's units: each unit is held out by a seeded hash of its own
+    content, never by its position among the others, so removing one record moves no other
+    record between training and held-out (the neighbouring datasets DP compares differ in that
+    one record's examples only)."""
+    train, evals = [], []
+    for u in members:
+        (evals if _held_out(u, client_id, eval_fraction, seed) else train).append(u)
     return train, evals
+
+
+def _held_out(unit: Unit, client_id: str, eval_fraction: float, seed: int) -> bool:
+    key = json.dumps([seed, client_id, unit.text, unit.prompt, unit.response, unit.messages])
+    draw = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") / 2.0**64
+    return draw < eval_fraction
 
 
 def pack(token_lists: list[list[int]], seq_len: int) -> torch.Tensor:
