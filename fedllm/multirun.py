@@ -4,6 +4,11 @@ The points are the cartesian product of every swept override (Hydra's own overri
 ``a,b``, ``range(1,4)``, ``choice(...)``); they run one after another (one machine), each in
 its own run directory under the sweep directory, which then holds a comparison table:
 ``sweep.md`` and ``sweep.json``.
+
+Privacy: every point trains on the same clients' data, so unless ``privacy.ledger_dir`` is set,
+all points share one ledger, ``<sweep dir>/ledger``: each client's lifetime ledger then holds
+every point's releases, and ``privacy.budget`` applies to the sweep as a whole. A point whose
+clients decline for that budget is a failed row (its reason in one line), not a result.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from fedllm.config import ConfigError
 
 SWEEP_JSON = "sweep.json"
 SWEEP_MD = "sweep.md"
+LEDGER = "ledger"  # <sweep dir>/ledger: the points' shared ledger, unless privacy.ledger_dir
 # Keys that name or continue one run: they cannot vary across, or be fixed for, a sweep.
 _PER_RUN_KEYS = ("run.dir", "run.id", "run.resume")
 
@@ -40,9 +46,10 @@ class SweepRow:
     error: str | None = None       # one line when it did not
 
 
-def plan_sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None) -> list[SweepPoint]:
+def plan_sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None, *,
+               kind: str = "sweep") -> list[SweepPoint]:
     """Expand ``overrides`` into sweep points, each with its run directory. ``run.dir`` (in
-    the overrides or ``sweep_dir``) names the sweep directory; default runs/sweep-<time>."""
+    the overrides or ``sweep_dir``) names the sweep directory; default runs/<kind>-<time>."""
     from fedllm.config import override_list
 
     overrides = override_list(overrides)
@@ -63,7 +70,7 @@ def plan_sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None) ->
                          for value in override.sweep_string_iterator()])
         else:
             template.append(override.input_line)
-    root = Path(sweep_dir or Path("runs") / time.strftime("sweep-%Y%m%d-%H%M%S"))
+    root = Path(sweep_dir or Path("runs") / time.strftime(f"{kind}-%Y%m%d-%H%M%S"))
     root = root.expanduser().resolve()
     points = []
     for index, combo in enumerate(itertools.product(*axes)):
@@ -99,7 +106,8 @@ def _run_name(index: int, swept: dict[str, str]) -> str:
 
 def point_config(point: SweepPoint):
     """The validated config of one point, with its run directory (set on the config, so any
-    path works: no override quoting)."""
+    path works: no override quoting) and, unless ``privacy.ledger_dir`` is set, the sweep's
+    shared ledger."""
     from fedllm.api import compose
 
     try:
@@ -107,7 +115,14 @@ def point_config(point: SweepPoint):
     except ConfigError as exc:
         raise ConfigError(f"sweep point {point.run_dir.name}: {exc}") from None
     cfg.run.dir = str(point.run_dir)
+    if not cfg.privacy.ledger_dir:
+        cfg.privacy.ledger_dir = str(shared_ledger_dir(point))
     return cfg
+
+
+def shared_ledger_dir(point: SweepPoint) -> Path:
+    """The ledger every point of a sweep shares by default: ``<sweep dir>/ledger``."""
+    return point.run_dir.parent / LEDGER
 
 
 def check_points(points: list[SweepPoint]) -> None:
@@ -129,12 +144,28 @@ def run_sweep(points: list[SweepPoint], run: Callable[[object], object]) -> list
     rows: list[SweepRow] = []
     for point in points:
         try:
-            rows.append(SweepRow(point, result=run(point_config(point))))
+            result = run(point_config(point))
+            rows.append(SweepRow(point, result=result, error=budget_refusal(result)))
         except (ConfigError, RunError) as exc:
-            logging.getLogger("fedllm").error("sweep point %s failed: %s", point.run_dir.name, exc)
             rows.append(SweepRow(point, error=str(exc)))
+        if rows[-1].error:
+            logging.getLogger("fedllm").error("sweep point %s failed: %s", point.run_dir.name,
+                                              rows[-1].error)
         write_tables(points, rows)
     return rows
+
+
+def budget_refusal(result) -> str | None:
+    """One line when clients declined rounds of this run for their lifetime budget
+    (``privacy.budget``, over every run their ledger holds): the run did not train as planned."""
+    example = (getattr(result, "privacy", None) or {}).get("example_level") or {}
+    declined = [d for d in example.get("exhausted_clients", [])
+                if "privacy.budget" in d.get("reason", "")]
+    if not declined:
+        return None
+    first = declined[0]
+    return (f"refused by the lifetime budget: {len(declined)} participation(s) declined "
+            f"(client {first['client_id']}, round {first['round']}: {first['reason']})")
 
 
 def sweep(overrides: Sequence[str], sweep_dir: str | Path | None = None, *,
