@@ -198,6 +198,21 @@ def site_budget(cfg: FedLLMConfig, node_config) -> float | None:
     return default_site_budget() if cfg.privacy.example.enabled else None
 
 
+SITE_UNIT = "record"  # what a deployed site protects unless its node config says otherwise
+
+
+def check_site_unit(cfg: FedLLMConfig, node_config) -> None:
+    """A deployed site protects the unit it chose (node config ``unit``, default one record),
+    whatever the server's run config says: a run asking for another unit is declined, so a
+    server cannot weaken the guarantee to packed windows. Simulation: the run's data.unit."""
+    if "partition-id" in node_config or not cfg.privacy.example.enabled:
+        return
+    unit = str(node_config.get("unit", SITE_UNIT))
+    if cfg.data.unit != unit:
+        raise Declined(f"this site protects one {unit} (node config unit); the run asks for "
+                       f"data.unit={cfg.data.unit}")
+
+
 def _strictest(*budgets: float | None) -> float | None:
     given = [b for b in budgets if b is not None]
     return min(given) if given else None
@@ -294,6 +309,7 @@ def answer_evaluate(cfg: FedLLMConfig, loaded: models.LoadedModel, client: Clien
     ledger_dir = config_ledger_dir(cfg)
     try:
         ledger, budget = open_ledger(cfg, node_config, client.client_id)
+        check_site_unit(cfg, node_config)
         plan = run_plan(cfg, ledger, client, budget)
     except (LedgerError, Declined) as exc:
         log.warning("client %s releases no evaluation: %s", client.client_id, exc)
@@ -366,6 +382,7 @@ def answer_train(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientDa
     except LedgerError as exc:  # corrupt: refuse to train and say why; never reset it
         return _refuse(client.client_id, f"ledger: {exc}")
     try:
+        check_site_unit(cfg, node_config)
         plan = run_plan(cfg, ledger, client, budget)
     except Declined as exc:
         return _decline(client.client_id, ledger.epsilon(cfg.privacy.delta,

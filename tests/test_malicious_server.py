@@ -218,3 +218,14 @@ def test_the_ledger_describes_every_release_it_made(tiny_cfg, tmp_path, site):
     assert len(distinct) == len([e for e in book.entries if e.purpose == "train"]) == 2
     assert book.epsilon(cfg.privacy.delta) >= epsilon(
         [e.event for e in book.entries if e.purpose == "train"], cfg.privacy.delta)
+
+
+def test_a_server_cannot_weaken_the_unit_to_packed_windows(tiny_cfg, tmp_path, site):
+    """A site protects one record (or what its node config names), whatever the run says."""
+    cfg = client_cfg(tiny_cfg, tmp_path)
+    cfg.data.unit = "sequence"
+    update, _, client = ask(cfg, site, 1)
+    assert update is None and "protects one record" in client["reason"]
+    assert not [e for e in ledger(site).entries if e.purpose == "train"]
+    update, _, _ = ask(cfg, {**site, "unit": "sequence"}, 1)  # the site's own choice
+    assert update is not None
