@@ -2,6 +2,7 @@
 
   fedllm simulate [hydra overrides...]   federated DP fine-tuning in Flower's simulation runtime
   fedllm simulate -m key=a,b [...]       a sweep: one run per combination, then a table
+  fedllm tune key=a,b [...]              private selection: best of K random trials, accounted
   fedllm accountant --sample-rate Q --noise-multiplier Z --steps T --delta D [...]
   fedllm audit [hydra overrides...]      canary audit: empirical ε lower bound vs the claim
   fedllm generate RUN_DIR --prompt TEXT  base model vs trained adapter, side by side
@@ -167,6 +168,66 @@ def _print_sweep_table(console, rows) -> None:
                           fmt(rec["final_eval_loss"], ".4f"), fmt(rec["epsilon_max"], ".3f"),
                           rec["run_dir"])
     console.print(table)
+
+
+# --------------------------------------------------------------------------- tune
+
+def cmd_tune(args) -> int:
+    """`fedllm tune key=a,b ...`: K random trials of random grid points, the best released.
+    Exit status 0 when a trial was released, 1 when nothing was (K = 0, a budget refusal,
+    every trial failed)."""
+    from fedllm import tune
+    from fedllm.privacy.selection import distribution_name
+
+    _setup_logging(args.verbose)
+    plan = tune.plan_tune(args.overrides)
+    console = _console()
+    t = plan.cfg.tune
+    console.print(_bold_command(
+        f"fedllm tune: {len(plan.points)} grid points, K trials drawn from "
+        f"{distribution_name(t.shape)} with mean {t.mean_trials:g}, scored on {t.metric} data "
+        f"→ {plan.tune_dir}"))
+
+    def run_trial(cfg):
+        result = _simulate(cfg, args.verbose)
+        _print_summary(console, result.summary, result.wall_seconds)
+        return result
+
+    outcome = tune.run_tune(plan, run_trial)
+    _print_tune(console, outcome)
+    return 0 if outcome.chosen else 1
+
+
+def _print_tune(console, outcome) -> None:
+    from rich.table import Table
+
+    from fedllm.tune import TUNE_JSON, TUNE_MD, tune_record
+
+    doc = tune_record(outcome)
+    keys = list(doc["grid"][0]["swept"]) if doc["grid"] else []
+    table = Table(title=f"fedllm tune: K = {doc['K']} trials ({doc['metric']['kind']} metric: "
+                        "held-out loss on public text)")
+    for column in ("trial", *keys, "score", "run dir"):
+        table.add_column(column)
+    for trial in doc["trials"]:
+        score = "failed" if trial["score"] is None else f"{trial['score']:.4f}"
+        table.add_row(str(trial["trial"]), *(trial["swept"][k] for k in keys), score,
+                      trial["error"] or trial["run_dir"])
+    console.print(table)
+    pr = doc["privacy"]
+    if doc["chosen"]:
+        console.print(f"released: trial {doc['chosen']['trial']} → {doc['release_dir']}; "
+                      f"ε {_fmt_eps_or_inf(pr['epsilon_selection'])} at δ={pr['delta']:g} "
+                      "including the selection (against observers of the release; against the "
+                      f"server, every trial composed: {_fmt_eps_or_inf(pr['epsilon_all_trials'])})")
+    else:
+        console.print(f"nothing released: {doc['stopped'] or 'no trial was scored'}")
+    console.print(f"tune record: {outcome.plan.tune_dir / TUNE_MD} and "
+                  f"{outcome.plan.tune_dir / TUNE_JSON}")
+
+
+def _fmt_eps_or_inf(value) -> str:
+    return "inf" if value is None else f"{value:.3f}"
 
 
 # --------------------------------------------------------------------------- report
@@ -558,6 +619,14 @@ def _parser() -> argparse.ArgumentParser:
                      help="sweep: one run per combination of comma-separated values "
                           "(key=a,b), then a comparison table (sweep.md, sweep.json)")
     sim.set_defaults(func=cmd_simulate)
+
+    tun = sub.add_parser("tune", help="private selection: the best of K random DP trials over "
+                                      "a grid (key=a,b), released with ε including the selection")
+    tun.add_argument("overrides", nargs="*",
+                     help="Hydra overrides as for simulate -m, plus tune.* keys, e.g. "
+                          "train.lr=0.05,0.1,0.2 tune.mean_trials=3")
+    tun.add_argument("-v", "--verbose", action="store_true", help="show Flower/Ray logs")
+    tun.set_defaults(func=cmd_tune)
 
     crt = sub.add_parser("certs", help="CA, SuperLink TLS certificate and node keys")
     crt.add_argument("out_dir")

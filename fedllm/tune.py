@@ -219,12 +219,11 @@ def best_trial(trials: list[Trial]) -> Trial | None:
 
 # --------------------------------------------------------------------------- accounting
 
-def point_events(cfg, population: int, estimate: int, size_event) -> list:
+def point_events(cfg, cap: int, estimate: int, size_event) -> list:
     """One trial of this grid point, for one client: its size estimate (the one its ledger
     holds), its DP evaluations (deployment) and every step it may train under its
     participation cap, at the noise it calibrates for its rate q = B / estimate (as the
     client does)."""
-    from fedllm.config import participation_cap
     from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
     from fedllm.privacy.size_estimate import evaluations_event
     from fedllm.train import example_sample_rate
@@ -233,7 +232,7 @@ def point_events(cfg, population: int, estimate: int, size_event) -> list:
     if not ex.enabled:
         return [PrivacyEvent(noise_multiplier=0.0, steps=1, sample_rate=1.0)]  # ε = ∞
     q = example_sample_rate(cfg.train.batch_size, estimate)
-    steps = participation_cap(cfg, population) * cfg.train.local_steps
+    steps = cap * cfg.train.local_steps
     evals = evaluations_event(cfg, cfg.federation.rounds + 1)
     prior = [size_event] + ([evals] if evals else [])
     z = ex.noise_multiplier if ex.noise_multiplier is not None else calibrate_noise(
@@ -242,17 +241,22 @@ def point_events(cfg, population: int, estimate: int, size_event) -> list:
     return prior + [PrivacyEvent(noise_multiplier=float(z), steps=steps, sample_rate=q)]
 
 
-def eligible_clients(cfg, tune_dir: Path) -> int:
-    """How many clients a point's run samples from (its participation cap depends on it)."""
+def point_cap(cfg, tune_dir: Path) -> int:
+    """A point's participation cap, as its run resolves it (``auto``: from how many clients
+    are eligible, which needs the federation's index, cached in the tune directory)."""
     from fedllm import models
+    from fedllm.config import participation_cap
     from fedllm.data.per_client import run_index
     from fedllm.data.sources import DataError
 
-    cfg.run.dir = str(tune_dir)  # the index is cached there
+    if cfg.privacy.example.max_participations != "auto":
+        return participation_cap(cfg, population=1)  # population unused
+    cfg.run.dir = str(tune_dir)
     try:
-        return len(run_index(cfg, models.load_tokenizer(cfg.model)).clients)
+        population = len(run_index(cfg, models.load_tokenizer(cfg.model)).clients)
     except (DataError, models.ModelError, OSError) as exc:
         raise ConfigError(str(exc)) from None
+    return participation_cap(cfg, population)
 
 
 def selection_privacy(plan: TunePlan, trials: list[Trial]) -> dict:
@@ -262,16 +266,18 @@ def selection_privacy(plan: TunePlan, trials: list[Trial]) -> dict:
     from fedllm.privacy.ledger import read_ledger_dir
 
     run_ids = {t.run_id for t in trials if t.run_id}
+    if not run_ids:  # no trial started: no client released anything
+        return {"clients": {}, **_maxima({})}
     configs = [point_config(p) for p in plan.points]
-    populations = [eligible_clients(point_config(p), plan.tune_dir) for p in plan.points]
-    ledgers = read_ledger_dir(ledger_dir(configs[0])) if run_ids else {}
-    clients = {cid: client_privacy(plan, configs, populations, entries, run_ids)
+    caps = [point_cap(point_config(p), plan.tune_dir) for p in plan.points]
+    ledgers = read_ledger_dir(ledger_dir(configs[0]))
+    clients = {cid: client_privacy(plan, configs, caps, entries, run_ids)
                for cid, entries in sorted(ledgers.items())
                if any(e.run_id in run_ids for e in entries)}
     return {"clients": clients, **_maxima(clients)}
 
 
-def client_privacy(plan: TunePlan, configs: list, populations: list[int], entries: list,
+def client_privacy(plan: TunePlan, configs: list, caps: list[int], entries: list,
                    run_ids: set[str]) -> dict:
     from fedllm.privacy.accounting import epsilon
     from fedllm.privacy import selection
@@ -279,8 +285,8 @@ def client_privacy(plan: TunePlan, configs: list, populations: list[int], entrie
     cfg = plan.cfg
     delta, t = cfg.privacy.delta, cfg.tune
     sizes = [e for e in entries if e.purpose == "size"]
-    points = [point_events(c, n, int(s.note["estimate"]), s.event)
-              for c, n in zip(configs, populations) for s in sizes]
+    points = [point_events(c, cap, int(s.note["estimate"]), s.event)
+              for c, cap in zip(configs, caps) for s in sizes]
     spent = [e.event for e in entries if e.run_id in run_ids or e.purpose == "size"]
     return {
         "size_estimates": [int(s.note["estimate"]) for s in sizes],

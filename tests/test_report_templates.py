@@ -157,3 +157,22 @@ def test_a_rebuilt_model_card_keeps_the_samples_of_the_run(tmp_path):
     card = (run_dir / "adapter" / "README.md").read_text()
     assert '- **Prompt:** "My lord,"' in card and 'adapter: " thou art"' in card
     assert card.index("## Sample generations") > card.index("## Privacy guarantee")
+
+
+@pytest.mark.parametrize("overrides,named,not_named", [
+    ((), "one record", "window"),
+    (("data.unit=sequence",), "64-token window", "one record of a client"),
+])
+def test_report_and_model_card_name_the_unit(tmp_path, overrides, named, not_named):
+    import json
+
+    run_dir = hand_made_run(tmp_path / "run", overrides)
+    (run_dir / "adapter").mkdir()
+    write_reports(run_dir)
+    unit = json.loads((run_dir / "privacy_report.json").read_text())["example_level"]["unit"]
+    card = (run_dir / "adapter" / "README.md").read_text()
+    html = (run_dir / "privacy_report.html").read_text()
+    for text in (unit, card, html):
+        assert named in text and not_named not in text
+    if overrides:  # the opt-in says what it does not protect
+        assert "not records" in unit and "not records" in card
