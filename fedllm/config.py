@@ -851,9 +851,8 @@ def _validate_audit(a: AuditConfig) -> None:
 
 
 def _validate_tune(t: TuneConfig) -> None:
-    _positive(t.mean_trials, "tune.mean_trials")
-    _require(t.mean_trials >= 1, "tune.mean_trials",
-             f"must be at least 1 (the mean number of trials), got {t.mean_trials!r}")
+    _require(math.isfinite(t.mean_trials) and t.mean_trials >= 1, "tune.mean_trials",
+             f"must be a finite number >= 1 (the mean number of trials), got {t.mean_trials!r}")
     _require(t.shape is None or (math.isfinite(t.shape) and t.shape >= 0), "tune.shape",
              f"must be null (Poisson) or a finite number >= 0 (0 logarithmic, 1 geometric), "
              f"got {t.shape!r}")

@@ -184,7 +184,7 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
         ids.append(cid)
         train_parts.append(train)
         eval_parts.append(evals)
-    unit = getattr(data_cfg, "unit", "sequence")
+    unit = getattr(data_cfg, "unit", "record")
     enc_train = encode(train_parts, tokenizer, seq_len, unit)
     enc_eval = encode(eval_parts, tokenizer, seq_len, unit)
 
@@ -197,12 +197,12 @@ def build_federated_data(data_cfg, tokenizer, *, seq_len: int, min_sequences: in
     # Not logged here: every process (CLI, server, each client) builds the federation; the CLI
     # names the skipped clients once (``skipped_clients_message``, ``skipped_clients.json``).
     clients = select_clients(clients, lambda c: len(c.train), num_clients,
-                             min_sequences=min_sequences, seq_len=seq_len)
+                             min_sequences=min_sequences, seq_len=seq_len, unit=unit)
     return FederatedData(clients=clients, skipped=skipped)
 
 
 def select_clients(clients: list, num_train, num_clients: int | None, *, min_sequences: int,
-                   seq_len: int) -> list:
+                   seq_len: int, unit: str = "record") -> list:
     """The federation's clients in its fixed order (largest first, then by id), cut to
     ``num_clients``; ``num_train(client)`` is a client's training-sequence count."""
     clients = sorted(clients, key=lambda c: (-num_train(c), c.client_id))
@@ -210,12 +210,12 @@ def select_clients(clients: list, num_train, num_clients: int | None, *, min_seq
         if len(clients) < num_clients:
             raise DataError(
                 f"federation.num_clients={num_clients} but only {len(clients)} clients have at "
-                f"least {min_sequences} training sequences of train.seq_len={seq_len} tokens "
+                f"least {_count(min_sequences, unit, seq_len)} "
                 f"(train.batch_size / data.min_client_sequences)")
         clients = clients[:num_clients]
     if not clients:
-        raise DataError(f"no client has at least {min_sequences} training sequences of "
-                        f"{seq_len} tokens; lower train.batch_size or train.seq_len")
+        raise DataError(f"no client has at least {_count(min_sequences, unit, seq_len)}; "
+                        "lower train.batch_size or data.min_client_sequences")
     return clients
 
 

@@ -273,7 +273,7 @@ def build_client_index(data_cfg, tokenizer, *, seq_len: int, min_sequences: int,
 
 def _scan(data_cfg, files, tokenizer, *, seq_len, min_sequences, num_clients, seed, where
           ) -> ClientIndex:
-    unit = getattr(data_cfg, "unit", "sequence")
+    unit = getattr(data_cfg, "unit", "record")
     num_partitions = None
     if data_cfg.partitioning == "iid":  # as many partitions as owners, unless set
         num_partitions = num_clients or _num_owners(data_cfg, files)
@@ -289,7 +289,7 @@ def _scan(data_cfg, files, tokenizer, *, seq_len, min_sequences, num_clients, se
     if not seen:
         raise DataError(f"data source {data_cfg.name!r} yielded no text")
     sizes = select_clients(sizes, lambda c: c.num_train, num_clients,
-                           min_sequences=min_sequences, seq_len=seq_len)
+                           min_sequences=min_sequences, seq_len=seq_len, unit=unit)
     return ClientIndex(sizes, skipped, num_partitions)
 
 
@@ -310,7 +310,7 @@ def load_clients(data_cfg, tokenizer, index: ClientIndex, positions: list[int], 
         if not 0 <= pos < len(index.clients):
             raise DataError(f"partition-id {pos} but only {len(index.clients)} clients exist")
     ids = [index.clients[pos].client_id for pos in positions]
-    unit = getattr(data_cfg, "unit", "sequence")
+    unit = getattr(data_cfg, "unit", "record")
     for cid, units in _units_of(data_cfg, ids, index, seed, where):
         yield encode_client(cid, units, tokenizer, seq_len=seq_len,
                             eval_fraction=data_cfg.eval_fraction, seed=seed, unit=unit)
