@@ -21,6 +21,7 @@ Pure: no files, no Flower; randomness only from the generator passed in.
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 
@@ -108,15 +109,32 @@ def composed_epsilon(points: Sequence[Sequence[PrivacyEvent]], delta: float, tri
 
 def draw_trials(rng: np.random.Generator, mean: float, shape: float | None) -> int:
     """K from the distribution ``RepeatAndSelectDpEvent(event, mean, shape)`` accounts for:
-    Poisson(mean) for shape None; else the truncated negative binomial of that shape and mean
-    (logarithmic for 0, geometric for 1), P(K = k) ∝ (1-γ)^k C(k+η-1, k) on k >= 1."""
+    Poisson(mean) for shape None; else the truncated negative binomial of that shape η and
+    mean (0: logarithmic, 1: geometric), P(K = k) ∝ (1-γ)^k Γ(k+η) / (Γ(η) k!) on k >= 1,
+    drawn by inverting its distribution function from one uniform draw."""
     check_trials(mean, shape)
     if shape is None:
         return int(rng.poisson(mean))
-    gamma = rdp._gamma_truncated_negative_binomial(float(shape), float(mean))  # noqa: SLF001
+    gamma = _gamma(float(shape), float(mean))
+    if gamma >= 1:  # mean 1: always one trial
+        return 1
+    u, k = rng.random(), 1
+    p = _first_probability(gamma, float(shape))
+    total = p
+    while total < u and p > 0:
+        p *= (1 - gamma) * (k + shape) / (k + 1)  # P(K = k+1) / P(K = k)
+        k, total = k + 1, total + p
+    return k
+
+
+def _first_probability(gamma: float, shape: float) -> float:
+    """P(K = 1) = (1-γ) η / (γ^-η - 1); its limit (1-γ) / log(1/γ) for η = 0."""
     if shape == 0:
-        return int(rng.logseries(1 - gamma)) if gamma < 1 else 1
-    while True:  # negative binomial (failures before η successes), conditioned on K >= 1
-        k = int(rng.negative_binomial(shape, gamma))
-        if k >= 1 or gamma == 1:
-            return max(k, 1)
+        return (1 - gamma) / -math.log(gamma)
+    return (1 - gamma) * shape / math.expm1(-shape * math.log(gamma))
+
+
+@functools.lru_cache(maxsize=64)
+def _gamma(shape: float, mean: float) -> float:
+    """The truncated negative binomial's γ for this mean, as dp_accounting accounts it."""
+    return rdp._gamma_truncated_negative_binomial(shape, mean)  # noqa: SLF001
