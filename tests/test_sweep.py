@@ -4,11 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
 from fedllm.config import ConfigError
-from fedllm.multirun import check_points, plan_sweep
+from fedllm.multirun import budget_refusal, check_points, plan_sweep, point_config
 
 TINY_RUN = ["model=tiny", "federation.rounds=1", "federation.num_clients=2",
             "federation.clients_per_round=2"]
@@ -52,6 +53,30 @@ def test_every_point_is_composed_before_any_runs(tmp_path):
     points = plan_sweep(["model=tiny", "train.lr=0.1,-1", f"run.dir={tmp_path}"])
     with pytest.raises(ConfigError, match="sweep point 1_lr--1: train.lr"):
         check_points(points)
+
+
+def test_points_share_the_sweeps_ledger_unless_ledger_dir_is_set(tmp_path):
+    points = plan_sweep(["model=tiny", "train.lr=0.1,0.2", f"run.dir={tmp_path / 'sw'}"])
+    ledgers = {point_config(p).privacy.ledger_dir for p in points}
+    assert ledgers == {str((tmp_path / "sw" / "ledger").resolve())}
+    own = plan_sweep(["model=tiny", "train.lr=0.1,0.2", f"privacy.ledger_dir={tmp_path / 'l'}",
+                      f"run.dir={tmp_path / 'sw'}"])
+    assert {point_config(p).privacy.ledger_dir for p in own} == {str(tmp_path / "l")}
+
+
+def test_a_budget_decline_is_the_points_one_line_error():
+    class Result:
+        privacy = {"example_level": {"exhausted_clients": [
+            {"client_id": "hamlet/HAMLET", "round": 1,
+             "reason": "budget: lifetime epsilon would reach 8.1 > privacy.budget=5 (spent 1.6)"}]}}
+
+    line = budget_refusal(Result())
+    assert line.startswith("refused by the lifetime budget: 1 participation(s) declined")
+    assert "privacy.budget=5" in line and "\n" not in line
+    Result.privacy = {"example_level": {"exhausted_clients": []}}
+    assert budget_refusal(Result()) is None
+    Result.privacy = {"example_level": None}  # no example-level DP
+    assert budget_refusal(Result()) is None
 
 
 def test_sweep_refuses_a_typo_before_any_run(tmp_path):
@@ -114,3 +139,36 @@ def test_two_point_sweep_writes_two_runs_and_a_comparison_table(tmp_path):
     assert [line.split(" | ")[0] for line in body] == ["| 4", "| 8"]
     assert all(str(d) in line for line, d in zip(body, run_dirs, strict=True))
     assert "fedllm sweep" in proc.stdout and proc.stdout.count("fedllm run summary") == 2
+
+
+@pytest.mark.slow  # three tiny simulations in a subprocess
+def test_points_compose_in_one_ledger_and_the_budget_refuses_a_point(tmp_path):
+    """Every point's releases go to <sweep dir>/ledger; privacy.budget covers the sweep: the
+    third point (target 8 after 1 and 1.5) would take the clients past 5, so it is refused."""
+    from fedllm.privacy.accounting import epsilon
+    from fedllm.privacy.ledger import read_ledger_dir
+
+    sweep_dir = tmp_path / "sw"
+    proc = cli("simulate", "-m", *TINY_RUN, "privacy.example.target_epsilon=1,1.5,8",
+               "privacy.budget=5", f"run.dir={sweep_dir}", tmp_path=tmp_path)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout
+    doc = json.loads((sweep_dir / "sweep.json").read_text())
+    assert [r["error"] is None for r in doc["runs"]] == [True, True, False]
+    assert doc["runs"][2]["error"].startswith("refused by the lifetime budget")
+    assert "privacy.budget=5" in doc["runs"][2]["error"]
+    assert "\n" not in doc["runs"][2]["error"]
+    assert "| failed |" in (sweep_dir / "sweep.md").read_text()
+
+    ledgers = read_ledger_dir(sweep_dir / "ledger")
+    assert len(ledgers) == 2
+    assert not any((Path(r["run_dir"]) / "ledger").exists() for r in doc["runs"])
+    for cid, entries in ledgers.items():
+        trained = [e for e in entries if e.purpose == "train"]
+        assert len({e.run_id for e in trained}) == 2  # the first two points, composed
+        assert len([e for e in entries if e.purpose == "size"]) == 1
+        lifetime = epsilon([e.event for e in entries], 1e-5)
+        assert 1.5 < lifetime <= 5
+        for row in doc["runs"][:2]:
+            report = json.loads((Path(row["run_dir"]) / "privacy_report.json").read_text())
+            assert report["example_level"]["clients"][cid]["epsilon"] < lifetime
