@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from fedllm.config import ConfigError
-from fedllm.multirun import SweepPoint, budget_refusal, check_points, plan_sweep, point_config
+from fedllm.multirun import SweepPoint, budget_refusal, plan_sweep, point_config
 
 log = logging.getLogger("fedllm")
 
@@ -85,11 +85,10 @@ class TuneResult:
 def plan_tune(overrides: Sequence[str], tune_dir: str | Path | None = None) -> TunePlan:
     """The grid (every point composed and checked) and the tune directory; ConfigError."""
     points = plan_sweep(overrides, tune_dir, kind="tune")
-    check_points(points)
     check_tunable_keys(points[0])
-    cfg = point_config(points[0])
-    for point in points:
+    for point in points:  # every point composed and checked before anything runs
         check_trial_config(point_config(point))
+    cfg = point_config(points[0])
     root = points[0].run_dir.parent
     if (root / TUNE_JSON).exists():
         raise ConfigError(f"run.dir: {root} already holds a tune ({TUNE_JSON}); choose another "
@@ -224,7 +223,7 @@ def point_events(cfg, cap: int, estimate: int, size_event) -> list:
     holds), its DP evaluations (deployment) and every step it may train under its
     participation cap, at the noise it calibrates for its rate q = B / estimate (as the
     client does)."""
-    from fedllm.privacy.accounting import PrivacyEvent, calibrate_noise
+    from fedllm.privacy.accounting import AccountingError, PrivacyEvent, calibrate_noise
     from fedllm.privacy.size_estimate import evaluations_event
     from fedllm.train import example_sample_rate
 
@@ -235,9 +234,12 @@ def point_events(cfg, cap: int, estimate: int, size_event) -> list:
     steps = cap * cfg.train.local_steps
     evals = evaluations_event(cfg, cfg.federation.rounds + 1)
     prior = [size_event] + ([evals] if evals else [])
-    z = ex.noise_multiplier if ex.noise_multiplier is not None else calibrate_noise(
-        ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
-        accountant=cfg.privacy.accountant, prior=prior)
+    try:
+        z = ex.noise_multiplier if ex.noise_multiplier is not None else calibrate_noise(
+            ex.target_epsilon, cfg.privacy.delta, steps=steps, sample_rate=q,
+            accountant=cfg.privacy.accountant, prior=prior)
+    except AccountingError:  # its target is out of reach at this q: the client cannot train
+        return prior
     return prior + [PrivacyEvent(noise_multiplier=float(z), steps=steps, sample_rate=q)]
 
 
