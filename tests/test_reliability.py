@@ -151,8 +151,8 @@ def test_faulty_clients_are_dropped_and_the_round_completes(tmp_path):
                "federation.clients_per_round=4", "train.local_steps=1", "federation.rounds=1",
                "run.parallel_clients=2", "federation.client_timeout=60",
                "faults.raise_clients=['othello/IAGO']",
-               "faults.hang_clients=['timon-of-athens/TIMON']", "faults.hang_seconds=90",
-               "faults.nan_clients=['henry-v/KING HENRY V']", f"run.dir={run_dir}",
+               "faults.hang_clients=['othello/OTHELLO']", "faults.hang_seconds=90",
+               "faults.nan_clients=['antony-and-cleopatra/MARK ANTONY']", f"run.dir={run_dir}",
                env_dir=tmp_path)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     row = rows(run_dir)[0]
@@ -161,7 +161,8 @@ def test_faulty_clients_are_dropped_and_the_round_completes(tmp_path):
     assert "injected fault" in log and "non-finite" in log and "did not reply in time" in log
     report = json.loads((run_dir / "privacy_report.json").read_text())
     # The NaN client released an update (rejected by the server): it is accounted.
-    assert set(report["example_level"]["clients"]) == {"hamlet/HAMLET", "henry-v/KING HENRY V"}
+    assert set(report["example_level"]["clients"]) == {"hamlet/HAMLET",
+                                                       "antony-and-cleopatra/MARK ANTONY"}
 
 
 # ----------------------------------------------------------------------------- fuzz

@@ -83,7 +83,7 @@ def test_a_nan_update_is_refused_by_its_client_and_the_round_goes_on(tmp_path):
     report, rows = simulate(tmp_path / "run", "federation.rounds=1",
                             "federation.clients_per_round=4", "privacy.example.enabled=false",
                             "privacy.user.noise_multiplier=0.0", "privacy.user.target_epsilon=null",
-                            "faults.nan_clients=['henry-v/KING HENRY V']")
+                            "faults.nan_clients=['antony-and-cleopatra/MARK ANTONY']")
     assert rows[0]["num_sampled"] == 4 and rows[0]["num_clients"] == 3
     assert rows[0]["num_rejected"] == 1 and rows[0]["aggregate_discarded"] is None
     assert report["user_level"]["rounds"] == 1  # the other three were unmasked and applied
