@@ -242,13 +242,14 @@ def table(summaries: list[dict], command: str) -> list[str]:
     if not summaries:
         return ["_Not measured yet: no configuration has both its DP runs and its non-private "
                 "twin in the results._", "", f"Command: `{command}`"]
-    lines = ["| configuration | fed. | target ε | ε max | DP gain (nats) | twin gain (nats) | "
-             "kept (nats) | perplexity: DP / twin | kept (ppl) | runs |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| configuration | fed. | base loss | target ε | ε max | DP gain (nats) | "
+             "twin gain (nats) | kept (nats) | perplexity: DP / twin | kept (ppl) | runs |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in summaries:
         fed = f"{s['rounds']}x{s['cohort']}, cap {s['cap']}"
         lines.append(
-            f"| {s['name']} | {fed} | {s['epsilon']:g} | {_range(s['eps_max'], '.2f')} | "
+            f"| {s['name']} | {fed} | {s['base_loss']:.3f} | {s['epsilon']:g} | "
+            f"{_range(s['eps_max'], '.2f')} | "
             f"{_range(s['dp_gain'], '+.3f')} | {_range(s['np_gain'], '+.3f')} | "
             f"**{100 * s['kept_nats']:.0f}%** | {_range(s['dp_ppl'], '.1f')} / "
             f"{_range(s['np_ppl'], '.1f')} | **{100 * s['kept_ppl']:.0f}%** | "
@@ -275,23 +276,31 @@ def write(best_lora: str) -> None:
             summaries.sort(key=lambda s: -s["dp_gain"]["median"])
         sections[plan] = summaries
     _plot(sections["sweep"])
-    base = next((s for v in sections.values() for s in v), None)
     cmd = "python experiments/utility_dp_pays.py run {plan} && python experiments/utility_dp_pays.py write"
     body = [
         "## DP that pays: utility with budget-exact calibration (issue 14)",
         "",
         "Each client's noise is calibrated for the participations it can make "
         "(`privacy.example.max_participations=auto`: ⌈rounds × cohort / clients⌉ = 1 in the demo "
-        "federation of 179 clients), not for every round. Every figure is the **median [min, max] "
+        "federation: 287 clients with ≥ 32 training records since the record unit, 179 with "
+        "≥ 32 windows before), not for every round. Every figure is the **median [min, max] "
         "of the runs counted in *runs*** (DP + twin; the standard is ≥ 3 of each: a row with "
         "fewer is an anecdote, kept for the record); each DP configuration is compared with its non-private *twin* (same "
         "overrides and clients, `privacy=none`). *Gain*: base − final held-out loss in nats; "
         "*kept*: median DP gain / median twin gain, in nats and in perplexity ((base − DP) / "
         "(base − twin)). In-process federation (`experiments/utility_study.py` `run_config`, the "
         "same pieces as `fedllm simulate`), SmolLM2-135M, bundled plays' natural clients, "
-        "seq 64, δ = 1e-5, demo defaults unless overridden."
-        + (f" Base model: held-out loss {base['base_loss']:.4f}, perplexity "
-           f"{base['base_ppl']:.2f}." if base else ""),
+        "seq 64, δ = 1e-5, demo defaults unless overridden. *Base loss*: the base model's "
+        "held-out loss on the row's own held-out examples.",
+        "",
+        "**Unit of privacy.** Since 2026-12-07 the default unit is one record (one speech, "
+        "truncated to 64 tokens and padded; `data.unit=record`): rows without "
+        "`data.unit=sequence` measure that. Every row measured before ran on packed 64-token "
+        "windows (`data.unit=sequence`, which protects windows, not records) and is kept, "
+        "relabelled with that override, not re-computed; its held-out set is windows too, so "
+        "its gains (nats per token of a window) are not comparable with the record rows' "
+        "(nats per token of a record, whose first tokens have no context and weigh more): "
+        "compare shares kept, not gains.",
         "",
         "### Levers at ε = 8 (demo federation: 3 rounds x 3 clients)",
         "",
