@@ -137,16 +137,20 @@ def cmd_sweep(args) -> int:
     console.print(_bold_command(f"fedllm sweep: {len(points)} runs, one after another → "
                                 f"{multirun.sweep_dir_of(points)}"))
 
-    def run_point(cfg):
-        result = _simulate(cfg, args.verbose)
-        _print_summary(console, result.summary, result.wall_seconds)
-        return result
-
-    rows = multirun.run_sweep(points, run_point)
+    rows = multirun.run_sweep(points, _run_and_summarize(console, args.verbose))
     _print_sweep_table(console, rows)
     md, js = multirun.write_tables(points, rows)
     console.print(f"sweep table: {md} and {js}")
     return 1 if any(row.error for row in rows) else 0
+
+
+def _run_and_summarize(console, verbose: bool):
+    """One run of a sweep or tune: simulate the point's config, print its summary."""
+    def run(cfg):
+        result = _simulate(cfg, verbose)
+        _print_summary(console, result.summary, result.wall_seconds)
+        return result
+    return run
 
 
 def _print_sweep_table(console, rows) -> None:
@@ -188,12 +192,7 @@ def cmd_tune(args) -> int:
         f"{distribution_name(t.shape)} with mean {t.mean_trials:g}, scored on {t.metric} data "
         f"→ {plan.tune_dir}"))
 
-    def run_trial(cfg):
-        result = _simulate(cfg, args.verbose)
-        _print_summary(console, result.summary, result.wall_seconds)
-        return result
-
-    outcome = tune.run_tune(plan, run_trial)
+    outcome = tune.run_tune(plan, _run_and_summarize(console, args.verbose))
     _print_tune(console, outcome)
     return 0 if outcome.chosen else 1
 
