@@ -141,6 +141,87 @@ def test_a_stop_request_ends_the_wait_within_a_second():
     assert time.monotonic() - started < 1.5
 
 
+class LossyGrid(SilentGrid):
+    """A SuperLink that loses replies the way Flower's does under connection resets: the first
+    ``lose`` replies to each node come back as the error Flower's grid makes up when a reply's
+    upload did not complete (MESSAGE_UNAVAILABLE); later ones are the node's answer."""
+
+    def __init__(self, nodes=(1, 2), lose=1, offline=()):
+        super().__init__(nodes)
+        self.lose, self.offline = lose, set(offline)
+        self.inbox, self.pushed = {}, []
+
+    def get_node_ids(self):
+        return [n for n in self.nodes if n not in self.offline]
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            ids.append(f"m{len(self.pushed)}")
+            self.pushed.append(msg)
+            self.inbox[ids[-1]] = msg
+        return ids
+
+    def pull_messages(self, message_ids):
+        from flwr.app import Error, Message, RecordDict
+        from flwr.common.constant import ErrorCode
+
+        replies = []
+        for mid in list(message_ids):
+            msg = self.inbox.pop(mid)
+            node = msg.metadata.dst_node_id
+            times_asked = sum(m.metadata.dst_node_id == node for m in self.pushed)
+            if times_asked <= self.lose:
+                reply = Message(Error(code=ErrorCode.MESSAGE_UNAVAILABLE,
+                                      reason="Reply message objects are unavailable."),
+                                reply_to=msg)
+            else:
+                reply = Message(RecordDict(), reply_to=msg)
+            reply.metadata.__dict__["_reply_to_message_id"] = mid
+            replies.append(reply)
+        return replies
+
+
+def requests(kind="train", config=None, nodes=(1, 2)):
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    content = RecordDict({"config": ConfigRecord(config or {})})
+    return [Message(content=content, dst_node_id=n, message_type=kind) for n in nodes]
+
+
+def test_a_reply_lost_on_the_way_is_asked_for_again():
+    """A connection reset while a node uploads its reply: Flower's grid answers with an error
+    in the node's place. The round asks that node again (it resends its recorded copy; see
+    test_malicious_server for the client's side) instead of recording it as failed."""
+    lossy = LossyGrid(lose=1)
+    replies = MeteredGrid(lossy, pull_interval=0.01).send_and_receive(requests(), timeout=5)
+    assert sorted(r.metadata.dst_node_id for r in lossy.pushed) == [1, 1, 2, 2]
+    assert len(replies) == 2 and not any(r.has_error() for r in replies)
+
+
+def test_a_secagg_stage_is_not_asked_again():
+    """SecAgg+ handles a dropped node itself; its stages are never sent twice."""
+    lossy = LossyGrid(lose=1)
+    msgs = requests(config={"secagg-stage": "masked"})
+    with pytest.raises(RunStopped, match=r"2 reply\(ies\) lost on the way"):
+        MeteredGrid(lossy, pull_interval=0.01).send_and_receive(msgs, timeout=5)
+    assert len(lossy.pushed) == 2
+
+
+def test_asking_again_waits_for_the_node_and_stops_when_every_reply_stays_lost():
+    """A node offline (missed heartbeats) is asked again once it is back; if every reply of a
+    round stays lost, the round is not recorded: RunStopped, and the run resumes later."""
+    lossy = LossyGrid(nodes=(1,), lose=1, offline=[1])
+    threading.Timer(0.3, lambda: lossy.offline.clear()).start()
+    replies = MeteredGrid(lossy, pull_interval=0.02).send_and_receive(requests(nodes=(1,)),
+                                                                      timeout=5)
+    assert len(lossy.pushed) == 2 and not replies[0].has_error()
+    never = LossyGrid(nodes=(1, 2), lose=100)
+    with pytest.raises(RunStopped, match="none of the 2 node.*lost on the way"):
+        MeteredGrid(never, pull_interval=0.01).send_and_receive(requests(), timeout=5)
+    assert len(never.pushed) == 2 * 4  # asked, then asked again ASK_AGAIN_LIMIT times
+
+
 def test_the_server_waits_a_bounded_time_for_nodes_then_stops(tiny_cfg):
     from fedllm.server.strategy import AdapterFedAvg, cohort_sampler
 
