@@ -347,8 +347,9 @@ def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], 
     try:
         simulation.simulate(cfg_text, len(data.clients), use_gpu=_use_gpu(cfg), verbose=verbose)
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C; SIGTERM (Ray's handler: SystemExit)
-        raise RunIncomplete(stopped_message(run_dir, read_stopped(run_dir)),
-                            interrupted=True) from None
+        if not (run_dir / "summary.json").exists():  # else it completed before the stop
+            raise RunIncomplete(stopped_message(run_dir, read_stopped(run_dir)),
+                                interrupted=True) from None
     except RunStopped:
         pass  # stopped.json says why
     if not (run_dir / "summary.json").exists():

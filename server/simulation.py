@@ -219,9 +219,9 @@ def _run_flower_simulation(cfg_text: str, num_clients: int, backend: dict, verbo
         flwr_logger.setLevel(logging.WARNING)
         for handler in flwr_logger.handlers:
             handler.addFilter(_DropKnownNoise())
-    stop, finished = threading.Event(), threading.Event()
+    stop, finished, interrupted = threading.Event(), threading.Event(), threading.Event()
     try:
-        with _interrupts_raise():
+        with _interrupts_stop(stop, interrupted):
             run_simulation(server_app=make_server_app(cfg_text, stop, finished),
                            client_app=client_app, num_supernodes=num_clients,
                            backend_config=backend, verbose_logging=verbose)
@@ -232,22 +232,58 @@ def _run_flower_simulation(cfg_text: str, num_clients: int, backend: dict, verbo
         # is left consistent and its lock is released only after the ServerApp is gone.
         stop.set()
         finished.wait(timeout=60)
+        if interrupted.is_set():
+            raise KeyboardInterrupt("interrupted") from None  # the ServerApp's RunStopped
         raise
+    if interrupted.is_set():
+        raise KeyboardInterrupt("interrupted")
 
 
 @contextlib.contextmanager
-def _interrupts_raise():
-    """SIGTERM behaves like Ctrl-C (KeyboardInterrupt) while the simulation runs, so both
-    stop the run the same way; only in the main thread, where handlers can be set."""
+def _interrupts_stop(stop: threading.Event, interrupted: threading.Event):
+    """Ctrl-C and SIGTERM stop the run the same way: the ServerApp is told to stop (``stop``)
+    and the run reports an interrupt (``interrupted``), in the main thread only, where
+    handlers can be set.
+
+    The interrupt must not depend on a KeyboardInterrupt reaching this frame: Ray defers a
+    SIGINT that arrives inside some of its calls and drops it when the call then fails (as it
+    does when the same Ctrl-C has killed its workers). So the signal is also read from a
+    wakeup fd, which sees every signal whatever handler is in place, by a watcher thread that
+    sets both events."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
 
+    def note(signum: int) -> None:
+        if signum in (signal.SIGINT, signal.SIGTERM) and not interrupted.is_set():
+            # Event.set takes a lock: never from the handler itself (it may interrupt a
+            # thread holding it), always from a thread.
+            threading.Thread(target=lambda: (interrupted.set(), stop.set()), daemon=True).start()
+
     def interrupt(signum, frame):
+        note(signum)
         raise KeyboardInterrupt(f"signal {signum}")
 
-    previous = signal.signal(signal.SIGTERM, interrupt)
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+
+    def watch() -> None:
+        try:
+            while data := os.read(read_fd, 64):  # b"": the write end was closed
+                for signum in data:
+                    note(signum)
+        except OSError:
+            pass
+        finally:
+            os.close(read_fd)
+
+    previous_fd = signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    previous = {sig: signal.signal(sig, interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    threading.Thread(target=watch, daemon=True, name="fedllm-interrupts").start()
     try:
         yield
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        signal.set_wakeup_fd(previous_fd)
+        os.close(write_fd)  # the watcher reads b"" and exits

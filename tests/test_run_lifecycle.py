@@ -261,3 +261,39 @@ def test_privacy_and_participation_records_are_private_files(tmp_path):
     os.chmod(shared, 0o755)
     private_dir(shared)
     assert mode(shared) == 0o755
+
+
+def test_an_interrupt_that_ray_drops_still_stops_the_run():
+    """Ray defers a SIGINT that arrives inside some of its calls and drops it when the call
+    fails (as it does when the same Ctrl-C kills its workers): the run must stop anyway."""
+    import os
+    import signal
+
+    from ray._private.utils import DeferSigint
+
+    from fedllm.server.simulation import _interrupts_stop
+
+    stop, interrupted = threading.Event(), threading.Event()
+    with _interrupts_stop(stop, interrupted):
+        with pytest.raises(RuntimeError):
+            with DeferSigint():
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(0.1)  # the C-level handler has run; Ray's deferred it
+                raise RuntimeError("the actor died")  # Ray now drops the deferred SIGINT
+        assert interrupted.wait(2) and stop.is_set()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.set_wakeup_fd(-1) == -1  # the wakeup fd was given back
+
+
+def test_ctrl_c_in_a_simulation_raises_keyboard_interrupt_and_stops_the_server_app():
+    import os
+    import signal
+
+    from fedllm.server.simulation import _interrupts_stop
+
+    stop, interrupted = threading.Event(), threading.Event()
+    with pytest.raises(KeyboardInterrupt):
+        with _interrupts_stop(stop, interrupted):
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(1)
+    assert interrupted.wait(2) and stop.is_set()
