@@ -315,7 +315,8 @@ def answer_evaluate(cfg: FedLLMConfig, loaded: models.LoadedModel, client: Clien
         log.warning("client %s releases no evaluation: %s", client.client_id, exc)
         return protocol.declined_eval_metrics()
     event = eval_event(cfg.eval.noise_multiplier)
-    with release_lock(ledger_dir, client.client_id, cfg.run.id, server_round, "eval") as mine:
+    with release_lock(ledger_dir, client.client_id, cfg.run.id, server_round, "eval",
+                      wait=cfg.federation.client_timeout) as mine:
         if not mine:
             return protocol.declined_eval_metrics()
         ledger = Ledger.open(ledger_dir, client.client_id)
@@ -387,7 +388,10 @@ def answer_train(cfg: FedLLMConfig, loaded: models.LoadedModel, client: ClientDa
     except Declined as exc:
         return _decline(client.client_id, ledger.epsilon(cfg.privacy.delta,
                                                          cfg.privacy.accountant), str(exc))
-    with release_lock(ledger_dir, client.client_id, cfg.run.id, server_round) as mine:
+    # Asked again while the first request still trains (its reply looked lost): wait for
+    # that release and resend it, as long as the server waits for a reply at all.
+    with release_lock(ledger_dir, client.client_id, cfg.run.id, server_round,
+                      wait=cfg.federation.client_timeout) as mine:
         if not mine:
             return _decline(client.client_id, ledger.epsilon(cfg.privacy.delta,
                                                              cfg.privacy.accountant),

@@ -33,6 +33,7 @@ log = logging.getLogger("fedllm.server")
 LOST_ON_THE_WAY = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESSAGE_UNAVAILABLE,
                              ErrorCode.NODE_UNAVAILABLE})
 ASK_AGAIN_LIMIT = 3  # re-asks per request within one timeout
+MIN_SILENCE = 30.0   # seconds a node may stay silent before it is asked again, at least
 
 
 def lost_on_the_way(reply: Message) -> bool:
@@ -66,8 +67,10 @@ class MeteredGrid(Grid):
     last call. *Down*: server to nodes; *up*: nodes to server."""
 
     def __init__(self, grid: Grid, stop: threading.Event | None = None,
-                 pull_interval: float = 0.2) -> None:
+                 pull_interval: float = 0.2, asks_again: bool | None = None) -> None:
         self._grid = grid
+        # Flower's in-memory grid (simulation) loses no reply: nothing to ask again there.
+        self.asks_again = (not _in_memory(grid)) if asks_again is None else asks_again
         self._down = 0
         self._up = 0
         self._stop = stop
@@ -113,60 +116,135 @@ class MeteredGrid(Grid):
         """Push, then pull until every request is answered, ``timeout`` passes, or a stop is
         requested (``RunStopped`` within one pull interval).
 
-        A reply the network lost (``LOST_ON_THE_WAY``) to a request that may be asked again
-        is asked for again, once its node is online, up to ``ASK_AGAIN_LIMIT`` times within
-        the timeout; the client resends its recorded copy. Requests that no node answered
-        (silence, or only lost replies) are not a round: ``RunStopped`` (the network or the
-        nodes are gone; the run stops resumably instead of recording an empty round). Lost
-        replies that stay lost are left out: the caller counts those nodes as silent."""
+        A request that may be asked again (``may_ask_again``) is asked again, up to
+        ``ASK_AGAIN_LIMIT`` times within the timeout, when its reply was lost on the way
+        (``LOST_ON_THE_WAY``; once the node is online again) or when its node stays silent for
+        ``silence_before_asking_again(timeout)``: a SuperNode whose upload fails drops its
+        reply without a word. The client answers a request it already answered with the copy
+        it recorded (a duplicate that arrives while it still trains waits for that copy), so
+        asking again releases nothing new; the first answer counts.
+
+        Requests that no node answered (silence, or only lost replies) are not a round:
+        ``RunStopped`` (the network or the nodes are gone; the run stops resumably instead of
+        recording an empty round). Lost replies that stay lost are left out: the caller counts
+        those nodes as silent."""
         requests = list(messages)
         if not requests:
             return []
-        pending = dict(zip(self.push_messages(requests), range(len(requests))))
-        end = None if timeout is None else time.monotonic() + timeout
-        answers: dict[int, Message] = {}
-        ask_again: set[int] = set()
-        asked = [1] * len(requests)
-        while pending or ask_again:
+        asks = _Asks(requests, timeout, self.asks_again)
+        asks.pushed(self.push_messages(requests), range(len(requests)))
+        while asks.open():
             if self._stop is not None and self._stop.is_set():
                 raise RunStopped("stop requested (interrupt or SIGTERM)")
-            for reply in self.pull_messages(list(pending)):
-                i = pending.pop(reply.metadata.reply_to_message_id, None)
-                if i is None:
-                    continue
-                answers[i] = reply
-                if (lost_on_the_way(reply) and may_ask_again(requests[i])
-                        and asked[i] <= ASK_AGAIN_LIMIT):
-                    ask_again.add(i)
-            self._ask_again(requests, ask_again, asked, pending)
-            if (not pending and not ask_again) or (end is not None and time.monotonic() >= end):
+            for reply in self.pull_messages(asks.pending_ids()):
+                asks.answer(reply)
+            self._ask_again(asks)
+            if not asks.open() or asks.expired():
                 break
             time.sleep(self.pull_interval)
-        replies = [r for r in answers.values() if not lost_on_the_way(r)]
-        for i, reply in answers.items():
-            if lost_on_the_way(reply):  # counted as no reply by the caller
-                log.warning("node %d: reply lost on the way: %s",
-                            requests[i].metadata.dst_node_id, reply.error.reason)
+        replies = asks.replies()
         if not replies:
-            lost = f"; {len(answers)} reply(ies) lost on the way" if answers else ""
+            lost = f"; {asks.lost()} reply(ies) lost on the way" if asks.lost() else ""
             raise RunStopped(f"none of the {len(requests)} node(s) asked replied within "
                              f"{timeout:g} s (federation.client_timeout){lost}")
         return replies
 
-    def _ask_again(self, requests: list[Message], ask_again: set[int], asked: list[int],
-                   pending: dict[str, int]) -> None:
-        """Push a fresh copy of each request in ``ask_again`` whose node is online."""
-        if not ask_again:
+    def _ask_again(self, asks: "_Asks") -> None:
+        """Push a fresh copy of each request due to be asked again whose node is online."""
+        due = asks.due()
+        if not due:
             return
         online = set(self.get_node_ids())
-        for i in sorted(ask_again):
-            node = requests[i].metadata.dst_node_id
-            if node not in online:
-                continue
-            pushed = list(self.push_messages([copy_request(requests[i])]))
-            ask_again.discard(i)
-            asked[i] += 1
-            if pushed:
-                pending[pushed[0]] = i
-            log.warning("node %d: its reply was lost on the way; asked again (%d of %d)",
-                        node, asked[i] - 1, ASK_AGAIN_LIMIT)
+        for i, why in due:
+            node = asks.requests[i].metadata.dst_node_id
+            if node in online:
+                asks.pushed(self.push_messages([copy_request(asks.requests[i])]), [i])
+                log.warning("node %d: %s; asked again (%d of %d)", node, why,
+                            asks.asked[i] - 1, ASK_AGAIN_LIMIT)
+
+
+def _in_memory(grid: Grid) -> bool:
+    from flwr.superlink.grid import InMemoryGrid
+
+    return isinstance(grid, InMemoryGrid)
+
+
+def silence_before_asking_again(timeout: float | None) -> float | None:
+    """How long a node may stay silent before it is asked again: the timeout split into
+    ASK_AGAIN_LIMIT + 1 turns, and never under MIN_SILENCE (a round that trains for long is
+    not silent, only slow; asking it again early costs it a resend, nothing more)."""
+    return None if timeout is None else max(MIN_SILENCE, timeout / (ASK_AGAIN_LIMIT + 1))
+
+
+class _Asks:
+    """The state of one send_and_receive: each request, the message ids that ask it, its
+    answer so far."""
+
+    def __init__(self, requests: list[Message], timeout: float | None,
+                 asks_again: bool = True) -> None:
+        self.requests = requests
+        now = time.monotonic()
+        self.end = None if timeout is None else now + timeout
+        self.asks_again = asks_again
+        self.silence = silence_before_asking_again(timeout) if asks_again else None
+        self.pending: dict[str, int] = {}       # message id -> request index
+        self.answers: dict[int, Message] = {}
+        self.asked = [0] * len(requests)
+        self.last_asked = [now] * len(requests)
+        self.lost_again: set[int] = set()       # lost replies waiting for their node
+
+    def pushed(self, message_ids: Iterable[str], indices: Iterable[int]) -> None:
+        now = time.monotonic()
+        for message_id, i in zip(message_ids, indices):
+            self.pending[message_id] = i
+        for i in indices:
+            self.asked[i] += 1
+            self.last_asked[i] = now
+            self.lost_again.discard(i)
+
+    def answered(self, i: int) -> bool:
+        return i in self.answers and not lost_on_the_way(self.answers[i])
+
+    def answer(self, reply: Message) -> None:
+        i = self.pending.pop(reply.metadata.reply_to_message_id, None)
+        if i is None or self.answered(i):
+            return
+        self.answers[i] = reply
+        if not lost_on_the_way(reply):
+            self.pending = {m: j for m, j in self.pending.items() if j != i}
+        elif self._may_ask_again(i) and i not in self.pending.values():
+            self.lost_again.add(i)
+
+    def _may_ask_again(self, i: int) -> bool:
+        return (self.asks_again and may_ask_again(self.requests[i])
+                and self.asked[i] <= ASK_AGAIN_LIMIT)
+
+    def due(self) -> list[tuple[int, str]]:
+        """(request, why) for each request to ask again now."""
+        now = time.monotonic()
+        due = [(i, "its reply was lost on the way") for i in sorted(self.lost_again)]
+        if self.silence is not None:
+            waiting = set(self.pending.values()) - {i for i, _ in due}
+            due += [(i, f"silent for {self.silence:.0f} s") for i in sorted(waiting)
+                    if not self.answered(i) and self._may_ask_again(i)
+                    and now - self.last_asked[i] >= self.silence]
+        return due
+
+    def pending_ids(self) -> list[str]:
+        return list(self.pending)
+
+    def open(self) -> bool:
+        return bool(self.pending or self.lost_again)
+
+    def expired(self) -> bool:
+        return self.end is not None and time.monotonic() >= self.end
+
+    def replies(self) -> list[Message]:
+        for i, reply in self.answers.items():
+            if lost_on_the_way(reply):  # counted as no reply by the caller
+                log.warning("node %d: reply lost on the way: %s",
+                            self.requests[i].metadata.dst_node_id, reply.error.reason)
+        return [r for r in self.answers.values() if not lost_on_the_way(r)]
+
+    def lost(self) -> int:
+        return sum(lost_on_the_way(r) for r in self.answers.values())

@@ -297,3 +297,63 @@ def test_ctrl_c_in_a_simulation_raises_keyboard_interrupt_and_stops_the_server_a
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(1)
     assert interrupted.wait(2) and stop.is_set()
+
+
+class DroppingGrid(LossyGrid):
+    """A SuperNode whose upload fails drops its reply without a word: the first ask of each
+    node in ``silent`` is never answered."""
+
+    def __init__(self, silent=(2,), **kwargs):
+        super().__init__(lose=0, **kwargs)
+        self.silent = set(silent)
+
+    def pull_messages(self, message_ids):
+        def first_ask_of_a_silent_node(m):
+            node = self.inbox[m].metadata.dst_node_id
+            return node in self.silent and sum(p.metadata.dst_node_id == node
+                                               for p in self.pushed) == 1
+
+        return super().pull_messages([m for m in message_ids
+                                      if not first_ask_of_a_silent_node(m)])
+
+
+def test_a_silent_node_is_asked_again_and_its_first_answer_counts(monkeypatch):
+    from fedllm.server import wire
+
+    monkeypatch.setattr(wire, "MIN_SILENCE", 0.3)
+    grid = DroppingGrid(silent=(2,))
+    started = time.monotonic()
+    replies = MeteredGrid(grid, pull_interval=0.02, asks_again=True).send_and_receive(
+        requests(), timeout=1.0)  # silence: max(0.3, 1.0 / 4) = 0.3 s
+    assert sorted(r.metadata.dst_node_id for r in grid.pushed) == [1, 2, 2]
+    assert len(replies) == 2 and 0.3 <= time.monotonic() - started < 0.9
+    # A simulation's in-memory transport loses nothing: nobody is asked again there.
+    quiet = DroppingGrid(silent=(2,))
+    replies = MeteredGrid(quiet, pull_interval=0.02, asks_again=False).send_and_receive(
+        requests(), timeout=1.0)
+    assert len(quiet.pushed) == 2 and len(replies) == 1
+
+
+def test_a_request_asked_again_while_the_first_trains_waits_for_its_release(tmp_path):
+    """The client's side of asking again: a duplicate that arrives while the first request
+    holds the round's release lock waits for it (and then finds its copy) instead of
+    declining, which would drop the node from the run."""
+    from fedllm.privacy.ledger import release_lock
+
+    got = []
+    with release_lock(tmp_path, "c", "run-1", 2) as first:
+        assert first
+
+        def second():
+            with release_lock(tmp_path, "c", "run-1", 2, wait=5) as mine:
+                got.append((mine, time.monotonic()))
+
+        t = threading.Thread(target=second)
+        t.start()
+        time.sleep(0.4)
+        released = time.monotonic()
+    t.join(5)
+    assert got and got[0][0] and got[0][1] >= released
+    with release_lock(tmp_path, "c", "run-1", 2) as first:
+        with release_lock(tmp_path, "c", "run-1", 2, wait=0.2) as mine:
+            assert first and not mine  # still held after the wait: False

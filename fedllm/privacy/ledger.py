@@ -266,18 +266,25 @@ def load_release(directory: str | Path, client_id: str, run_id: str, round_: int
 
 @contextlib.contextmanager
 def release_lock(directory: str | Path, client_id: str, run_id: str, round_: int,
-                 purpose: str = "train"):
-    """Held while one (run, round, purpose) is decided, computed and its copy saved; yields
-    False at once if another request holds it (a duplicated message in flight). The kernel
-    releases it if the process dies, so a crash never blocks a later resume."""
+                 purpose: str = "train", wait: float = 0.0):
+    """Held while one (run, round, purpose) is decided, computed and its copy saved. A second
+    request for it (the server asked again while the first still trains) waits up to ``wait``
+    seconds for the first to finish, then finds its copy; it yields False if the lock is
+    still held then. The kernel releases the lock if the process dies, so a crash never
+    blocks a later resume."""
     path = _release_path(directory, client_id, run_id, round_, purpose).with_suffix(".lock")
     path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    deadline = time.monotonic() + wait
     with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600), "a") as fh:
-        try:
-            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            yield False
-            return
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(min(0.5, max(deadline - time.monotonic(), 0.01)))
         try:
             yield True
         finally:
