@@ -185,6 +185,7 @@ def _index_and_check(cfg: Config, run_dir: Path):
     try:
         tokenizer = models.load_tokenizer(cfg.model)
         models.resolve_model_dir(cfg.model.name, cfg.model.path)  # convert once, up front
+        resolve_adapter_targets(cfg)
         # Sizes only (cached for the server and the clients): no process holds the corpus.
         private_dir(run_dir)  # 0700 before any cache of the clients' text lands in it
         data = run_index(cfg, tokenizer)
@@ -197,6 +198,16 @@ def _index_and_check(cfg: Config, run_dir: Path):
             f"{len(data.clients)} eligible clients")
     _check_privacy_feasible(cfg, data)
     return data
+
+
+def resolve_adapter_targets(cfg: Config) -> None:
+    """model.lora.target_modules as the list the run adapts (``auto`` resolved for this
+    model), so that config.yaml says what was trained; ModelError when a name matches no
+    layer. Prompt tuning adapts no layer: nothing to resolve."""
+    from fedllm import models
+
+    if cfg.model.adapter == "lora":
+        cfg.model.lora.target_modules = models.resolve_target_modules(cfg.model)
 
 
 def _check_privacy_feasible(cfg: Config, data) -> None:

@@ -347,8 +347,9 @@ def cmd_launch(args) -> int:
 
     from fedllm import config as fcfg
     from fedllm import protocol
-    from fedllm.api import check_run_dir_free, resumed_config
+    from fedllm.api import check_run_dir_free, resolve_adapter_targets, resumed_config
     from fedllm.io import atomic_write_text
+    from fedllm.models import ModelError
     from fedllm.run_status import clear_stopped
 
     cfg = fcfg.compose(["eval.mode=clients", *args.overrides])
@@ -357,6 +358,10 @@ def cmd_launch(args) -> int:
     if cfg.eval.mode != "clients":
         raise fcfg.ConfigError("eval.mode: a deployment keeps data on the nodes; use clients")
     check_connection(args.connection)  # before anything is written
+    try:
+        resolve_adapter_targets(cfg)  # what config.yaml records; a wrong name stops here
+    except ModelError as exc:
+        raise fcfg.ConfigError(str(exc)) from None
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
     cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())

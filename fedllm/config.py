@@ -140,7 +140,9 @@ class LoraConfig:
     r: int = MISSING
     alpha: float = MISSING
     dropout: float = MISSING
-    target_modules: list[str] = MISSING
+    # auto: PEFT's mapping for the model type, else its attention projections (resolved
+    # before training and written to config.yaml); or a list of layer names
+    target_modules: Any = MISSING
     freeze_a: bool = MISSING        # FFA-LoRA: train B only, A fixed at its seeded random init
 
 
@@ -627,7 +629,10 @@ def validate(cfg: FedLLMConfig) -> None:
     _positive_int(m.lora.r, "model.lora.r")
     _positive(m.lora.alpha, "model.lora.alpha")
     _require(0 <= m.lora.dropout < 1, "model.lora.dropout", f"must be in [0, 1), got {m.lora.dropout}")
-    _require(len(m.lora.target_modules) > 0, "model.lora.target_modules", "must not be empty")
+    targets = m.lora.target_modules
+    _require(targets == "auto" or (not isinstance(targets, str) and len(targets) > 0
+                                   and all(isinstance(t, str) and t for t in targets)),
+             "model.lora.target_modules", f"must be auto or a list of layer names, got {targets!r}")
     _validate_prompt_tuning(m)
     for key in ("hidden_size", "num_layers", "num_heads"):
         _positive_int(getattr(m.tiny, key), f"model.tiny.{key}")

@@ -203,21 +203,30 @@ def load_tokenizer(model_cfg):
     return tok
 
 
-def load_base_model(model_cfg, vocab_size: int, seed: int):
-    """The frozen base causal LM, fp32 on the CPU (moved to a device by the caller)."""
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+def base_model_config(model_cfg, vocab_size: int | None = None):
+    """The transformers config of the base model (the tiny model's is built here)."""
+    from transformers import AutoConfig, LlamaConfig
 
-    offline_env()
     if model_cfg.name == "tiny":
-        torch.manual_seed(seed)
-        config = LlamaConfig(
-            vocab_size=vocab_size, hidden_size=model_cfg.tiny.hidden_size,
+        return LlamaConfig(
+            vocab_size=vocab_size or _tiny_vocab(model_cfg) or 49152,
+            hidden_size=model_cfg.tiny.hidden_size,
             intermediate_size=2 * model_cfg.tiny.hidden_size,
             num_hidden_layers=model_cfg.tiny.num_layers,
             num_attention_heads=model_cfg.tiny.num_heads,
             num_key_value_heads=model_cfg.tiny.num_heads,
             max_position_embeddings=2048, tie_word_embeddings=True)
-        model = LlamaForCausalLM(config)
+    return AutoConfig.from_pretrained(resolve_model_dir(model_cfg.name, model_cfg.path))
+
+
+def load_base_model(model_cfg, vocab_size: int, seed: int):
+    """The frozen base causal LM, fp32 on the CPU (moved to a device by the caller)."""
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
+
+    offline_env()
+    if model_cfg.name == "tiny":
+        torch.manual_seed(seed)
+        model = LlamaForCausalLM(base_model_config(model_cfg, vocab_size))
     else:
         directory = resolve_model_dir(model_cfg.name, model_cfg.path)
         # No low_cpu_mem_usage: Opacus must wrap ordinary (materialized) modules.
@@ -229,6 +238,67 @@ def load_base_model(model_cfg, vocab_size: int, seed: int):
     return model
 
 
+# Attention input projections, fused or not, under the names architectures give them: what
+# target_modules=auto adapts when PEFT has no mapping for the model type.
+ATTENTION_PROJECTIONS = ("q_proj", "k_proj", "v_proj", "qkv_proj", "c_attn", "query_key_value",
+                         "Wqkv", "query", "key", "value")
+
+
+def module_skeleton(model_cfg):
+    """The base model built on the meta device: its module tree, without weights or memory."""
+    from transformers import AutoModelForCausalLM
+
+    offline_env()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(base_model_config(model_cfg))
+
+
+def adaptable_layers(model) -> dict[str, str]:
+    """Full name -> short name of each layer LoRA can wrap: Linear, and GPT-2's Conv1D (its
+    weight is transposed; PEFT handles it). The output head is never adapted."""
+    from transformers.pytorch_utils import Conv1D
+
+    return {name: name.rsplit(".", 1)[-1] for name, module in model.named_modules()
+            if isinstance(module, (torch.nn.Linear, Conv1D)) and not name.endswith("lm_head")}
+
+
+def requested_targets(target_modules) -> list[str] | None:
+    """The configured names (a single name is a list of one); None for ``auto``."""
+    if isinstance(target_modules, str):
+        return None if target_modules == "auto" else [target_modules]
+    names = [str(t) for t in target_modules]
+    return None if names == ["auto"] else names
+
+
+def resolve_target_modules(model_cfg, model=None) -> list[str]:
+    """``model.lora.target_modules`` as a list for this model. ``auto``: PEFT's mapping for the
+    model type where every name in it exists, else the model's attention projections. Raises
+    ModelError (one line naming the model's layers) when a name matches no layer."""
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as PEFT
+
+    targets = requested_targets(model_cfg.lora.target_modules)
+    model = model if model is not None else module_skeleton(model_cfg)
+    layers = adaptable_layers(model)
+    shorts = list(dict.fromkeys(layers.values()))
+    model_type = getattr(model.config, "model_type", "?")
+    if targets is None:
+        mapped = PEFT.get(model_type) or []
+        if mapped and all(name in shorts for name in mapped):
+            return list(mapped)
+        found = [name for name in ATTENTION_PROJECTIONS if name in shorts]
+        if not found:
+            raise ModelError(f"model.lora.target_modules=auto: no attention projection found in "
+                             f"this {model_type} model; name the layers to adapt, among: "
+                             f"{', '.join(shorts)}")
+        return found
+    for target in targets:
+        if not any(full == target or full.endswith("." + target) for full in layers):
+            raise ModelError(f"model.lora.target_modules: {target!r} matches no layer of this "
+                             f"{model_type} model; its linear layers are: {', '.join(shorts)} "
+                             "(or use auto)")
+    return targets
+
+
 def attach_adapter(base_model, model_cfg, seed: int):
     """Wrap ``base_model`` in a PEFT model (LoRA or prompt tuning); only adapter weights train."""
     from peft import LoraConfig, get_peft_model
@@ -238,8 +308,8 @@ def attach_adapter(base_model, model_cfg, seed: int):
     lora = model_cfg.lora
     torch.manual_seed(seed)
     config = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-                        target_modules=list(lora.target_modules), bias="none",
-                        task_type="CAUSAL_LM")
+                        target_modules=resolve_target_modules(model_cfg, base_model),
+                        bias="none", task_type="CAUSAL_LM")
     model = get_peft_model(base_model, config)
     if lora.freeze_a:
         # FFA-LoRA (Sun et al., ICLR 2024): A stays at its (seeded, shared) random init and

@@ -565,9 +565,12 @@ def describe_adapter(model_cfg) -> str:
     if getattr(model_cfg, "adapter", "lora") == "prompt_tuning":
         pt = model_cfg.prompt_tuning
         return f"prompt-tuning adapter ({pt.num_virtual_tokens} virtual tokens, init {pt.init})"
+    from fedllm.models import requested_targets
+
     lora = model_cfg.lora
+    targets = requested_targets(lora.target_modules)
     return (f"LoRA adapter (r={lora.r}, alpha={lora.alpha:g}, targets "
-            f"{', '.join(lora.target_modules)})")
+            f"{', '.join(targets) if targets else 'auto'})")
 
 
 def _adapter_tag(cfg) -> str:
