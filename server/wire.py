@@ -124,10 +124,11 @@ class MeteredGrid(Grid):
         it recorded (a duplicate that arrives while it still trains waits for that copy), so
         asking again releases nothing new; the first answer counts.
 
-        Requests that no node answered (silence, or only lost replies) are not a round:
-        ``RunStopped`` (the network or the nodes are gone; the run stops resumably instead of
-        recording an empty round). Lost replies that stay lost are left out: the caller counts
-        those nodes as silent."""
+        Training requests that no node answered (silence, or only lost replies) are not a
+        round: ``RunStopped`` (the network or the nodes are gone; the run stops resumably
+        instead of recording an empty round). An evaluation nobody answered returns no
+        replies. Lost replies that stay lost are left out: the caller counts those nodes as
+        silent."""
         requests = list(messages)
         if not requests:
             return []
@@ -145,8 +146,13 @@ class MeteredGrid(Grid):
         replies = asks.replies()
         if not replies:
             lost = f"; {asks.lost()} reply(ies) lost on the way" if asks.lost() else ""
-            raise RunStopped(f"none of the {len(requests)} node(s) asked replied within "
-                             f"{timeout:g} s (federation.client_timeout){lost}")
+            why = (f"none of the {len(requests)} node(s) asked replied within {timeout:g} s "
+                   f"(federation.client_timeout){lost}")
+            if any(m.metadata.message_type != MessageType.EVALUATE for m in requests):
+                raise RunStopped(why)
+            # An evaluation nobody answered leaves that round's held-out loss unknown, not
+            # the run incomplete; a network that is really gone stops the next training round.
+            log.warning("evaluation: %s", why)
         return replies
 
     def _ask_again(self, asks: "_Asks") -> None:

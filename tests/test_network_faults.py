@@ -178,8 +178,10 @@ def test_latency_and_connection_resets(deployment):
         d["start_node"](i)
     d["proxy"].latency, d["proxy"].reset_rate = 0.1, 0.01
     run_dir = d["tmp"] / "run"
+    # A reset costs a SuperNode up to ~30 s of reconnect backoff per step (pull, upload), so
+    # the timeout leaves room for a lost reply to be asked for again.
     proc, seconds = launch(d, run_dir, "federation.rounds=2", "federation.num_clients=2",
-                           "federation.clients_per_round=2", "federation.client_timeout=120")
+                           "federation.clients_per_round=2", "federation.client_timeout=240")
     print(f"\nDRILL latency+resets: exit {proc.returncode}, {len(rows(run_dir))} rounds, "
           f"{seconds:.0f} s, {d['proxy'].resets} resets")
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]

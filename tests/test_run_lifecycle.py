@@ -220,6 +220,10 @@ def test_asking_again_waits_for_the_node_and_stops_when_every_reply_stays_lost()
     with pytest.raises(RunStopped, match="none of the 2 node.*lost on the way"):
         MeteredGrid(never, pull_interval=0.01).send_and_receive(requests(), timeout=5)
     assert len(never.pushed) == 2 * 4  # asked, then asked again ASK_AGAIN_LIMIT times
+    # An evaluation nobody answered: that round's held-out loss is unknown, the run goes on.
+    evaluation = LossyGrid(nodes=(1, 2), lose=100)
+    assert MeteredGrid(evaluation, pull_interval=0.01).send_and_receive(
+        requests("evaluate"), timeout=5) == []
 
 
 def test_the_server_waits_a_bounded_time_for_nodes_then_stops(tiny_cfg):
