@@ -270,3 +270,41 @@ def test_gguf_export_never_replaces_an_existing_file(lora_run, tmp_path, capsys)
     assert main(["export", str(lora_run[0]), "--gguf", str(path)]) == 2
     assert "already exists" in capsys.readouterr().err
     assert path.read_bytes() == b"a model file someone made earlier"
+
+
+def _soft_prompted_opt(tokenizer):
+    from peft import PromptTuningConfig, get_peft_model
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    base = OPTForCausalLM(OPTConfig(vocab_size=len(tokenizer), hidden_size=32, ffn_dim=64,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    word_embed_proj_dim=32, max_position_embeddings=128,
+                                    pad_token_id=tokenizer.pad_token_id)).eval()
+    return get_peft_model(base, PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4))
+
+
+def test_the_model_cards_samples_survive_a_model_whose_cached_decoding_fails():
+    """OPT with a soft prompt fails at the first cached decoding step (PEFT adds position
+    embeddings for the prompt tokens only): the samples are generated without the cache, and
+    a model that cannot generate at all leaves a one-line reason instead of a traceback."""
+    from types import SimpleNamespace
+
+    from fedllm.config import compose
+    from fedllm.models import load_tokenizer
+
+    tokenizer = load_tokenizer(compose(["model=tiny"]).model)
+    model = _soft_prompted_opt(tokenizer)
+    with pytest.raises(RuntimeError):
+        export.compare(model, tokenizer, ["My lord, I", "To be"], max_new_tokens=3)
+    cfg = SimpleNamespace(model=SimpleNamespace(name="hf"))
+    doc = export.sample_generations(cfg, model, tokenizer)
+    assert len(doc["samples"]) == len(export.SAMPLE_PROMPTS) and "skipped" not in doc
+
+    def broken(*args, **kwargs):
+        raise ValueError("this model cannot\ngenerate")
+
+    model.generate = broken
+    doc = export.sample_generations(cfg, model, tokenizer)
+    assert doc["skipped"].startswith("generation failed for this model (ValueError: this model")
+    assert "\n" not in doc["skipped"]
