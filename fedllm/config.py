@@ -187,6 +187,10 @@ class RunConfig:
     ray_address: Optional[str] = MISSING
     client_cpus: Optional[float] = MISSING
     client_gpus: Optional[float] = MISSING
+    # Priority of the simulated clients' processes (Unix niceness, 0-19) on a private local
+    # Ray instance. 0: the driver's own; Ray's default, 15, halves a run's speed next to any
+    # other job. A joined cluster keeps its own setting.
+    client_niceness: int = MISSING
     id: Optional[str] = MISSING     # set once per run (ledger entries are keyed by it)
     resume: bool = MISSING          # continue run.dir from its last checkpoint
     overwrite: bool = MISSING       # replace a run already in run.dir (else: refused)
@@ -817,6 +821,9 @@ def _validate_simulation_resources(run: RunConfig, device: str) -> None:
              f"must be null (a private local Ray instance), auto, or host:port of a running "
              f"cluster's head (e.g. 10.0.0.5:6379; Ray Client ray:// addresses are not "
              f"supported); got {address!r}")
+    _require(isinstance(run.client_niceness, int) and 0 <= run.client_niceness <= 19,
+             "run.client_niceness", f"must be a whole number from 0 (normal priority) to 19 "
+             f"(lowest), got {run.client_niceness!r}")
     if run.client_cpus is not None:
         _positive(run.client_cpus, "run.client_cpus")
         _require(run.client_cpus >= 1e-4, "run.client_cpus",

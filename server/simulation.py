@@ -63,6 +63,7 @@ class SimulationResources:
     client_gpus: float
     local_cpus: int = 0     # size of the private instance (unused when joining)
     local_gpus: int = 0
+    niceness: int = 0       # the private instance's workers (a joined cluster keeps its own)
 
     @property
     def joins_cluster(self) -> bool:
@@ -87,7 +88,8 @@ def plan_resources(run: RunConfig, *, cpu_count: int, gpu_count: int) -> Simulat
         raise ConfigError(f"run.client_gpus: {gpus:g} GPUs per client, but {gpu_count} usable "
                           "GPU(s) here (none: no CUDA device is visible, or model.device=cpu)")
     return SimulationResources(address="local", client_cpus=cpus, client_gpus=gpus,
-                               local_cpus=cpu_count, local_gpus=gpu_count)
+                               local_cpus=cpu_count, local_gpus=gpu_count,
+                               niceness=run.client_niceness)
 
 
 def _cpu_share(cpu_count: int, parallel_clients: int, client_gpus: float,
@@ -110,7 +112,9 @@ def backend_config(res: SimulationResources, verbose: bool) -> dict:
                        "log_to_driver": verbose}
     if not res.joins_cluster:  # ray.init refuses sizes when it joins an existing cluster
         init_args.update(num_cpus=res.local_cpus, num_gpus=res.local_gpus,
-                         include_dashboard=False)
+                         include_dashboard=False,
+                         # Ray starts its workers at nice 15 unless told otherwise.
+                         _system_config={"worker_niceness": res.niceness})
     return {"client_resources": {"num_cpus": res.client_cpus, "num_gpus": res.client_gpus},
             "init_args": init_args}
 

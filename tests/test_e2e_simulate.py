@@ -99,9 +99,12 @@ def test_tiny_simulation_without_dp(tmp_path):
     proc = run_simulate(run_dir, "model=tiny", "privacy=none", "strategy=fedadam",
                         "federation.rounds=1",
                         "federation.num_clients=3", "federation.clients_per_round=3",
-                        "train.local_steps=2")
+                        "train.local_steps=2", "run.client_niceness=7")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = check_contract_files(run_dir, 1)
+    # The clients ran at the priority the config set (Ray's own default would be 15).
+    placements = [json.loads(x) for x in (run_dir / "placement.jsonl").read_text().splitlines()]
+    assert len(placements) == 3 and {p["niceness"] for p in placements} == {7}
     assert rows[0]["epsilon_example_max"] is None
     # Wire bytes count whole serialized messages: the adapter payload plus the resolved
     # config that travels with every instruction.

@@ -40,6 +40,7 @@ def run_config(**overrides):
     (["run.parallel_clients=2", "run.ray_address=auto"], "combined with run.ray_address"),
     (["run.client_gpus=0.5", "model.device=cpu"], "model.device=cpu"),
     (["run.client_gpus=0", "model.device=cuda"], "Ray hides every GPU"),
+    (["run.client_niceness=20"], "run.client_niceness: must be a whole number from 0"),
 ])
 
 def test_bad_resource_combinations_are_one_readable_config_error(overrides, message):
@@ -64,6 +65,8 @@ def test_local_default_is_one_client_with_every_core_and_a_private_instance():
     assert cfg["init_args"]["address"] == "local"
     assert (cfg["init_args"]["num_cpus"], cfg["init_args"]["num_gpus"]) == (8, 0)
     assert cfg["client_resources"] == {"num_cpus": 8, "num_gpus": 0.0}
+    # Normal priority: Ray would start the client workers at nice 15.
+    assert cfg["init_args"]["_system_config"] == {"worker_niceness": 0}
 
 
 def test_parallel_clients_split_cores_and_the_gpu():
