@@ -1,10 +1,12 @@
 """DP-SGD step time / non-DP step time on SmolLM2-135M LoRA (r=8, q_proj+v_proj).
 
 Run: python experiments/bench_dp_step.py [--batch 8 --seq-len 128 --repeats 5]
+     python experiments/bench_dp_step.py --adapter prompt_tuning [...]   (the default adapter)
 Both variants run in one process, interleaved (non-DP, DP, non-DP, DP, ...) after a warm-up,
 so machine noise hits them alike; the ratio of medians is reported. The DP step is fedllm's
-(per-sequence loss, per-sample gradients, DPOptimizer clipping + noise), once with Opacus'
-GradSampleModule hooks and once with fedllm's LoRA fast path.
+(per-sequence loss, per-sample gradients, DPOptimizer clipping + noise): for LoRA once with
+Opacus' GradSampleModule hooks and once with fedllm's LoRA fast path; for the soft prompt with
+Opacus' embedding grad sampler on the per-example prompt lookup (the only engine that covers it).
 """
 
 from __future__ import annotations
@@ -30,9 +32,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--adapter", choices=["lora", "prompt_tuning"], default="lora")
     args = parser.parse_args()
+    if args.adapter == "prompt_tuning":
+        return prompt_tuning(args)
 
-    cfg = compose(["model=smollm2"])
+    cfg = compose(["model=smollm2", "adapter=lora"])
     loaded = models.build(cfg.model, seed=0, device="cpu")
     model = loaded.model
     model.train()
@@ -89,6 +94,69 @@ def main() -> None:
         "lora_A/lora_B linears, the *fast path* (`fedllm/privacy/lora_fast.py`) with one "
         "autograd function per LoRA layer that also skips the summed weight gradients. "
         "Goal: <= 1.05x.",
+        "",
+        "| step | median s | vs non-DP |",
+        "|---|---|---|",
+        *rows,
+    ]))
+
+
+def interleaved(variants: dict, repeats: int) -> dict:
+    times = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    return times
+
+
+def prompt_tuning(args) -> None:
+    """The default adapter: a soft prompt (compose's defaults), DP through Opacus' hooks."""
+    cfg = compose(["model=smollm2"])
+    assert cfg.model.adapter == "prompt_tuning"
+    loaded = models.build(cfg.model, seed=0, device="cpu")
+    model = loaded.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = torch.randint(0, len(loaded.tokenizer), (args.batch, args.seq_len))
+    plain_opt = torch.optim.AdamW(params, lr=1e-4)
+    assert dpsgd.resolve_engine(model, "auto") == "opacus"
+
+    def timed_plain_step() -> float:
+        t = time.perf_counter()
+        dpsgd.sequence_loss(model, batch).backward()
+        plain_opt.step()
+        plain_opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+
+    def timed_dp_step() -> float:
+        with dpsgd.per_sample_gradients(model) as wrapped:
+            dp_opt = dpsgd.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-4),
+                                             noise_multiplier=1.0, max_grad_norm=1.0,
+                                             expected_batch_size=args.batch, generator=None)
+            t = time.perf_counter()
+            dpsgd.dp_step(wrapped, dp_opt, batch, None, torch.device("cpu"))
+            return time.perf_counter() - t
+
+    times = interleaved({"non-DP": timed_plain_step,
+                         "DP, Opacus embedding grad sampler (default)": timed_dp_step},
+                        args.repeats)
+    base = statistics.median(times["non-DP"])
+    rows = [f"| {name} | {statistics.median(v):.3f} | {statistics.median(v) / base:.3f}x |"
+            for name, v in times.items()]
+    print("\n".join(rows))
+    pt = cfg.model.prompt_tuning
+    write_section("dp_step_prompt", "\n".join([
+        f"## DP-SGD step overhead of the default adapter (SmolLM2-135M, soft prompt of "
+        f"{pt.num_virtual_tokens} virtual tokens, batch {args.batch} x {args.seq_len} tokens)",
+        "",
+        f"Command: `python experiments/bench_dp_step.py --adapter prompt_tuning --batch "
+        f"{args.batch} --seq-len {args.seq_len} --repeats {args.repeats}` (interleaved, "
+        "medians, fp32 on the CPU). Each step: forward, backward through the whole frozen "
+        "model to the prompt, AdamW update of the prompt. The DP step adds per-sample "
+        "gradients (Opacus' embedding grad sampler on fedllm's per-example prompt lookup, "
+        "`fedllm/models.py`), clipping to C=1 and Gaussian noise. Goal: <= 1.05x.",
         "",
         "| step | median s | vs non-DP |",
         "|---|---|---|",
