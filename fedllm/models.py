@@ -382,6 +382,24 @@ def adapter_state(model) -> "OrderedDict[str, np.ndarray]":
                        for k, v in sorted(state.items()))
 
 
+def set_gradient_checkpointing(model, enabled: bool) -> None:
+    """transformers' non-reentrant gradient checkpointing on the base model's decoder layers
+    (it acts in training mode only). Non-reentrant: the recomputation replays each layer's
+    autograd graph, so the LoRA fast path's functions and Opacus' hooks, which sit on the
+    adapter (inside) or the prompt lookup (outside the checkpointed layers), see one forward
+    and one backward per step, as without it."""
+    base = unwrap(model).get_base_model()
+    active = getattr(base, "is_activation_checkpointing", None)  # transformers >= 5
+    if active is None:
+        active = getattr(base, "is_gradient_checkpointing", False)
+    if enabled == bool(active):
+        return
+    if enabled:
+        base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        base.gradient_checkpointing_disable()
+
+
 def load_adapter_state(model, arrays: "dict[str, np.ndarray]") -> None:
     """Set adapter tensors from named numpy arrays (names and shapes must match)."""
     from peft import set_peft_model_state_dict

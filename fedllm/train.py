@@ -97,6 +97,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     """
     model, device = loaded.model, loaded.device
     models.load_adapter_state(model, global_adapter)
+    models.set_gradient_checkpointing(model, cfg.train.gradient_checkpointing)
     model.train()
     t = cfg.train
     dp = cfg.privacy.example
