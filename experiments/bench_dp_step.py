@@ -27,6 +27,57 @@ from fedllm.config import compose  # noqa: E402
 from fedllm.privacy import dpsgd  # noqa: E402
 
 
+def setup(overrides: list[str], seq_len: int, batch_size: int):
+    """SmolLM2 with the adapter ``overrides`` choose, in training mode, and a random batch."""
+    cfg = compose(["model=smollm2", *overrides])
+    loaded = models.build(cfg.model, seed=0, device="cpu")
+    model = loaded.model
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = torch.randint(0, len(loaded.tokenizer), (batch_size, seq_len))
+    return cfg, model, params, batch
+
+
+def plain_step_timer(model, params, batch):
+    opt = torch.optim.AdamW(params, lr=1e-4)
+
+    def timed() -> float:
+        t = time.perf_counter()
+        dpsgd.sequence_loss(model, batch).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        return time.perf_counter() - t
+    return timed
+
+
+def dp_step_timer(model, params, batch, engine: str):
+    def timed() -> float:
+        # Only the step is timed: the engine and optimizer are set up once per round.
+        with dpsgd.per_sample_gradients(model, engine) as wrapped:
+            dp_opt = dpsgd.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-4),
+                                             noise_multiplier=1.0, max_grad_norm=1.0,
+                                             expected_batch_size=len(batch), generator=None)
+            t = time.perf_counter()
+            dpsgd.dp_step(wrapped, dp_opt, batch, None, torch.device("cpu"))
+            return time.perf_counter() - t
+    return timed
+
+
+def interleaved(variants: dict, repeats: int) -> list[str]:
+    """Table rows: each variant's median time and its ratio to the first variant's."""
+    times = {name: [] for name in variants}
+    for fn in variants.values():  # warm-up
+        fn()
+    for _ in range(repeats):
+        for name, fn in variants.items():
+            times[name].append(fn())
+    base = statistics.median(next(iter(times.values())))
+    rows = [f"| {name} | {statistics.median(v):.3f} | {statistics.median(v) / base:.3f}x |"
+            for name, v in times.items()]
+    print("\n".join(rows))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--batch", type=int, default=8)
@@ -36,52 +87,13 @@ def main() -> None:
     args = parser.parse_args()
     if args.adapter == "prompt_tuning":
         return prompt_tuning(args)
-
-    cfg = compose(["model=smollm2", "adapter=lora"])
-    loaded = models.build(cfg.model, seed=0, device="cpu")
-    model = loaded.model
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    batch = torch.randint(0, len(loaded.tokenizer), (args.batch, args.seq_len))
-
-    plain_opt = torch.optim.AdamW(params, lr=1e-4)
+    _, model, params, batch = setup(["adapter=lora"], args.seq_len, args.batch)
     assert dpsgd.resolve_engine(model, "auto") == "lora_fast"
-
-    def plain_step():
-        loss = dpsgd.sequence_loss(model, batch)
-        loss.backward()
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-
-    def timed_dp_step(engine: str) -> float:
-        # Only the step is timed: the engine and optimizer are set up once per round in training.
-        with dpsgd.per_sample_gradients(model, engine) as wrapped:
-            dp_opt = dpsgd.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-4),
-                                             noise_multiplier=1.0, max_grad_norm=1.0,
-                                             expected_batch_size=args.batch, generator=None)
-            t = time.perf_counter()
-            dpsgd.dp_step(wrapped, dp_opt, batch, None, torch.device("cpu"))
-            return time.perf_counter() - t
-
-    def timed_plain_step() -> float:
-        t = time.perf_counter()
-        plain_step()
-        return time.perf_counter() - t
-
-    variants = {"non-DP": timed_plain_step,
-                "DP, Opacus hooks": lambda: timed_dp_step("opacus"),
-                "DP, fedllm LoRA fast path (default)": lambda: timed_dp_step("lora_fast")}
-    times = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up
-        fn()
-    for _ in range(args.repeats):
-        for name, fn in variants.items():
-            times[name].append(fn())
-
-    base = statistics.median(times["non-DP"])
-    rows = [f"| {name} | {statistics.median(v):.3f} | {statistics.median(v) / base:.3f}x |"
-            for name, v in times.items()]
-    print("\n".join(rows))
+    rows = interleaved({
+        "non-DP": plain_step_timer(model, params, batch),
+        "DP, Opacus hooks": dp_step_timer(model, params, batch, "opacus"),
+        "DP, fedllm LoRA fast path (default)": dp_step_timer(model, params, batch, "lora_fast"),
+    }, args.repeats)
     write_section("dp_step", "\n".join([
         f"## DP-SGD step overhead (SmolLM2-135M, LoRA r=8 on q,v, batch {args.batch} x "
         f"{args.seq_len} tokens)",
@@ -101,51 +113,16 @@ def main() -> None:
     ]))
 
 
-def interleaved(variants: dict, repeats: int) -> dict:
-    times = {name: [] for name in variants}
-    for fn in variants.values():  # warm-up
-        fn()
-    for _ in range(repeats):
-        for name, fn in variants.items():
-            times[name].append(fn())
-    return times
-
-
 def prompt_tuning(args) -> None:
     """The default adapter: a soft prompt (compose's defaults), DP through Opacus' hooks."""
-    cfg = compose(["model=smollm2"])
+    cfg, model, params, batch = setup([], args.seq_len, args.batch)
     assert cfg.model.adapter == "prompt_tuning"
-    loaded = models.build(cfg.model, seed=0, device="cpu")
-    model = loaded.model
-    model.train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    batch = torch.randint(0, len(loaded.tokenizer), (args.batch, args.seq_len))
-    plain_opt = torch.optim.AdamW(params, lr=1e-4)
     assert dpsgd.resolve_engine(model, "auto") == "opacus"
-
-    def timed_plain_step() -> float:
-        t = time.perf_counter()
-        dpsgd.sequence_loss(model, batch).backward()
-        plain_opt.step()
-        plain_opt.zero_grad(set_to_none=True)
-        return time.perf_counter() - t
-
-    def timed_dp_step() -> float:
-        with dpsgd.per_sample_gradients(model) as wrapped:
-            dp_opt = dpsgd.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-4),
-                                             noise_multiplier=1.0, max_grad_norm=1.0,
-                                             expected_batch_size=args.batch, generator=None)
-            t = time.perf_counter()
-            dpsgd.dp_step(wrapped, dp_opt, batch, None, torch.device("cpu"))
-            return time.perf_counter() - t
-
-    times = interleaved({"non-DP": timed_plain_step,
-                         "DP, Opacus embedding grad sampler (default)": timed_dp_step},
-                        args.repeats)
-    base = statistics.median(times["non-DP"])
-    rows = [f"| {name} | {statistics.median(v):.3f} | {statistics.median(v) / base:.3f}x |"
-            for name, v in times.items()]
-    print("\n".join(rows))
+    rows = interleaved({
+        "non-DP": plain_step_timer(model, params, batch),
+        "DP, Opacus embedding grad sampler (default)": dp_step_timer(model, params, batch,
+                                                                     "auto"),
+    }, args.repeats)
     pt = cfg.model.prompt_tuning
     write_section("dp_step_prompt", "\n".join([
         f"## DP-SGD step overhead of the default adapter (SmolLM2-135M, soft prompt of "
