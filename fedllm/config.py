@@ -187,9 +187,9 @@ class RunConfig:
     ray_address: Optional[str] = MISSING
     client_cpus: Optional[float] = MISSING
     client_gpus: Optional[float] = MISSING
-    # Priority of the simulated clients' processes (Unix niceness, 0-19) on a private local
-    # Ray instance. 0: the driver's own; Ray's default, 15, halves a run's speed next to any
-    # other job. A joined cluster keeps its own setting.
+    # Priority of the simulated clients' processes on a private local Ray instance: a Unix
+    # niceness added to fedllm's own (0-19). 0: the same priority as fedllm; Ray's default,
+    # 15, halves a run's speed next to any other job. A joined cluster keeps its own setting.
     client_niceness: int = MISSING
     id: Optional[str] = MISSING     # set once per run (ledger entries are keyed by it)
     resume: bool = MISSING          # continue run.dir from its last checkpoint
