@@ -202,7 +202,8 @@ class _Asks:
     def pushed(self, message_ids: Iterable[str], indices: Iterable[int]) -> None:
         now = time.monotonic()
         for message_id, i in zip(message_ids, indices):
-            self.pending[message_id] = i
+            if message_id is not None:  # Flower's grid: None for a message it could not push
+                self.pending[message_id] = i
         for i in indices:
             self.asked[i] += 1
             self.last_asked[i] = now
