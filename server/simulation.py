@@ -164,6 +164,18 @@ def join_cluster(res: SimulationResources, verbose: bool) -> None:
         log.warning("The cluster has GPUs but run.client_gpus=0: clients train on CPU")
 
 
+def start_local_ray(backend: dict) -> None:
+    """The private local Ray instance, started here rather than inside Flower (whose backend
+    then finds Ray initialized and uses it, as it does a joined cluster), so that the
+    interrupt handlers installed afterwards are fedllm's: ``ray.init`` replaces SIGTERM's
+    handler with an abrupt ``sys.exit``, whose teardown shuts Ray down under Flower's worker
+    threads (Ray then ends the process with exit code 1)."""
+    import ray
+
+    ray.init(runtime_env={"env_vars": {"PYTHONPATH": worker_pythonpath()}},
+             **backend["init_args"])
+
+
 def check_reachable(address: str, timeout: float = 10.0) -> None:
     """Fail fast when nothing listens at ``host:port``: ray.init would retry for minutes."""
     host, _, port = address.rpartition(":")
@@ -202,6 +214,8 @@ def simulate(cfg_text: str, num_clients: int, *, use_gpu: bool = False,
         warnings.simplefilter("ignore", FutureWarning)
         if res.joins_cluster:
             join_cluster(res, verbose)
+        else:
+            start_local_ray(backend_config(res, verbose))
         try:
             _run_flower_simulation(cfg_text, num_clients, backend_config(res, verbose), verbose)
         finally:
@@ -247,7 +261,7 @@ def _run_flower_simulation(cfg_text: str, num_clients: int, backend: dict, verbo
 def _interrupts_stop(stop: threading.Event, interrupted: threading.Event):
     """Ctrl-C and SIGTERM stop the run the same way: the ServerApp is told to stop (``stop``)
     and the run reports an interrupt (``interrupted``), in the main thread only, where
-    handlers can be set.
+    handlers can be set. A second signal raises KeyboardInterrupt at once.
 
     The interrupt must not depend on a KeyboardInterrupt reaching this frame: Ray defers a
     SIGINT that arrives inside some of its calls and drops it when the call then fails (as it
@@ -264,9 +278,15 @@ def _interrupts_stop(stop: threading.Event, interrupted: threading.Event):
             # thread holding it), always from a thread.
             threading.Thread(target=lambda: (interrupted.set(), stop.set()), daemon=True).start()
 
+    received = []
+
     def interrupt(signum, frame):
+        # The first signal stops the run in order: the ServerApp stops at once, the clients'
+        # steps in flight end, then Flower shuts Ray down. A second one stops it now.
+        received.append(signum)
         note(signum)
-        raise KeyboardInterrupt(f"signal {signum}")
+        if len(received) > 1:
+            raise KeyboardInterrupt(f"signal {signum}")
 
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
