@@ -212,12 +212,13 @@ def simulate(cfg_text: str, num_clients: int, *, use_gpu: bool = False,
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", FutureWarning)
+        backend = backend_config(res, verbose)
         if res.joins_cluster:
             join_cluster(res, verbose)
         else:
-            start_local_ray(backend_config(res, verbose))
+            start_local_ray(backend)
         try:
-            _run_flower_simulation(cfg_text, num_clients, backend_config(res, verbose), verbose)
+            _run_flower_simulation(cfg_text, num_clients, backend, verbose)
         finally:
             ray = sys.modules.get("ray")
             if ray is not None and ray.is_initialized():  # Flower shuts it down unless it failed
