@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -24,7 +25,8 @@ from sim_runner import simulate  # noqa: E402
 
 
 def timed_demo(label: str, tmp: Path) -> str:
-    run = simulate([], tmp / label.replace(" ", "-"))
+    # A Hydra override value must not hold a comma (it would read as a sweep).
+    run = simulate([], tmp / re.sub(r"[^A-Za-z0-9]+", "-", label))
     if run.returncode != 0:
         raise SystemExit(f"the demo failed: see {run.run_dir}.log")
     s = run.summary
