@@ -25,14 +25,23 @@ import torch.nn.functional as F
 from fedllm.data.chat import model_ids, scored
 
 
-def autocast(device: torch.device):
-    """bf16 autocast on CUDA (weights and optimizer stay fp32); nothing on the CPU."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.bfloat16)
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def autocast(device: torch.device, precision: str = "auto"):
+    """The forward pass's precision; weights, gradients and the optimizer stay fp32.
+
+    ``auto``: bf16 autocast on CUDA, fp32 elsewhere (what runs use). ``bf16``: bf16 autocast
+    on any device. ``fp32``: no autocast (``experiments/gpu_check.py`` compares the two)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown precision {precision!r}; one of {PRECISIONS}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
 
-def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
+def per_sequence_losses(model, input_ids: torch.Tensor, precision: str = "auto"
+                        ) -> torch.Tensor:
     """Each sequence's mean next-token loss over its scored tokens.
 
     Ids below 0 are not targets (``fedllm.data.chat``): padding after a record's end (fed as
@@ -40,7 +49,7 @@ def per_sequence_losses(model, input_ids: torch.Tensor) -> torch.Tensor:
     (fed as its real token). Under causal attention, padding cannot change a real position's
     logits, so a padded record's loss (and gradient) is the record's own."""
     ids = model_ids(input_ids)
-    with autocast(ids.device):
+    with autocast(ids.device, precision):
         logits = model(input_ids=ids).logits
     logits = real_token_logits(logits, ids)
     per_token = F.cross_entropy(
@@ -68,9 +77,9 @@ def check_per_sample(params, batch_size: int) -> None:
                 f"{batch_size} examples: clipping would not be per example")
 
 
-def sequence_loss(model, input_ids: torch.Tensor) -> torch.Tensor:
+def sequence_loss(model, input_ids: torch.Tensor, precision: str = "auto") -> torch.Tensor:
     """Mean over the batch of each sequence's mean next-token loss."""
-    return per_sequence_losses(model, input_ids).mean()
+    return per_sequence_losses(model, input_ids, precision).mean()
 
 
 def poisson_batch(data: torch.Tensor, sample_rate: float, generator: torch.Generator
@@ -142,7 +151,7 @@ def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: floa
 
 
 def dp_step(gsm, optimizer, batch: torch.Tensor, physical_batch_size: int | None,
-            device: torch.device) -> float | None:
+            device: torch.device, precision: str = "auto") -> float | None:
     # ``gsm``: the module ``per_sample_gradients`` yielded (GradSampleModule or the model).
     """One DP-SGD step on a (possibly empty) Poisson batch. Returns the batch loss or None.
 
@@ -160,7 +169,7 @@ def dp_step(gsm, optimizer, batch: torch.Tensor, physical_batch_size: int | None
     chunks = list(torch.split(batch, chunk))
     total = 0.0
     for i, part in enumerate(chunks):
-        loss = sequence_loss(gsm, part.to(device))
+        loss = sequence_loss(gsm, part.to(device), precision)
         loss.backward()
         check_per_sample(params, len(part))
         total += loss.item() * len(part)
