@@ -75,6 +75,11 @@ class OptimizerName(StrEnum):
     adam_bc = "adam_bc"     # DP-AdamBC: AdamW minus the DP noise's variance (fedllm.privacy.adam_bc)
 
 
+class TrainMethod(StrEnum):
+    backprop = "backprop"           # DP-SGD: per-sample gradients, clipped and noised
+    zeroth_order = "zeroth_order"   # DP-ZO: per-example directional derivatives from forward passes
+
+
 class LrSchedule(StrEnum):
     constant = "constant"
     cosine = "cosine"       # over rounds: train.lr in round 1 down to lr x lr_final_fraction
@@ -211,6 +216,12 @@ class FederationConfig:
 
 @dataclass
 class TrainConfig:
+    # backprop: DP-SGD. zeroth_order: each step clips and noises each example's K directional
+    # derivatives (2K forward passes, no backward; fedllm/privacy/zeroth_order.py), with the
+    # same accounting as DP-SGD for the same (q, z, steps).
+    method: TrainMethod = MISSING
+    zo_directions: int = MISSING        # zeroth_order: K random directions per step
+    zo_smoothing: float = MISSING       # zeroth_order: the central difference's step μ
     local_steps: int = MISSING
     batch_size: int = MISSING           # expected (logical) batch size
     physical_batch_size: Optional[int] = MISSING
@@ -674,6 +685,8 @@ def validate(cfg: FedLLMConfig) -> None:
              f"({f.min_clients}) exceeds federation.clients_per_round ({f.clients_per_round})")
 
     t = cfg.train
+    _positive_int(t.zo_directions, "train.zo_directions")
+    _positive(t.zo_smoothing, "train.zo_smoothing")
     _positive_int(t.local_steps, "train.local_steps")
     _positive_int(t.batch_size, "train.batch_size")
     if t.physical_batch_size is not None:

@@ -349,6 +349,21 @@ def _fmt(value, spec: str = ".3f") -> str:
     return format(value, spec)
 
 
+def mechanism_text(cfg) -> str:
+    """What ran on each client, as the model card names it."""
+    if cfg.train.method == "zeroth_order":
+        return (f"DP zeroth-order training ({cfg.train.zo_directions} random direction(s) per "
+                "step from seeds; each example's directional derivatives clipped jointly and "
+                "each sum noised: the subsampled Gaussian mechanism DP-SGD's accounting "
+                "describes)")
+    return "DP-SGD (Opacus)"
+
+
+def steps_name(cfg) -> str:
+    """The local steps, named for the summary sentence of the HTML report."""
+    return ("DP zeroth-order steps" if cfg.train.method == "zeroth_order" else "DP-SGD steps")
+
+
 def participation_text(cfg) -> str:
     cap = cfg.privacy.example.max_participations
     if cap == "auto":  # a run that ended before its server resolved the cap
@@ -425,6 +440,7 @@ def render_html(run: RunFiles, report: dict, png: bytes | None, audit: dict | No
     return _templates().get_template("report.html.j2").render(
         cfg=run.cfg, report=report, ex=report["example_level"], user=report["user_level"],
         user_parts=user_sentence_parts(report), participation=participation_text(run.cfg),
+        steps_name=steps_name(run.cfg),
         adapter=describe_adapter(run.cfg.model), metrics=run.metrics, png_b64=_b64(png),
         audit=audit, audit_png_b64=_b64(audit_png))
 
@@ -476,9 +492,10 @@ def model_card(cfg, report: dict, final_metrics: dict | None,
             f"- **Guarantee:** ({_fmt(ex['max_epsilon'], '.3g')}, {report['delta']:g})-differential "
             f"privacy for every client's training sequences (the maximum over clients; median "
             f"epsilon {_fmt(ex['median_epsilon'], '.3g')}).",
-            f"- **Mechanism:** DP-SGD (Opacus) on each client: Poisson sampling at rate "
+            f"- **Mechanism:** {mechanism_text(cfg)} on each client: Poisson sampling at rate "
             f"q = batch / the client's DP size estimate (Gaussian noise of std "
-            f"{cfg.privacy.example.size_noise:g} on its size, accounted), per-sample gradient "
+            f"{cfg.privacy.example.size_noise:g} on its size, accounted), per-sample "
+            f"{'gradient' if cfg.train.method == 'backprop' else 'directional-derivative'} "
             f"clipping to L2 norm "
             f"{cfg.privacy.example.max_grad_norm:g}, Gaussian noise multiplier "
             f"{_range(ex['clients'], 'noise_multiplier')}.",

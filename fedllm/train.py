@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from fedllm import models
-from fedllm.privacy import dpsgd
+from fedllm.privacy import dpsgd, zeroth_order
 from fedllm.privacy.accounting import PrivacyEvent
 
 log = logging.getLogger(__name__)
@@ -26,6 +26,8 @@ class LocalResult:
     sample_rate: float
     noise_multiplier: float
     max_grad_norm: float
+    # train.method=zeroth_order: what each step released (seeds, noised scalars); else None
+    zo_steps: "list[zeroth_order.ZoStep] | None" = None
 
 
 def round_lr(train_cfg, server_round: int, rounds: int) -> float:
@@ -108,8 +110,15 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
                                                                          len(train_data))
     lr = round_lr(t, server_round, cfg.federation.rounds)
     losses: list[float] = []
+    zo_steps = None
 
-    if dp.enabled:
+    if t.method == "zeroth_order":
+        zo_steps, losses = zeroth_order_round(model, params, train_data, cfg, lr=lr, q=q,
+                                              noise_multiplier=noise_multiplier, seed=seed,
+                                              device=device)
+        event = PrivacyEvent(noise_multiplier=noise_multiplier, steps=t.local_steps,
+                             sampling="poisson", sample_rate=q) if dp.enabled else None
+    elif dp.enabled:
         with dpsgd.per_sample_gradients(model, dp.per_sample_grads) as gsm:
             # Opacus adds N(0, (z*C)^2) to the sum of clipped gradients and divides by B.
             noise_std = noise_multiplier * dp.max_grad_norm / t.batch_size
@@ -139,4 +148,44 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
         delta=delta, train_loss=float(np.mean(losses)) if losses else math.nan,
         steps=t.local_steps, num_sequences=len(train_data), event=event, sample_rate=q,
         noise_multiplier=noise_multiplier if dp.enabled else 0.0,
-        max_grad_norm=dp.max_grad_norm if dp.enabled else math.inf)
+        max_grad_norm=dp.max_grad_norm if dp.enabled else math.inf, zo_steps=zo_steps)
+
+
+def zeroth_order_round(model, params, train_data: torch.Tensor, cfg, *, lr: float, q: float,
+                       noise_multiplier: float, seed: int, device: torch.device
+                       ) -> "tuple[list[zeroth_order.ZoStep], list[float]]":
+    """``train.local_steps`` zeroth-order steps (``fedllm.privacy.zeroth_order``): with DP,
+    on Poisson batches at rate ``q`` with per-example clipping to C and noise zC on each of
+    the K sums, the mechanism DP-SGD's event describes; without, on uniform batches of B.
+    Returns the released steps and the local batch losses."""
+    t, dp = cfg.train, cfg.privacy.example
+    generator = torch.Generator().manual_seed(seed)
+    noise_generator = torch.Generator().manual_seed(seed + 1)
+    # The K noised scalars spread over the adapter through unit-variance directions: each
+    # coordinate of the step's gradient carries noise of std zC / (B sqrt(K)) (adam_bc).
+    noise_std = (noise_multiplier * dp.max_grad_norm / (t.batch_size * math.sqrt(t.zo_directions))
+                 if dp.enabled else 0.0)
+    optimizer = make_optimizer(params, t, lr, noise_std)
+    model.eval()  # no dropout: both sides of a central difference must see one network
+    steps, losses = [], []
+    for step in range(t.local_steps):
+        if dp.enabled:
+            batch = dpsgd.poisson_batch(train_data, q, generator)
+        else:
+            batch = train_data[torch.randperm(len(train_data), generator=generator)[: t.batch_size]]
+        seeds = [zeroth_order.direction_seed(seed, step, k) for k in range(t.zo_directions)]
+        derivatives, loss = zeroth_order.directional_derivatives(
+            model, params, batch, seeds, smoothing=t.zo_smoothing,
+            chunk=t.physical_batch_size or max(len(batch), 1), device=device)
+        if dp.enabled:
+            scalars = zeroth_order.noised_scalars(
+                derivatives, max_norm=dp.max_grad_norm, noise_multiplier=noise_multiplier,
+                expected_batch_size=t.batch_size, generator=noise_generator)
+        else:
+            scalars = derivatives.mean(dim=0)
+        released = zeroth_order.ZoStep(tuple(seeds), tuple(float(v) for v in scalars))
+        zeroth_order.apply_step(params, optimizer, released)
+        steps.append(released)
+        if loss is not None:
+            losses.append(loss)
+    return steps, losses
