@@ -493,7 +493,8 @@ def record_ray_placement(msg: Message, client_id: str) -> None:
         return
     record = {"round": int(msg.content[protocol.CONFIG_RECORD][protocol.ROUND_KEY]),
               "client_id": client_id, "node_id": ray.get_runtime_context().get_node_id(),
-              "host": socket.gethostname(), "pid": os.getpid(), "niceness": os.nice(0)}
+              "host": socket.gethostname(), "pid": os.getpid(), "niceness": os.nice(0),
+              "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY")}
     try:
         append_jsonl(Path(cfg.run.dir) / PLACEMENT_FILE, record)
     except OSError as exc:  # e.g. run.dir not shared with this node: a note lost, not a round

@@ -107,6 +107,9 @@ def test_tiny_simulation_without_dp(tmp_path):
     placements = [json.loads(x) for x in (run_dir / "placement.jsonl").read_text().splitlines()]
     expected = min(19, os.nice(0) + 7)
     assert len(placements) == 3 and {p["niceness"] for p in placements} == {expected}
+    # ... and their OpenMP threads sleep at barriers rather than spin (server/simulation.py
+    # local_worker_env: spinning threads slow a run next to any busy process).
+    assert {p["omp_wait_policy"] for p in placements} == {"PASSIVE"}
     assert rows[0]["epsilon_example_max"] is None
     # Wire bytes count whole serialized messages: the adapter payload plus the resolved
     # config that travels with every instruction.

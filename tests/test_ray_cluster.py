@@ -167,3 +167,13 @@ def test_simulation_joins_a_two_node_ray_cluster_and_clients_train_on_both(tmp_p
                 for name, node in nodes.items()}
     assert per_node["head"] > 0 and per_node["node2"] > 0, per_node
     assert sum(per_node.values()) == 8  # every client ran on this cluster, none elsewhere
+
+
+def test_local_workers_wait_passively_unless_the_user_chose(monkeypatch):
+    from fedllm.server.simulation import local_worker_env
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    assert local_worker_env()["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert local_worker_env()["OMP_WAIT_POLICY"] == "ACTIVE"
+
