@@ -420,10 +420,10 @@ def _release_round(cfg: FedLLMConfig, loaded: models.LoadedModel, client: Client
         # Write-ahead: the release is on disk before a noised update can leave this node.
         ledger.record(cfg.run.id, server_round, plan.event, plan=plan.fingerprint())
 
-    # Fresh OS entropy for sampling and noise: the server must not be able to replay them.
+    # seed=None: sampling and noise from the OS CSPRNG, so the server cannot replay them.
     result = local_round(loaded, global_adapter, client.train, cfg,
                          noise_multiplier=plan.event.noise_multiplier,
-                         seed=secrets.randbits(62), server_round=server_round,
+                         seed=None, server_round=server_round,
                          sample_rate=plan.event.sample_rate)
     if cfg.privacy.example.enabled and result.event != plan.event:
         raise RuntimeError(f"mechanism mismatch: ran {result.event}, recorded {plan.event}")

@@ -56,7 +56,7 @@ def dp_step_timer(model, params, batch, engine: str):
         with dpsgd.per_sample_gradients(model, engine) as wrapped:
             dp_opt = dpsgd.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-4),
                                              noise_multiplier=1.0, max_grad_norm=1.0,
-                                             expected_batch_size=len(batch), generator=None)
+                                             expected_batch_size=len(batch), noise=None)
             t = time.perf_counter()
             dpsgd.dp_step(wrapped, dp_opt, batch, None, torch.device("cpu"))
             return time.perf_counter() - t

@@ -45,7 +45,7 @@ def one(length: int, batch: int, steps: int, dp: bool, checkpointing: bool) -> d
         with dpsgd.per_sample_gradients(model) as wrapped:
             opt = dpsgd.make_dp_optimizer(torch.optim.AdamW(params, lr=1e-4), noise_multiplier=1.0,
                                           max_grad_norm=1.0, expected_batch_size=batch,
-                                          generator=None)
+                                          noise=None)
             for _ in range(steps + 1):
                 t = time.perf_counter()
                 dpsgd.dp_step(wrapped, opt, data, None, torch.device("cpu"))

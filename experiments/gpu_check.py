@@ -218,6 +218,7 @@ def large_model_run(model_dir: Path, device: str, precision: str, *, steps: int,
     from fedllm.api import resolve_adapter_targets
     from fedllm.config import compose
     from fedllm.privacy import dpsgd
+    from fedllm.privacy.randomness import SeededRandomness
 
     cfg = compose(["model=hf", f"model.path={model_dir}", "adapter=lora"])
     resolve_adapter_targets(cfg)
@@ -235,7 +236,7 @@ def large_model_run(model_dir: Path, device: str, precision: str, *, steps: int,
     with dpsgd.per_sample_gradients(model) as gsm:
         opt = dpsgd.make_dp_optimizer(
             torch.optim.AdamW(params, lr=lr), noise_multiplier=1.0, max_grad_norm=1.0,
-            expected_batch_size=batch, generator=torch.Generator(device=dev).manual_seed(1))
+            expected_batch_size=batch, noise=SeededRandomness(1, dev))
         for _ in range(steps + 1):
             part = train[torch.randint(len(train), (batch,), generator=rows)]
             if cuda:

@@ -4,6 +4,7 @@ Run:
   python experiments/utility_dp_pays.py run levers    # levers at ε = 8, each + its twin
   python experiments/utility_dp_pays.py run sweep     # ε = 1, 2, 4, 8: default demo and LoRA
   python experiments/utility_dp_pays.py run larger    # 10 rounds x 5 clients at ε = 8
+  python experiments/utility_dp_pays.py run zo        # DP zeroth-order training, ε = 8 and 1
   python experiments/utility_dp_pays.py write         # BENCHMARKS.md section + plot
 Options: --repeats N (default 3), --only NAME ... (exact names), --epsilons E ..., --no-twins
 
@@ -118,6 +119,18 @@ LEVERS["prompt tuning, B=32, 6 clients/round x 2 steps"] = [
     "train.batch_size=32", "data.min_client_sequences=32", "federation.clients_per_round=6"]
 
 
+# DP zeroth-order training (train.method=zeroth_order, issue 28). A DP-SGD step costs about
+# one forward and one backward pass (~3 forward-pass equivalents per sequence); a ZO step
+# with K directions costs 2K forward passes. "Equal compute" matches the default's
+# 2 steps x 3 = 6 equivalents per sequence of the batch with 3 ZO steps of K = 1.
+ZO = ["train.method=zeroth_order", "train.zo_directions=1"]
+ZO_LEVERS: dict[str, list[str]] = {
+    "default, zeroth-order, equal compute (3 steps, K=1)": [*ZO, "train.local_steps=3"],
+    "default, zeroth-order, 10x compute (30 steps, K=1)": [*ZO, "train.local_steps=30"],
+}
+FIRST_ORDER_TWIN = "default (prompt tuning)"  # the first-order run each ZO row is compared with
+
+
 # Until 2026-12-07 the demo's unit of privacy was a packed 64-token window (data.unit=sequence);
 # since then it is one record (one speech), truncated to 64 tokens and padded. Every
 # configuration measured before carries data.unit=sequence explicitly (rows relabelled, not
@@ -128,7 +141,7 @@ NEW = ("default (prompt tuning)", "default (prompt tuning), 10x5")
 
 
 def _as_ran(name: str, overrides: list[str]) -> list[str]:
-    if name in NEW or any(o.startswith("data.unit=") for o in overrides):
+    if name in NEW or name in ZO_LEVERS or any(o.startswith("data.unit=") for o in overrides):
         return overrides
     return [*overrides, SEQ]
 
@@ -151,7 +164,8 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
     larger = [*with_twin("default (prompt tuning), 10x5", [*DEFAULT, *LARGER], (8.0,)),
               *with_twin("prompt tuning, lr 0.2, 10x5", [*LR_02, *LARGER], (8.0,)),
               *with_twin(f"{best_lora}, 10x5", [*LEVERS[best_lora], *LARGER], (8.0,))]
-    return {"sweep": sweep, "levers": levers, "larger": larger}
+    zo = [run for name, ov in ZO_LEVERS.items() for run in with_twin(name, ov, (8.0, 1.0))]
+    return {"sweep": sweep, "levers": levers, "larger": larger, "zo": zo}
 
 
 # Settings that change nothing without DP: DP-AdamBC removes the DP noise's variance from
@@ -263,7 +277,7 @@ def write(best_lora: str) -> None:
     rows = load_rows()
     p = plans(best_lora)
     sections = {}
-    for plan in ("levers", "sweep", "larger"):
+    for plan in ("levers", "sweep", "larger", "zo"):
         seen, summaries = set(), []
         for name, overrides, eps in p[plan]:
             if eps is None or (name, eps) in seen:
@@ -317,8 +331,61 @@ def write(best_lora: str) -> None:
         "### A larger federation: 10 rounds x 5 clients at ε = 8",
         "",
         *table(sections["larger"], cmd.format(plan="larger")),
+        "",
+        "### DP zeroth-order training (`train.method=zeroth_order`)",
+        "",
+        *zo_table(sections["zo"], rows, cmd.format(plan="zo")),
+        *untwinned(rows, p["zo"]),
     ]
     write_section("utility_dp_pays", "\n".join(body))
+
+
+def compute(overrides: list[str], trainable: int) -> tuple[int, int, int]:
+    """Per client round: forward-pass equivalents per sequence of the expected batch (a
+    backward pass counted as 2), bytes of the dense update, bytes of a compact ZO upload
+    (8-byte seed + 4-byte scalar per direction per step; 0 for DP-SGD, which has none)."""
+    from fedllm.config import compose
+
+    cfg = compose(overrides)
+    t = cfg.train
+    if t.method == "zeroth_order":
+        return t.local_steps * 2 * t.zo_directions, 4 * trainable, \
+            12 * t.local_steps * t.zo_directions
+    return t.local_steps * 3, 4 * trainable, 0
+
+
+def zo_table(summaries: list[dict], rows: list[dict], command: str) -> list[str]:
+    """Each ZO row against its own non-private ZO twin and against the first-order default's
+    twin (what a user compares with: the best non-private training at this compute)."""
+    first = summarize(rows, FIRST_ORDER_TWIN, [], 8.0)
+    lines = [
+        "Each row: DP zeroth-order runs and their non-private zeroth-order twin, both compared "
+        f"with the first-order default's non-private twin ({FIRST_ORDER_TWIN!r}: DP-SGD's "
+        "comparison). *Compute*: forward-pass equivalents per sequence of the expected batch "
+        "per client round (a backward pass counts as 2: the default's 2 DP-SGD steps are 6). "
+        "*Up*: bytes of the dense update a client sends today / of a compact upload of its "
+        "seeds and noised scalars (not built yet).",
+        "",
+        "| configuration | target ε | ε max | DP gain (nats) | ZO twin gain | kept vs ZO twin | "
+        "first-order twin gain | kept vs first-order twin | compute | s per run | up: dense / "
+        "compact | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for s in summaries:
+        passes, dense, compact = compute(ZO_LEVERS.get(s["name"], []), s["trainable"])
+        if first is not None:
+            fo = _range(first["np_gain"], "+.3f")
+            fo_kept = f"{100 * s['dp_gain']['median'] / first['np_gain']['median']:.0f}%"
+        else:
+            fo, fo_kept = "not measured", "n/a"
+        lines.append(
+            f"| {s['name']} | {s['epsilon']:g} | {_range(s['eps_max'], '.2f')} | "
+            f"{_range(s['dp_gain'], '+.3f')} | {_range(s['np_gain'], '+.3f')} | "
+            f"{100 * s['kept_nats']:.0f}% | {fo} | **{fo_kept}** | {passes} | "
+            f"{s['seconds']:.0f} | {dense:,} B / {compact} B | "
+            f"{s['dp_gain']['n']} + {s['np_gain']['n']} |")
+    if not summaries:
+        lines.append("| not measured yet | | | | | | | | | | | |")
+    return lines + ["", f"Command: `{command}`"]
 
 
 GOALS = {"default (prompt tuning)": 0.80, "LoRA": 0.60}  # gain kept at ε = 8, issue 14
@@ -404,7 +471,7 @@ def _plot(sweep: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("action", choices=("run", "write"))
-    parser.add_argument("plan", nargs="?", choices=("levers", "sweep", "larger"))
+    parser.add_argument("plan", nargs="?", choices=("levers", "sweep", "larger", "zo"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="configuration names (exact)")
     parser.add_argument("--epsilons", type=float, nargs="*", help="run only these target ε")
@@ -415,7 +482,7 @@ def main() -> None:
     if args.action == "write":
         return write(args.best_lora)
     if args.plan is None:
-        parser.error("run needs a plan: levers, sweep or larger")
+        parser.error("run needs a plan: levers, sweep, larger or zo")
     run(args.plan, args.repeats, args.only, args.best_lora, args.epsilons, not args.no_twins)
 
 

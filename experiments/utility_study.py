@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import secrets
 import sys
 import time
 from pathlib import Path
@@ -144,7 +143,7 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
             client = data.clients[index]
             q, z, size = client_mechanism(cfg, client, estimates)
             res = local_round(loaded, weights, client.train, cfg, noise_multiplier=z,
-                              seed=secrets.randbits(62), server_round=server_round,
+                              seed=None, server_round=server_round,
                               sample_rate=q)
             deltas.append(res.delta)
             if res.event is not None:

@@ -29,7 +29,6 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import secrets
 import time
 from dataclasses import dataclass
 
@@ -115,7 +114,7 @@ def train_client(loaded: models.LoadedModel, start: "dict[str, np.ndarray]",
     for server_round in range(1, cfg.federation.rounds + 1):
         result = local_round(loaded, adapter, train_data, run_cfg,
                              noise_multiplier=mech.run_noise_multiplier,
-                             seed=secrets.randbits(62),  # fresh entropy, as on a client
+                             seed=None,  # OS CSPRNG, as on a client
                              server_round=server_round)
         adapter = {k: adapter[k] + cfg.strategy.server_lr * result.delta[k] for k in adapter}
     models.load_adapter_state(loaded.model, adapter)

@@ -12,6 +12,7 @@ import torch
 from fedllm import models
 from fedllm.privacy import dpsgd, zeroth_order
 from fedllm.privacy.accounting import PrivacyEvent
+from fedllm.privacy.randomness import randomness
 
 log = logging.getLogger(__name__)
 
@@ -87,7 +88,7 @@ def accumulated_step(model, optimizer, batch: torch.Tensor, physical_batch_size:
 
 
 def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarray]",
-                train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int,
+                train_data: torch.Tensor, cfg, *, noise_multiplier: float, seed: int | None,
                 server_round: int = 1, sample_rate: float | None = None) -> LocalResult:
     """Train the adapter for ``train.local_steps`` steps from ``global_adapter``, at the
     learning rate ``train.lr_schedule`` gives round ``server_round`` of ``federation.rounds``.
@@ -96,6 +97,10 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     tools only; a client passes B over its released size estimate), per-sample clipping to
     ``max_grad_norm`` and Gaussian noise ``noise_multiplier * max_grad_norm``. Returns the
     adapter delta (new - global) and the privacy event describing exactly what ran.
+
+    ``seed=None``: sampling and noise come from the OS CSPRNG, as every client release must
+    (a seeded torch generator keeps 32 bits of its seed: a server could search them all).
+    An int reproduces the round (tests and in-process experiments only).
     """
     model, device = loaded.model, loaded.device
     models.load_adapter_state(model, global_adapter)
@@ -103,8 +108,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     model.train()
     t = cfg.train
     dp = cfg.privacy.example
-    generator = torch.Generator().manual_seed(seed)
-    noise_generator = torch.Generator(device=device).manual_seed(seed + 1)
+    rng = randomness(seed, device)
     params = [p for p in model.parameters() if p.requires_grad]
     q = sample_rate if sample_rate is not None else example_sample_rate(t.batch_size,
                                                                          len(train_data))
@@ -114,7 +118,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
 
     if t.method == "zeroth_order":
         zo_steps, losses = zeroth_order_round(model, params, train_data, cfg, lr=lr, q=q,
-                                              noise_multiplier=noise_multiplier, seed=seed,
+                                              noise_multiplier=noise_multiplier, rng=rng,
                                               device=device)
         event = PrivacyEvent(noise_multiplier=noise_multiplier, steps=t.local_steps,
                              sampling="poisson", sample_rate=q) if dp.enabled else None
@@ -125,9 +129,9 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
             optimizer = dpsgd.make_dp_optimizer(
                 make_optimizer(params, t, lr, noise_std), noise_multiplier=noise_multiplier,
                 max_grad_norm=dp.max_grad_norm, expected_batch_size=t.batch_size,
-                generator=noise_generator)
+                noise=rng)
             for _ in range(t.local_steps):
-                batch = dpsgd.poisson_batch(train_data, q, generator)
+                batch = dpsgd.poisson_batch(train_data, q, rng)
                 loss = dpsgd.dp_step(gsm, optimizer, batch, t.physical_batch_size, device)
                 if loss is not None:
                     losses.append(loss)
@@ -136,7 +140,7 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
     else:
         optimizer = make_optimizer(params, t, lr)
         for _ in range(t.local_steps):
-            idx = torch.randperm(len(train_data), generator=generator)[: t.batch_size]
+            idx = torch.from_numpy(np.argsort(rng.uniform(len(train_data)).numpy())[: t.batch_size])
             losses.append(accumulated_step(model, optimizer, train_data[idx],
                                            t.physical_batch_size, device))
         event = None
@@ -152,15 +156,13 @@ def local_round(loaded: models.LoadedModel, global_adapter: "dict[str, np.ndarra
 
 
 def zeroth_order_round(model, params, train_data: torch.Tensor, cfg, *, lr: float, q: float,
-                       noise_multiplier: float, seed: int, device: torch.device
+                       noise_multiplier: float, rng, device: torch.device
                        ) -> "tuple[list[zeroth_order.ZoStep], list[float]]":
     """``train.local_steps`` zeroth-order steps (``fedllm.privacy.zeroth_order``): with DP,
     on Poisson batches at rate ``q`` with per-example clipping to C and noise zC on each of
     the K sums, the mechanism DP-SGD's event describes; without, on uniform batches of B.
     Returns the released steps and the local batch losses."""
     t, dp = cfg.train, cfg.privacy.example
-    generator = torch.Generator().manual_seed(seed)
-    noise_generator = torch.Generator().manual_seed(seed + 1)
     # The K noised scalars spread over the adapter through unit-variance directions: each
     # coordinate of the step's gradient carries noise of std zC / (B sqrt(K)) (adam_bc).
     noise_std = (noise_multiplier * dp.max_grad_norm / (t.batch_size * math.sqrt(t.zo_directions))
@@ -170,17 +172,19 @@ def zeroth_order_round(model, params, train_data: torch.Tensor, cfg, *, lr: floa
     steps, losses = [], []
     for step in range(t.local_steps):
         if dp.enabled:
-            batch = dpsgd.poisson_batch(train_data, q, generator)
+            batch = dpsgd.poisson_batch(train_data, q, rng)
         else:
-            batch = train_data[torch.randperm(len(train_data), generator=generator)[: t.batch_size]]
-        seeds = [zeroth_order.direction_seed(seed, step, k) for k in range(t.zo_directions)]
+            batch = train_data[torch.from_numpy(
+                np.argsort(rng.uniform(len(train_data)).numpy())[: t.batch_size])]
+        # Public directions: fresh seeds that depend on no data and reveal no other secret.
+        seeds = [rng.seed() for _ in range(t.zo_directions)]
         derivatives, loss = zeroth_order.directional_derivatives(
             model, params, batch, seeds, smoothing=t.zo_smoothing,
             chunk=t.physical_batch_size or max(len(batch), 1), device=device)
         if dp.enabled:
             scalars = zeroth_order.noised_scalars(
                 derivatives, max_norm=dp.max_grad_norm, noise_multiplier=noise_multiplier,
-                expected_batch_size=t.batch_size, generator=noise_generator)
+                expected_batch_size=t.batch_size, noise=rng)
         else:
             scalars = derivatives.mean(dim=0)
         released = zeroth_order.ZoStep(tuple(seeds), tuple(float(v) for v in scalars))

@@ -8,6 +8,7 @@ import torch
 
 from fedllm import models
 from fedllm.privacy import dpsgd
+from fedllm.privacy.randomness import SecretRandomness
 from fedllm.train import local_round
 
 
@@ -100,7 +101,7 @@ def test_empty_poisson_batch_takes_a_noise_only_step(tiny_cfg, tiny_loaded, tiny
         params = [p for p in loaded.model.parameters() if p.requires_grad]
         opt = dpsgd.make_dp_optimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0,
                                       max_grad_norm=1.0, expected_batch_size=4,
-                                      generator=torch.Generator().manual_seed(0))
+                                      noise=SecretRandomness())
         assert dpsgd.dp_step(gsm, opt, data, None, torch.device("cpu")) is None
     after = models.adapter_state(loaded.model)
     assert any(not np.allclose(after[k], start[k]) for k in start), "noise must still be added"

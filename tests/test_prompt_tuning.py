@@ -87,7 +87,7 @@ def test_peft_batch_of_one_prompt_lookup_is_refused(pt_model):
     params = [p for p in model.parameters() if p.requires_grad]
     with dpsgd.grad_sample_module(model) as gsm:
         opt = dpsgd.make_dp_optimizer(torch.optim.SGD(params, lr=1.0), noise_multiplier=1.0,
-                                      max_grad_norm=1.0, expected_batch_size=4, generator=None)
+                                      max_grad_norm=1.0, expected_batch_size=4, noise=None)
         with pytest.raises(RuntimeError, match="rows for 4 examples"):
             dpsgd.dp_step(gsm, opt, torch.randint(0, 1000, (4, 16)), None, torch.device("cpu"))
 

@@ -22,6 +22,7 @@ from fedllm import models
 from fedllm.config import ConfigError, compose, validate
 from fedllm.privacy import dpsgd, zeroth_order
 from fedllm.privacy.accounting import epsilon
+from fedllm.privacy.randomness import SecretRandomness
 from fedllm.train import local_round, make_optimizer
 
 
@@ -81,10 +82,9 @@ def test_one_example_moves_the_clipped_sum_by_at_most_c():
 
 def test_the_released_scalars_carry_gaussian_noise_of_std_z_c():
     z, c, b, k = 1.3, 0.5, 8, 4
-    gen = torch.Generator().manual_seed(0)
     draws = torch.stack([zeroth_order.noised_scalars(
         torch.zeros(0, k), max_norm=c, noise_multiplier=z, expected_batch_size=b,
-        generator=gen) for _ in range(4000)]) * b
+        noise=SecretRandomness()) for _ in range(4000)]) * b
     assert draws.mean().item() == pytest.approx(0.0, abs=0.03)
     assert draws.std().item() == pytest.approx(z * c, rel=0.03)
 
@@ -124,10 +124,46 @@ def test_the_update_is_rebuilt_from_the_released_seeds_and_scalars_alone(tiny):
     assert again.zo_steps[0].seeds != result.zo_steps[0].seeds
 
 
-def test_direction_seeds_are_one_way_and_distinct():
-    seeds = {zeroth_order.direction_seed(7, s, k) for s in range(5) for k in range(3)}
-    assert len(seeds) == 15 and all(0 <= s < 2**62 for s in seeds)
-    assert 7 not in seeds and 8 not in seeds  # neither the sampling nor the noise seed
+def test_a_clients_round_draws_fresh_directions_and_noise(tiny):
+    """seed=None (what a client runs): nothing the server could replay. Two rounds on the
+    same data and start differ in every seed and every released scalar."""
+    loaded, state = tiny
+    cfg = zo_cfg()
+    data = torch.randint(0, 200, (40, 16), generator=torch.Generator().manual_seed(4))
+    a = local_round(loaded, state, data, cfg, noise_multiplier=0.9, seed=None, sample_rate=0.5)
+    b = local_round(loaded, state, data, cfg, noise_multiplier=0.9, seed=None, sample_rate=0.5)
+    seeds = [x for r in (a, b) for s in r.zo_steps for x in s.seeds]
+    assert len(set(seeds)) == len(seeds) == 12
+    assert all(x != y for s, t in zip(a.zo_steps, b.zo_steps) for x, y in zip(s.scalars, t.scalars))
+
+
+def test_one_example_moves_a_real_steps_release_by_at_most_c(tiny):
+    """The released sum on real derivatives (zero noise): adding a canary whose loss is far
+    off along every direction moves B x scalars by at most C."""
+    loaded, state = tiny
+    model = loaded.model
+    models.load_adapter_state(model, state)
+    model.eval()
+    params = [p for p in model.parameters() if p.requires_grad]
+    batch = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(5))
+    canary = torch.full((1, 16), 7)
+    seeds, c, b = [21, 22, 23], 0.05, 8
+
+    def released(rows):
+        d, _ = zeroth_order.directional_derivatives(model, params, rows, seeds, smoothing=1e-3,
+                                                    chunk=4, device=torch.device("cpu"))
+        return b * zeroth_order.noised_scalars(d, max_norm=c, noise_multiplier=0.0,
+                                               expected_batch_size=b, noise=SecretRandomness())
+
+    moved = (released(torch.cat([batch, canary])) - released(batch)).norm().item()
+    assert 0 < moved <= c * (1 + 1e-4)
+
+
+def test_a_non_finite_derivative_counts_as_zero():
+    d = torch.tensor([[1.0, 2.0], [float("nan"), 1.0], [float("inf"), 0.0]])
+    out = zeroth_order.noised_scalars(d, max_norm=10.0, noise_multiplier=0.0,
+                                      expected_batch_size=1, noise=SecretRandomness())
+    assert torch.equal(out, torch.tensor([1.0, 2.0]))
 
 
 def test_non_private_zeroth_order_lowers_the_loss():

@@ -82,10 +82,10 @@ def sequence_loss(model, input_ids: torch.Tensor, precision: str = "auto") -> to
     return per_sequence_losses(model, input_ids, precision).mean()
 
 
-def poisson_batch(data: torch.Tensor, sample_rate: float, generator: torch.Generator
-                  ) -> torch.Tensor:
-    """Each row independently with probability ``sample_rate`` (may be empty)."""
-    mask = torch.rand(len(data), generator=generator) < sample_rate
+def poisson_batch(data: torch.Tensor, sample_rate: float, rng) -> torch.Tensor:
+    """Each row independently with probability ``sample_rate`` (may be empty). ``rng``: a
+    ``fedllm.privacy.randomness`` source (the OS CSPRNG on a client)."""
+    mask = rng.uniform(len(data)) < sample_rate
     return data[mask]
 
 
@@ -142,12 +142,27 @@ def _clear_per_sample_state(model) -> None:
 
 
 def make_dp_optimizer(optimizer, *, noise_multiplier: float, max_grad_norm: float,
-                      expected_batch_size: int, generator: torch.Generator | None):
+                      expected_batch_size: int, noise):
+    """Opacus' DPOptimizer (clipping, accumulation over chunks, noise, averaging) whose noise
+    comes from ``noise``, a ``fedllm.privacy.randomness`` source (the OS CSPRNG on a client;
+    ``None``: torch's global generator, for benchmarks only)."""
     from opacus.optimizers import DPOptimizer
 
-    return DPOptimizer(optimizer, noise_multiplier=noise_multiplier,
-                       max_grad_norm=max_grad_norm, expected_batch_size=expected_batch_size,
-                       loss_reduction="mean", generator=generator)
+    class NoiseFromSource(DPOptimizer):
+        def add_noise(self):  # Opacus' add_noise, with the noise drawn from ``noise``
+            from opacus.optimizers.optimizer import _check_processed_flag, _mark_as_processed
+
+            for p in self.params:
+                _check_processed_flag(p.summed_grad)
+                std = self.noise_multiplier * self.max_grad_norm
+                z = noise.normal(p.summed_grad.shape, std, device=p.summed_grad.device,
+                                 dtype=p.summed_grad.dtype)
+                p.grad = (p.summed_grad + z).view_as(p)
+                _mark_as_processed(p.summed_grad)
+
+    cls = DPOptimizer if noise is None else NoiseFromSource
+    return cls(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
+               expected_batch_size=expected_batch_size, loss_reduction="mean")
 
 
 def dp_step(gsm, optimizer, batch: torch.Tensor, physical_batch_size: int | None,

@@ -12,9 +12,9 @@ trainable parameters, each drawn from its own seed:
 Privacy: adding or removing one example changes the sum of clipped vectors by at most C in
 L2, so the K noised scalars are one Poisson-subsampled Gaussian mechanism with noise
 multiplier z, exactly the event DP-SGD accounts (``PrivacyEvent``): the same (q, z, steps)
-give the same ε. The directions come from seeds that are derived one-way from the client's
-secret round seed (``direction_seed``), so they reveal nothing of its sampling or noise, and
-they depend on no data. Everything after step 3 is post-processing of (seeds, noised scalars):
+give the same ε. The directions' seeds are fresh random numbers (the OS CSPRNG on a client)
+that depend on no data and on no other secret: publishing them reveals nothing of the
+sampling or the noise. Everything after step 3 is post-processing of (seeds, noised scalars):
 the client's update is what ``replay`` rebuilds from them alone.
 
 Unlike DP-SGD, the noise does not grow with the adapter's size (it is K-dimensional), and a
@@ -24,7 +24,6 @@ step needs 2K forward passes and no backward pass or per-sample gradients. (Tang
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,13 +37,6 @@ class ZoStep:
     """What one step released: its directions' seeds and the K noised scalars."""
     seeds: tuple[int, ...]
     scalars: tuple[float, ...]
-
-
-def direction_seed(round_seed: int, step: int, direction: int) -> int:
-    """A seed for direction ``direction`` of step ``step``: a one-way function of the client's
-    secret round seed, so publishing it reveals neither the sampling nor the noise."""
-    digest = hashlib.sha256(f"fedllm-zo:{round_seed}:{step}:{direction}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") >> 2  # 62 bits: a valid torch seed
 
 
 def direction(shapes: list[torch.Size], seed: int) -> list[torch.Tensor]:
@@ -94,14 +86,16 @@ def clip_rows(values: torch.Tensor, max_norm: float) -> torch.Tensor:
 
 
 def noised_scalars(derivatives: torch.Tensor, *, max_norm: float, noise_multiplier: float,
-                   expected_batch_size: int, generator: torch.Generator) -> torch.Tensor:
+                   expected_batch_size: int, noise) -> torch.Tensor:
     """The K released scalars: (Σ_i clip(g_i) + N(0, (zC)^2 I_K)) / B. ``derivatives`` may
     have no rows (an empty Poisson batch still releases noise: skipping would change the
-    mechanism)."""
+    mechanism). ``noise``: a ``fedllm.privacy.randomness`` source (the OS CSPRNG on a
+    client). Rows that are not finite count as zero (a NaN would poison the whole step)."""
     k = derivatives.shape[1]
-    total = clip_rows(derivatives, max_norm).sum(dim=0)
-    noise = torch.normal(0.0, noise_multiplier * max_norm, (k,), generator=generator)
-    return (total + noise) / expected_batch_size
+    finite = torch.where(torch.isfinite(derivatives).all(dim=1, keepdim=True), derivatives,
+                         torch.zeros_like(derivatives))
+    total = clip_rows(finite, max_norm).sum(dim=0)
+    return (total + noise.normal((k,), noise_multiplier * max_norm)) / expected_batch_size
 
 
 def apply_step(params: list[torch.Tensor], optimizer: torch.optim.Optimizer,
