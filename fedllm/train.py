@@ -180,7 +180,10 @@ def zeroth_order_round(model, params, train_data: torch.Tensor, cfg, *, lr: floa
         seeds = [rng.seed() for _ in range(t.zo_directions)]
         derivatives, loss = zeroth_order.directional_derivatives(
             model, params, batch, seeds, smoothing=t.zo_smoothing,
-            chunk=t.physical_batch_size or max(len(batch), 1), device=device)
+            chunk=t.physical_batch_size or max(len(batch), 1), device=device,
+            # fp32 even on CUDA: a central difference divides by 2μ, and bf16 rounding of the
+            # two losses would swamp it
+            precision="fp32")
         if dp.enabled:
             scalars = zeroth_order.noised_scalars(
                 derivatives, max_norm=dp.max_grad_norm, noise_multiplier=noise_multiplier,
