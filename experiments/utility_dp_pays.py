@@ -337,8 +337,7 @@ def write(best_lora: str) -> None:
         "",
         "### DP zeroth-order training (`train.method=zeroth_order`)",
         "",
-        *zo_table(sections["zo"], rows, cmd.format(plan="zo")),
-        *untwinned(rows, p["zo"]),
+        *zo_table(rows, p["zo"], cmd.format(plan="zo")),
     ]
     write_section("utility_dp_pays", "\n".join(body))
 
@@ -357,38 +356,44 @@ def compute(overrides: list[str], trainable: int) -> tuple[int, int, int]:
     return t.local_steps * 2, 4 * trainable, 0
 
 
-def zo_table(summaries: list[dict], rows: list[dict], command: str) -> list[str]:
-    """Each ZO row against its own non-private ZO twin and against the first-order default's
-    twin (what a user compares with: the best non-private training at this compute)."""
+def zo_table(rows: list[dict], plan: list, command: str) -> list[str]:
+    """Each ZO configuration's DP runs against the first-order default's non-private twin
+    (what a user compares with: the best non-private training at this compute) and, once
+    measured, against its own non-private zeroth-order twin."""
     first = summarize(rows, FIRST_ORDER_TWIN, [], 8.0)
     lines = [
-        "Each row: DP zeroth-order runs and their non-private zeroth-order twin, both compared "
-        f"with the first-order default's non-private twin ({FIRST_ORDER_TWIN!r}: DP-SGD's "
-        "comparison). *Compute*: forward-pass equivalents per sequence of the expected batch "
-        "per client round (a backward pass through the frozen base counts as 1, as measured on "
-        "SmolLM2: the default's 2 DP-SGD steps are 4). "
-        "*Up*: bytes of the dense update a client sends today / of a compact upload of its "
-        "seeds and noised scalars (not built yet).",
+        "DP zeroth-order runs compared with the first-order default's non-private twin "
+        f"({FIRST_ORDER_TWIN!r}, the comparison every DP-SGD row makes) and with their own "
+        "non-private zeroth-order twin where measured. *Compute*: forward-pass equivalents per "
+        "sequence of the expected batch per client round (a backward pass through the frozen "
+        "base counts as 1, as measured on SmolLM2: the default's 2 DP-SGD steps are 4). *Up*: "
+        "bytes of the dense update a client sends today / of a compact upload of its seeds "
+        "and noised scalars (not built yet).",
         "",
-        "| configuration | target ε | ε max | DP gain (nats) | ZO twin gain | kept vs ZO twin | "
-        "first-order twin gain | kept vs first-order twin | compute | s per run | up: dense / "
-        "compact | runs |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for s in summaries:
-        passes, dense, compact = compute(ZO_LEVERS.get(s["name"], []), s["trainable"])
+        "| configuration | target ε | ε max | DP gain (nats) | first-order twin gain | kept vs "
+        "first-order twin | ZO twin gain | compute | s per run | up: dense / compact | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name, overrides, eps in plan:
+        dp = [r for r in rows if r["private"] and r["name"] == name
+              and r["target_epsilon"] == eps]
+        if eps is None or not dp:
+            continue
+        gain = stats([r["gain_nats"] for r in dp])
+        twin = [r["gain_nats"] for r in rows if not r["private"]
+                and twin_key(r["overrides"]) == twin_key(overrides)]
+        passes, dense, compact = compute(overrides, dp[0]["trainable"])
+        fo, kept = "not measured", "n/a"
         if first is not None:
             fo = _range(first["np_gain"], "+.3f")
-            fo_kept = f"{100 * s['dp_gain']['median'] / first['np_gain']['median']:.0f}%"
-        else:
-            fo, fo_kept = "not measured", "n/a"
+            kept = f"**{100 * gain['median'] / first['np_gain']['median']:.0f}%**"
+        zo_twin = _range(stats(twin), "+.3f") if twin else "not measured"
         lines.append(
-            f"| {s['name']} | {s['epsilon']:g} | {_range(s['eps_max'], '.2f')} | "
-            f"{_range(s['dp_gain'], '+.3f')} | {_range(s['np_gain'], '+.3f')} | "
-            f"{100 * s['kept_nats']:.0f}% | {fo} | **{fo_kept}** | {passes} | "
-            f"{s['seconds']:.0f} | {dense:,} B / {compact} B | "
-            f"{s['dp_gain']['n']} + {s['np_gain']['n']} |")
-    if not summaries:
-        lines.append("| not measured yet | | | | | | | | | | | |")
+            f"| {name} | {eps:g} | {_range(stats([r['epsilon_max'] for r in dp]), '.2f')} | "
+            f"{_range(gain, '+.3f')} | {fo} | {kept} | {zo_twin} | {passes} | "
+            f"{statistics.median(r['seconds'] for r in dp):.0f} | {dense:,} B / {compact} B | "
+            f"{len(dp)} + {len(twin)} |")
+    if len(lines) == 4:
+        lines.append("| not measured yet | | | | | | | | | | |")
     return lines + ["", f"Command: `{command}`"]
 
 
