@@ -43,12 +43,16 @@ def tiny():
     return loaded, state
 
 
+def at_state(loaded, state):
+    """The model at ``state``, in eval mode (as ZO runs it), and its trainable tensors."""
+    models.load_adapter_state(loaded.model, state)
+    loaded.model.eval()
+    return loaded.model, [p for p in loaded.model.parameters() if p.requires_grad]
+
+
 def test_directional_derivatives_match_each_examples_gradient(tiny):
     loaded, state = tiny
-    model = loaded.model
-    models.load_adapter_state(model, state)
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = at_state(loaded, state)
     batch = torch.randint(0, 200, (3, 16), generator=torch.Generator().manual_seed(0))
     seeds = [11, 12]
     got, _ = zeroth_order.directional_derivatives(model, params, batch, seeds, smoothing=1e-3,
@@ -141,10 +145,7 @@ def test_one_example_moves_a_real_steps_release_by_at_most_c(tiny):
     """The released sum on real derivatives (zero noise): adding a canary whose loss is far
     off along every direction moves B x scalars by at most C."""
     loaded, state = tiny
-    model = loaded.model
-    models.load_adapter_state(model, state)
-    model.eval()
-    params = [p for p in model.parameters() if p.requires_grad]
+    model, params = at_state(loaded, state)
     batch = torch.randint(0, 200, (6, 16), generator=torch.Generator().manual_seed(5))
     canary = torch.full((1, 16), 7)
     seeds, c, b = [21, 22, 23], 0.05, 8
