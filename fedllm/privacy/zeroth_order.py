@@ -123,9 +123,3 @@ def replay(start: list[np.ndarray], steps: list[ZoStep], make_optimizer) -> list
     for step in steps:
         apply_step(params, optimizer, step)
     return [p.detach().numpy() for p in params]
-
-
-def upload_bytes(steps: list[ZoStep]) -> int:
-    """Bytes of a compact upload of the round: an 8-byte seed and a 4-byte scalar per
-    direction (what a server needs to replay it), for comparison with the dense update."""
-    return sum(12 * len(s.seeds) for s in steps)
