@@ -381,12 +381,24 @@ def cmd_launch(args) -> int:
     return launch_status(run_dir, status)
 
 
-def launch_status(run_dir: Path, flwr_status: int) -> int:
+VERDICT_WAIT_S = 30.0  # how long `fedllm launch` waits for a stopping ServerApp's verdict
+
+
+def launch_status(run_dir: Path, flwr_status: int, wait_s: float = VERDICT_WAIT_S) -> int:
     """The ServerApp's own verdict when its run directory is on this machine (`flwr run`
     exits 0 whatever the ServerApp did): complete (summary.json) → 0; stopped → one line
-    and EXIT_INCOMPLETE; neither → 1. Elsewhere, `flwr run`'s status."""
-    from fedllm.run_status import read_stopped, stopped_message
+    and EXIT_INCOMPLETE; neither → 1. Elsewhere, `flwr run`'s status.
 
+    `flwr run --stream` returns as soon as the SuperLink marks the run finished, which can
+    be before the ServerApp, stopped by that very mark, has written ``stopped.json``: wait
+    up to ``wait_s`` for one verdict file."""
+    from fedllm.run_status import STOPPED_FILE, read_stopped, stopped_message
+
+    if (run_dir / "config.yaml").is_file():
+        deadline = time.monotonic() + wait_s
+        while not any((run_dir / f).is_file() for f in ("summary.json", STOPPED_FILE)) \
+                and time.monotonic() < deadline:
+            time.sleep(0.5)
     if (run_dir / "summary.json").is_file():
         return flwr_status
     info = read_stopped(run_dir)

@@ -348,12 +348,26 @@ def run_federation(grid: Grid, cfg_text: str, stop: threading.Event | None = Non
     try:
         return _run_federation(grid, cfg, cfg_text, run_dir)
     except RunStopped as exc:
-        completed = checkpoint.completed_rounds(run_dir)
-        write_stopped(run_dir, str(exc), completed, cfg.federation.rounds)
-        log.error("run stopped after %d of %d rounds: %s; resume with `fedllm resume %s` "
-                  "(deployment: `fedllm launch ... run.resume=true`)", completed,
-                  cfg.federation.rounds, exc, run_dir)
+        record_stop(cfg, run_dir, str(exc))
         raise
+    except (SystemExit, KeyboardInterrupt):
+        # A deployed ServerApp is stopped by a signal that Flower's handler turns into
+        # SystemExit: `flwr stop`, the SuperLink shutting down, or the SuperLink refusing the
+        # ServerApp's task token (401: it ended the run after missing the ServerApp's
+        # heartbeat for 60 s; Flower's retry then signals its own process).
+        record_stop(cfg, run_dir, "the ServerApp was stopped by a signal: Ctrl-C, SIGTERM, "
+                    "`flwr stop`, or a SuperLink that ended its task after missing its "
+                    "heartbeat for 60 s")
+        raise
+
+
+def record_stop(cfg: FedLLMConfig, run_dir: Path, reason: str) -> None:
+    """``stopped.json``: the run is incomplete and resumable from its last checkpoint."""
+    completed = checkpoint.completed_rounds(run_dir)
+    write_stopped(run_dir, reason, completed, cfg.federation.rounds)
+    log.error("run stopped after %d of %d rounds: %s; resume with `fedllm resume %s` "
+              "(deployment: `fedllm launch ... run.resume=true`)", completed,
+              cfg.federation.rounds, reason, run_dir)
 
 
 def _run_federation(grid: MeteredGrid, cfg: FedLLMConfig, cfg_text: str, run_dir: Path) -> dict:

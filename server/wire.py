@@ -1,6 +1,7 @@
 """Bytes on the wire, lost replies, and stops: a Grid wrapper that counts the serialized size
-of every message, asks again for a reply the network lost, and turns an interrupt or an
-unanswered request into ``RunStopped``.
+of every message, asks again for a reply the network lost, and turns an interrupt, an
+unanswered request or a SuperLink that ended (or lost) the ServerApp's task into
+``RunStopped``.
 
 Flower serializes each ``Message`` to protobuf to move it between the ServerApp and the nodes
 (in deployment over gRPC, behind the SuperLink). Counting ``message_to_proto(m).ByteSize()``
@@ -11,10 +12,11 @@ exchanges and federated evaluation. (TLS and HTTP/2 framing add a little more on
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 from flwr.app import Message, MessageType
 from flwr.common.constant import ErrorCode
@@ -34,6 +36,34 @@ LOST_ON_THE_WAY = frozenset({ErrorCode.MESSAGE_UNAVAILABLE, ErrorCode.REPLY_MESS
                              ErrorCode.NODE_UNAVAILABLE})
 ASK_AGAIN_LIMIT = 3  # re-asks per request within one timeout
 MIN_SILENCE = 30.0   # seconds a node may stay silent before it is asked again, at least
+
+
+@contextlib.contextmanager
+def superlink_call() -> Iterator[None]:
+    """A call to the SuperLink's Runtime API that fails for good (Flower's grid has already
+    retried transient errors) stops the run resumably: the last checkpoint stands, and
+    ``stopped.json`` says why instead of a run that just ends without a result.
+
+    401/403: the SuperLink no longer accepts this ServerApp's task token: it ended the run,
+    because it missed the ServerApp's heartbeat for 60 s (seen on a loaded 2-core machine)
+    or because of `flwr stop`."""
+    import httpx
+    from flwr.supercore.run import RunNotRunningException
+
+    try:
+        yield
+    except RunNotRunningException as exc:  # 403: the SuperLink stopped the run
+        raise RunStopped("the SuperLink says the run is no longer running (`flwr stop`, or a "
+                         "ServerApp heartbeat it missed for 60 s)") from exc
+    except httpx.HTTPStatusError as exc:
+        code = exc.response.status_code
+        if code in (httpx.codes.UNAUTHORIZED, httpx.codes.FORBIDDEN):
+            raise RunStopped(
+                f"the SuperLink ended this run's ServerApp task (HTTP {code}): Flower does so "
+                "when it misses the ServerApp's heartbeat for 60 s, or on `flwr stop`") from exc
+        raise RunStopped(f"the SuperLink failed a request (HTTP {code})") from exc
+    except httpx.TransportError as exc:
+        raise RunStopped(f"the SuperLink is unreachable ({type(exc).__name__}: {exc})") from exc
 
 
 def lost_on_the_way(reply: Message) -> bool:
@@ -96,18 +126,22 @@ class MeteredGrid(Grid):
         return self._grid.create_message(*args, **kwargs)
 
     def get_node_ids(self) -> Iterable[int]:
-        return self._grid.get_node_ids()
+        with superlink_call():
+            return list(self._grid.get_node_ids())
 
     def get_nodes(self):
-        return self._grid.get_nodes()
+        with superlink_call():
+            return list(self._grid.get_nodes())
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         messages = list(messages)
         self._down += sum(message_bytes(m) for m in messages)
-        return self._grid.push_messages(messages)
+        with superlink_call():
+            return list(self._grid.push_messages(messages))
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        replies = list(self._grid.pull_messages(message_ids))
+        with superlink_call():
+            replies = list(self._grid.pull_messages(message_ids))
         self._up += sum(message_bytes(m) for m in replies)
         return replies
 
