@@ -134,17 +134,17 @@ class TuneMetric(StrEnum):
 
 @dataclass
 class TinyModelConfig:
-    hidden_size: int = MISSING
-    num_layers: int = MISSING
-    num_heads: int = MISSING
+    hidden_size: int = MISSING            # tiny random-init Llama (tests): width
+    num_layers: int = MISSING             # decoder layers
+    num_heads: int = MISSING              # attention heads
     vocab_size: Optional[int] = MISSING  # first N tokens of SmolLM2's tokenizer; null: all
 
 
 @dataclass
 class LoraConfig:
-    r: int = MISSING
-    alpha: float = MISSING
-    dropout: float = MISSING
+    r: int = MISSING                      # LoRA rank
+    alpha: float = MISSING                # LoRA scale alpha (the update is alpha / r x B A)
+    dropout: float = MISSING              # dropout on the LoRA input
     # auto: PEFT's mapping for the model type, else its attention projections (resolved
     # before training and written to config.yaml); or a list of layer names
     target_modules: Any = MISSING
@@ -154,13 +154,13 @@ class LoraConfig:
 @dataclass
 class PromptTuningConfig:
     num_virtual_tokens: int = MISSING   # soft-prompt length (trainable: tokens x hidden size)
-    init: PromptInit = MISSING
+    init: PromptInit = MISSING            # how the soft prompt starts
     init_text: Optional[str] = MISSING  # init=text: the prompt whose token embeddings start it
 
 
 @dataclass
 class ModelConfig:
-    name: ModelName = MISSING
+    name: ModelName = MISSING             # Hydra group `model=`: tiny (tests), smollm2 (demo), hf
     path: Optional[str] = MISSING   # local HF directory or .gguf file
     device: str = MISSING           # auto | cpu | cuda | cuda:N
     adapter: AdapterKind = MISSING  # Hydra group `adapter=`
@@ -171,8 +171,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    name: DataSource = MISSING
+    name: DataSource = MISSING  # Hydra group `data=`: bundled plays, or a directory of CLIENT files
     path: Optional[str] = MISSING   # directory for jsonl/text sources
+    # natural: one client per file/role; iid: the pool cut evenly
     partitioning: Partitioning = MISSING
     unit: PrivacyUnit = MISSING     # the unit of example-level privacy
     eval_fraction: float = MISSING  # share of each client's units held out for evaluation
@@ -183,15 +184,15 @@ class DataConfig:
 @dataclass
 class RunConfig:
     dir: Optional[str] = MISSING    # null: runs/<timestamp>
-    seed: int = MISSING
+    seed: int = MISSING  # model init, data split and cohort sampling (never the DP noise)
     parallel_clients: int = MISSING  # simulation: clients training at once (cores are split)
     # Simulation on Ray (docs/scale-out.md). ray_address: null = a private local Ray instance;
     # "auto" or "host:port" = join that running cluster. client_cpus / client_gpus: each
     # client's share (null: this machine's cores / GPU split by parallel_clients, or the cores
     # among the clients a GPU share fits; on a cluster 1 CPU and no GPU).
     ray_address: Optional[str] = MISSING
-    client_cpus: Optional[float] = MISSING
-    client_gpus: Optional[float] = MISSING
+    client_cpus: Optional[float] = MISSING  # Ray: each client's CPUs (see ray_address)
+    client_gpus: Optional[float] = MISSING  # Ray: each client's GPU share (see ray_address)
     # Priority of the simulated clients' processes on a private local Ray instance: a Unix
     # niceness added to fedllm's own (0-19). 0: the same priority as fedllm; Ray's default,
     # 15, halves a run's speed next to any other job. A joined cluster keeps its own setting.
@@ -203,12 +204,12 @@ class RunConfig:
 
 @dataclass
 class FederationConfig:
-    rounds: int = MISSING
+    rounds: int = MISSING                 # training rounds
     num_clients: Optional[int] = MISSING   # null: every eligible client
-    clients_per_round: int = MISSING
-    sampling: Sampling = MISSING
-    client_timeout: float = MISSING
-    min_clients: int = MISSING
+    clients_per_round: int = MISSING      # the cohort each round
+    sampling: Sampling = MISSING  # fixed: exactly the cohort; poisson: each client independently
+    client_timeout: float = MISSING       # seconds a round waits for its replies
+    min_clients: int = MISSING            # fewest connected SuperNodes a round needs
     # Seconds the server waits before a round for at least min_clients SuperNodes to be
     # connected (a partition, restarting nodes); then the run stops, resumably, exit non-zero.
     reconnect_timeout: float = MISSING
@@ -222,17 +223,18 @@ class TrainConfig:
     method: TrainMethod = MISSING
     zo_directions: int = MISSING        # zeroth_order: K random directions per step
     zo_smoothing: float = MISSING       # zeroth_order: the central difference's step μ
-    local_steps: int = MISSING
+    local_steps: int = MISSING            # DP-SGD (or ZO) steps per client per round
     batch_size: int = MISSING           # expected (logical) batch size
+    # chunk size in memory; null: the whole batch at once
     physical_batch_size: Optional[int] = MISSING
-    lr: float = MISSING
-    optimizer: OptimizerName = MISSING
-    momentum: float = MISSING
-    weight_decay: float = MISSING
+    lr: float = MISSING                   # local learning rate (each adapter group sets its own)
+    optimizer: OptimizerName = MISSING    # local optimizer
+    momentum: float = MISSING             # sgd momentum
+    weight_decay: float = MISSING         # adamw / adam_bc weight decay
     adam_bc_floor: float = MISSING      # adam_bc: floor of the corrected v, x the noise variance
     lr_schedule: LrSchedule = MISSING   # across rounds (public: no privacy cost)
     lr_final_fraction: float = MISSING  # the last round's lr, as a fraction of train.lr
-    seq_len: int = MISSING
+    seq_len: int = MISSING  # tokens per sequence (records are truncated and padded to it)
     # Recompute each decoder layer's activations in the backward pass instead of keeping them
     # (transformers' non-reentrant checkpointing): less memory for long sequences, about one
     # more forward pass of time. Per-sample gradients are unchanged (tested, both engines).
@@ -241,10 +243,10 @@ class TrainConfig:
 
 @dataclass
 class ExamplePrivacyConfig:
-    enabled: bool = MISSING
+    enabled: bool = MISSING               # example-level DP-SGD on every client
     noise_multiplier: Optional[float] = MISSING   # set: used as is; else calibrated
-    max_grad_norm: float = MISSING
-    target_epsilon: Optional[float] = MISSING
+    max_grad_norm: float = MISSING        # per-example clip norm C
+    target_epsilon: Optional[float] = MISSING  # calibrate each client's noise to end at this ε
     # Per-sample gradients: auto (LoRA fast path when it covers every trainable parameter,
     # Opacus hooks otherwise) | lora_fast | opacus. Both are exact; see privacy/lora_fast.py.
     per_sample_grads: PerSampleGrads = MISSING
@@ -258,17 +260,19 @@ class ExamplePrivacyConfig:
 
 @dataclass
 class UserPrivacyConfig:
-    enabled: bool = MISSING
+    enabled: bool = MISSING               # user-level DP: clip each client's update, noise the sum
+    # set: used as is; else calibrated to target_epsilon
     noise_multiplier: Optional[float] = MISSING
-    clip_norm: float = MISSING
-    noise: UserNoise = MISSING
+    clip_norm: float = MISSING            # per-client update clip norm
+    noise: UserNoise = MISSING  # central: the server adds it; distributed: clients add shares
+    # user-level ε to calibrate to (with noise_multiplier null)
     target_epsilon: Optional[float] = MISSING
 
 
 @dataclass
 class PrivacyConfig:
-    delta: float = MISSING
-    accountant: AccountantName = MISSING
+    delta: float = MISSING                # the δ of every (ε, δ) reported
+    accountant: AccountantName = MISSING  # pld (tight, default) or rdp
     budget: Optional[float] = MISSING       # lifetime per-client epsilon cap (across runs)
     ledger_dir: Optional[str] = MISSING     # null: <run.dir>/ledger
     example: ExamplePrivacyConfig = field(default_factory=ExamplePrivacyConfig)
@@ -277,13 +281,13 @@ class PrivacyConfig:
 
 @dataclass
 class StrategyConfig:
-    name: StrategyName = MISSING
-    server_lr: float = MISSING
+    name: StrategyName = MISSING          # Hydra group `strategy=`: server aggregation
+    server_lr: float = MISSING            # server optimizer's lr (fedavgm, fedadam, fedyogi)
 
 
 @dataclass
 class SecAggConfig:
-    enabled: bool = MISSING
+    enabled: bool = MISSING  # SecAgg+: the server sees only the sum of the cohort's updates
     # Shamir shares per secret (neighbours + self). auto: complete graph up to 20 clients,
     # else a random Harary graph of degree 2*ceil(1.5*log2 n); an integer >= 3 caps it
     # (rounded down to odd when below the cohort).
@@ -296,14 +300,14 @@ class SecAggConfig:
 
 @dataclass
 class EvalConfig:
-    mode: EvalMode = MISSING
-    max_sequences: int = MISSING
-    batch_size: int = MISSING
+    mode: EvalMode = MISSING  # server: pooled held-out set (simulation); clients: DP statistics
+    max_sequences: int = MISSING          # cap on the held-out sequences evaluated
+    batch_size: int = MISSING             # evaluation batch size
     # eval.mode=clients: each node releases its held-out loss sum (per-sequence loss clipped to
     # loss_bound) and count with Gaussian noise of std noise_multiplier x (loss_bound, 1): a DP
     # statistic, charged to its ledger every evaluation.
     noise_multiplier: float = MISSING
-    loss_bound: float = MISSING
+    loss_bound: float = MISSING           # per-sequence loss clip for eval.mode=clients
 
 
 @dataclass
@@ -311,7 +315,7 @@ class FaultsConfig:
     """Fault injection for tests and drills only: clients named here misbehave on purpose."""
     raise_clients: list[str] = MISSING      # raise before training
     hang_clients: list[str] = MISSING       # sleep hang_seconds first
-    hang_seconds: float = MISSING
+    hang_seconds: float = MISSING         # how long hang_clients sleep
     nan_clients: list[str] = MISSING        # send a NaN update
     # send the raw local training loss with the update (a broken client the wire audit must catch)
     leak_loss_clients: list[str] = MISSING
@@ -324,7 +328,7 @@ class AuditConfig:
     """``fedllm audit``: canary membership audit of the example-level DP-SGD mechanism."""
     canaries: int = MISSING         # one run: canaries, each included with probability 1/2
     runs: int = MISSING             # 1: one-run audit; > 1: multi-run, one canary per run
-    confidence: float = MISSING
+    confidence: float = MISSING           # confidence of the empirical ε lower bound
     client_data: bool = MISSING     # canaries join the largest client's data (False: alone)
     seed: int = MISSING             # canaries and inclusion coins (never the DP noise)
     # TEST / DRILL ONLY: run a deliberately broken mechanism (noise: no noise added; clipping:
