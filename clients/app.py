@@ -44,7 +44,7 @@ from fedllm.privacy.size_estimate import (data_fingerprint, eval_event, evaluati
 from fedllm.privacy.updates import add_noise, clip_update, distributed_noise_std
 from fedllm.train import example_sample_rate, local_round
 
-from fedllm.secagg.client import secagg_stage
+from fedllm.clients.secagg import secagg_stage
 
 log = logging.getLogger(__name__)
 

@@ -6,7 +6,7 @@ Each configuration is the demo (SmolLM2-135M, LoRA, the bundled plays' natural c
 federation runs in one process: the same fedllm pieces as `fedllm simulate` (data
 partitioning, `fedllm.train.local_round` = the clients' DP-SGD with Poisson sampling,
 per-client noise calibrated exactly as the ClientApp does, unweighted FedAvg of deltas, the
-server optimizer of `fedllm.server_opt`), minus Flower's transport. Same sampled clients in
+server optimizer of `fedllm.server.server_opt`), minus Flower's transport. Same sampled clients in
 every configuration (seeded), fresh DP noise. Results append to
 experiments/results/utility_study.jsonl; --write turns them into a BENCHMARKS.md section.
 The winners are then confirmed with real `fedllm simulate` runs (experiments/bench_utility.py).
@@ -99,7 +99,7 @@ def run_config(name: str, overrides: list[str], private: bool, epsilon: float, c
     from fedllm.evaluate import evaluate
     from fedllm.privacy.accounting import epsilon as eps_of
     from fedllm.privacy.participation import CohortSampler
-    from fedllm.server_opt import ServerOptimizer
+    from fedllm.server.server_opt import ServerOptimizer
     from fedllm.train import local_round
 
     privacy = [f"privacy.example.target_epsilon={epsilon:g}"] if private else ["privacy=none"]

@@ -34,13 +34,13 @@ from fedllm.report import EVENTS_FILE, unit_label, write_reports
 from fedllm.run_status import RunStopped, clear_stopped, write_stopped
 from fedllm.privacy.size_estimate import side_releases
 from fedllm.privacy.updates import distributed_noise_std
-from fedllm.secagg.server import SecAggPlus
+from fedllm.server.secagg import SecAggPlus
 from fedllm.server import checkpoint
 from fedllm.server.strategy import (AdapterFedAvg, ServerOptimization, UserDP, UserLevelDP,
                                     cohort_sampler, user_dp_layer)
-from fedllm.server_opt import ServerOptimizer
+from fedllm.server.server_opt import ServerOptimizer
 from fedllm.server.wire import MeteredGrid
-from fedllm.strategy_wrapper import find_layer
+from fedllm.server.strategy_wrapper import find_layer
 
 log = logging.getLogger("fedllm.server")
 

@@ -1,4 +1,4 @@
-"""The server's strategy, composed like Flower's DP wrappers (``fedllm.strategy_wrapper``):
+"""The server's strategy, composed like Flower's DP wrappers (``fedllm.server.strategy_wrapper``):
 
     ServerOptimization(UserLevelDP(SecAggPlus(AdapterFedAvg(...)), ...), optimizer)
 
@@ -11,9 +11,9 @@
     and change the sensitivity).
   * ``UserLevelDP``: DP-FedAvg. Noise on the sum (central) or from the clients (distributed),
     divided by the expected cohort; every central round releases.
-  * ``fedllm.secagg.server.SecAggPlus``: the sum comes from SecAgg+ masked inputs.
+  * ``fedllm.server.secagg.SecAggPlus``: the sum comes from SecAgg+ masked inputs.
   * ``ServerOptimization``: FedAvg / FedAvgM / FedAdam / FedYogi step along the released
-    update (``fedllm.server_opt``).
+    update (``fedllm.server.server_opt``).
 Any layer but the core is optional; ``make_strategy`` in ``fedllm.server.app`` builds the stack.
 """
 
@@ -38,8 +38,8 @@ from fedllm.privacy.accounting import PrivacyEvent
 from fedllm.privacy.participation import CohortSampler
 from fedllm.privacy.updates import UpdateRejected, add_noise, check_update
 from fedllm.run_status import RunStopped
-from fedllm.server_opt import ServerOptimizer
-from fedllm.strategy_wrapper import StrategyWrapper, find_layer, require
+from fedllm.server.server_opt import ServerOptimizer
+from fedllm.server.strategy_wrapper import StrategyWrapper, find_layer, require
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """SecAgg+ attacks by the server, run through the real client stage functions.
 
-A test "server" drives ``fedllm.secagg.client`` (the same functions the ClientApp's Message
+A test "server" drives ``fedllm.clients.secagg`` (the same functions the ClientApp's Message
 handlers call) with the configs it chooses, honest or not, and then tries to learn more than
 the survivors' sum. Each test is an attack that worked before the fix (issue 17, findings 2-3).
 """
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flwr.app import ConfigRecord
 
-from fedllm.secagg import client as cs
+from fedllm.clients import secagg as cs
 from fedllm import protocol
 from fedllm.secagg import primitives as sa
 
@@ -174,7 +174,7 @@ def server_after_masking(ids, graph):
     """SecAggPlus as it stands after the masked-input stage of round 1."""
     from collections import OrderedDict
 
-    from fedllm.secagg.server import SecAggPlus
+    from fedllm.server.secagg import SecAggPlus
     from fedllm.server.strategy import AdapterFedAvg, RoundInfo, cohort_sampler
 
     core = AdapterFedAvg(cfg_text="", sampler=cohort_sampler(len(ids), "fixed", user_level=False,

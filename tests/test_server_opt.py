@@ -7,7 +7,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from fedllm.server_opt import ServerOptimizer
+from fedllm.server.server_opt import ServerOptimizer
 
 
 def test_fedavg_is_global_plus_lr_times_average():

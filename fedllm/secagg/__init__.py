@@ -1,12 +1,17 @@
 """SecAgg+ secure aggregation (Bell et al. CCS 2020) on Flower's Message API: the whole story.
+The protocol and its primitives live here, in the library both sides use:
 
   primitives.py  keys (X25519), Shamir shares, AES-GCM share encryption, AES-CTR masks,
                  stochastic quantization, the neighbour graph and the unmasking (pure numpy +
                  cryptography; no Flower)
-  client.py      the ClientApp's four stages (``fedllm.clients.app`` routes train messages
-                 carrying a ``secagg-stage`` key here)
-  server.py      ``SecAggPlus``, a wrapper strategy around the adapter FedAvg that runs the
-                 four exchanges and hands the unmasked sum to the next layer
+and each side's stage beside the app that runs it (the library holds nothing specific to one
+side):
+  clients/secagg.py  (``fedllm.clients.secagg``) the ClientApp's four stages
+                 (``fedllm.clients.app`` routes train messages carrying a ``secagg-stage`` key
+                 there)
+  server/secagg.py   (``fedllm.server.secagg``) ``SecAggPlus``, a wrapper strategy around the
+                 adapter FedAvg that runs the four exchanges and hands the unmasked sum to
+                 the next layer
 
 One round, over a neighbour graph of the sampled clients (complete up to 20 clients, else a
 random Harary graph of degree 2*ceil(1.5*log2 n)), threshold t a strict majority of shares:

@@ -8,7 +8,7 @@ division by the expected cohort). The server never sees an individual update.
 
 Depends only on flwr and fedllm: the wrapped strategy is used through its public methods
 (``core.start_round``, ``round_config``, ``collect``, ``parse_common``, ``mean_update``,
-``apply``), see ``fedllm.strategy_wrapper``.
+``apply``), see ``fedllm.server.strategy_wrapper``.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from flwr.serverapp.strategy import Strategy
 from fedllm import protocol
 from fedllm.privacy.updates import UpdateRejected
 from fedllm.secagg import primitives as sa
-from fedllm.strategy_wrapper import StrategyWrapper
+from fedllm.server.strategy_wrapper import StrategyWrapper
 
 log = logging.getLogger(__name__)
 
