@@ -15,7 +15,9 @@ from collections import OrderedDict
 
 import numpy as np
 
-SERVER_OPTIMIZERS = ("fedavg", "fedavgm", "fedadam", "fedyogi")
+from fedllm.choices import StrategyName
+
+SERVER_OPTIMIZERS = tuple(s.value for s in StrategyName)  # the config's strategy.name choices
 
 
 class ServerOptimizer:

@@ -28,11 +28,11 @@ from dp_accounting import dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
 
+from fedllm.choices import Sampling
 from fedllm.privacy import calibration_cache, fast_pld
 
-Sampling = Literal["poisson", "fixed"]
 ACCOUNTANTS = ("pld", "rdp")
-SAMPLINGS = ("poisson", "fixed")
+SAMPLINGS = tuple(s.value for s in Sampling)  # the config's federation.sampling choices
 
 # PLD grid used for reported epsilons (dp_accounting's default; pessimistic rounding).
 REPORT_DISCRETIZATION = 1e-4
