@@ -15,7 +15,6 @@ import json
 import logging
 import shutil
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 from fedllm import config as fcfg
 from fedllm.config import ConfigError
 from fedllm.config import FedLLMConfig as Config
+from fedllm.run_dir import assign_identity, write_config
 
 __all__ = ["Config", "ConfigError", "RunError", "RunIncomplete", "RunResult", "compose",
            "simulate"]
@@ -155,13 +155,9 @@ def prepare(cfg: Config):
 
     if cfg.run.resume:
         cfg = resumed_config(cfg)
-    if not cfg.run.dir:
-        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    assign_identity(cfg)
     if not cfg.run.resume:
         check_run_dir_free(cfg)
-    if not cfg.run.id:
-        cfg.run.id = uuid.uuid4().hex[:16]
     if cfg.privacy.ledger_dir:
         cfg.privacy.ledger_dir = str(Path(cfg.privacy.ledger_dir).expanduser().resolve())
     models.offline_env()
@@ -339,12 +335,11 @@ def simulate(config_or_overrides: ConfigOrOverrides = None, *, verbose: bool = F
 def _run_simulation(cfg: Config, data, verbose: bool, announce: Callable[[str], None]):
     import importlib
 
-    from fedllm.io import atomic_write_text
     from fedllm.run_status import RunStopped, clear_stopped, read_stopped, stopped_message
 
     run_dir = Path(cfg.run.dir)
     cfg_text = fcfg.to_yaml(cfg)
-    atomic_write_text(run_dir / "config.yaml", cfg_text)  # resume: its run.dir is this one
+    write_config(run_dir, cfg_text)  # resume: its run.dir is this one
     clear_stopped(run_dir)
     _report_skipped(data, run_dir)
     announce(f"fedllm simulate: {len(data.clients)} clients ({len(data.skipped)} too small, "

@@ -20,7 +20,6 @@ import math
 import os
 import sys
 import time
-import uuid
 from pathlib import Path
 
 EXIT_USAGE = 2
@@ -348,8 +347,8 @@ def cmd_launch(args) -> int:
     from fedllm import config as fcfg
     from fedllm import protocol
     from fedllm.api import check_run_dir_free, resolve_adapter_targets, resumed_config
-    from fedllm.io import atomic_write_text
     from fedllm.models import ModelError
+    from fedllm.run_dir import assign_identity, write_config
     from fedllm.run_status import clear_stopped
 
     cfg = fcfg.compose(["eval.mode=clients", *args.overrides])
@@ -362,16 +361,12 @@ def cmd_launch(args) -> int:
         resolve_adapter_targets(cfg)  # what config.yaml records; a wrong name stops here
     except ModelError as exc:
         raise fcfg.ConfigError(str(exc)) from None
-    if not cfg.run.dir:
-        cfg.run.dir = str(Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    cfg.run.dir = str(Path(cfg.run.dir).expanduser().resolve())
+    assign_identity(cfg)
     if not cfg.run.resume:
         check_run_dir_free(cfg)
-    cfg.run.id = cfg.run.id or uuid.uuid4().hex[:16]
     text = fcfg.to_yaml(cfg)
     run_dir = Path(cfg.run.dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "config.yaml", text)
+    write_config(run_dir, text)
     clear_stopped(run_dir)
     command = ["flwr", "run", str(args.app_dir or project_dir()), args.connection, "--stream",
                "--run-config", f'{protocol.CONFIG_KEY}="{protocol.encode_config(text)}"']

@@ -13,7 +13,6 @@ import json
 import logging
 import threading
 import time
-import uuid
 from collections import OrderedDict
 from pathlib import Path
 from typing import Callable
@@ -31,6 +30,7 @@ from fedllm.io import append_jsonl, atomic_write_text, private_dir, read_jsonl
 from fedllm.privacy.accounting import (calibrate_user_noise, epsilon, quantized_sensitivity,
                                       user_level_epsilons)
 from fedllm.report import EVENTS_FILE, unit_label, write_reports
+from fedllm.run_dir import assign_identity, write_config
 from fedllm.run_status import RunStopped, clear_stopped, write_stopped
 from fedllm.privacy.size_estimate import side_releases
 from fedllm.privacy.updates import distributed_noise_std
@@ -71,12 +71,9 @@ def config_from_run_config(run_config: dict) -> str:
     cfg = compose(overrides)
     if cfg.run.resume:
         raise ConfigError("run.resume: continue a run with `fedllm resume RUN_DIR`")
-    run_dir = Path(cfg.run.dir or Path("runs") / time.strftime("%Y%m%d-%H%M%S"))
-    cfg.run.dir = str(run_dir.expanduser().resolve())
-    cfg.run.id = cfg.run.id or uuid.uuid4().hex[:16]
+    assign_identity(cfg)
     cfg_text = to_yaml(cfg)
-    Path(cfg.run.dir).mkdir(parents=True, exist_ok=True)
-    atomic_write_text(Path(cfg.run.dir) / "config.yaml", cfg_text)
+    write_config(Path(cfg.run.dir), cfg_text)
     log.info("fedllm run %s → %s", cfg.run.id, cfg.run.dir)
     return cfg_text
 

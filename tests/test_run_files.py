@@ -118,7 +118,7 @@ def test_resume_refuses_a_damaged_events_file(tmp_path):
 # ----------------------------------------------------------------------------- run directory lock
 
 HOLD = ("import sys, time; from fedllm.io import run_dir_lock\n"
-        "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(120)")
+        "with run_dir_lock(sys.argv[1]):\n    print('locked', flush=True); time.sleep(900)")  # killed by the test
 
 
 def test_a_second_run_on_a_busy_run_dir_is_refused_in_one_line(tmp_path):
