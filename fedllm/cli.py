@@ -386,10 +386,11 @@ def launch_status(run_dir: Path, flwr_status: int, wait_s: float = VERDICT_WAIT_
 
     `flwr run --stream` returns as soon as the SuperLink marks the run finished, which can
     be before the ServerApp, stopped by that very mark, has written ``stopped.json``: wait
-    up to ``wait_s`` for one verdict file."""
+    up to ``wait_s`` for one verdict file (not when `flwr run` itself failed: then no run
+    started and none will come)."""
     from fedllm.run_status import STOPPED_FILE, read_stopped, stopped_message
 
-    if (run_dir / "config.yaml").is_file():
+    if flwr_status == 0 and (run_dir / "config.yaml").is_file():
         deadline = time.monotonic() + wait_s
         while not any((run_dir / f).is_file() for f in ("summary.json", STOPPED_FILE)) \
                 and time.monotonic() < deadline:
